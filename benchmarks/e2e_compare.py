@@ -1,0 +1,78 @@
+"""Side-by-side end-to-end run: one fresh engine per kv-cache dtype, same workload, same call.
+
+Writes per-dtype logs and a summary JSON with KV capacity (from vLLM's own "GPU KV cache size"
+log line), throughput, ratios to `auto`, and the greedy token match of each dtype vs `auto`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+
+
+def run_one(kv: str, args, out_dir: str) -> dict:
+    result_path = os.path.join(out_dir, f"e2e_{kv}.json")
+    log_path = os.path.join(out_dir, f"e2e_{kv}.log")
+    cmd = [sys.executable, os.path.join(HERE, "e2e_llm.py"), "--model", args.model, "--kv", kv,
+           "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+           "--output-len", str(args.output_len), "--out", result_path]
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            timeout=args.timeout).returncode
+    text = open(log_path).read()
+    row = {"kv": kv, "rc": rc, "process_s": round(time.time() - t0, 1)}
+    m = KV_TOKENS.search(text)
+    row["kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    if rc == 0 and os.path.exists(result_path):
+        row.update(json.load(open(result_path)))
+    else:
+        row["error_tail"] = text[-3000:]
+    return row
+
+
+def token_match(a: list[list[int]], b: list[list[int]]) -> dict:
+    same_seq = sum(x == y for x, y in zip(a, b))
+    same_tok = sum(sum(p == q for p, q in zip(x, y)) for x, y in zip(a, b))
+    first_diff = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+                  for x, y in zip(a, b)]
+    return {"identical_sequences": f"{same_seq}/{len(a)}",
+            "token_match_rate": same_tok / max(1, sum(len(x) for x in a)),
+            "first_divergence": first_diff}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=os.path.join(HERE, "configs", "llama-3.1-8b"))
+    p.add_argument("--kv", nargs="+", default=["auto", "fp8", "mikv"])
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--timeout", type=int, default=400)
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    rows = [run_one(kv, args, args.out_dir) for kv in args.kv]
+    base = next((r for r in rows if r["kv"] == "auto" and "total_tok_s" in r), None)
+    for r in rows:
+        if base and "total_tok_s" in r:
+            r["total_vs_auto"] = r["total_tok_s"] / base["total_tok_s"]
+            r["kv_tokens_vs_auto"] = (r["kv_tokens"] / base["kv_tokens"]
+                                      if r["kv_tokens"] and base["kv_tokens"] else None)
+            r["greedy_vs_auto"] = token_match(base["probe_tokens"], r["probe_tokens"])
+        r.pop("probe_tokens", None)
+    summary = os.path.join(args.out_dir, "e2e_summary.json")
+    json.dump(rows, open(summary, "w"), indent=1)
+    for r in rows:
+        print(json.dumps({k: v for k, v in r.items() if k != "error_tail"}))
+        if "error_tail" in r:
+            print(r["error_tail"][-1500:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""One engine, one kv-cache dtype: a greedy token probe, then offline throughput.
+
+Run once per dtype in a fresh process (e2e_compare.py does that) so that every dtype gets the
+whole GPU. Dummy weights of a real architecture: real shapes and timings, not real text."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, help="directory with a config.json")
+    p.add_argument("--kv", required=True, help="--kv-cache-dtype value")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--probe-prompts", type=int, default=16)
+    p.add_argument("--probe-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=a.model, load_format="dummy", skip_tokenizer_init=True,
+              kv_cache_dtype=a.kv, gpu_memory_utilization=a.gpu_memory_utilization,
+              max_model_len=a.max_model_len, seed=0)
+    vocab = 32000
+    rng = random.Random(1234)
+    probe = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in
+                                            range(rng.randrange(50, 1500))])
+             for _ in range(a.probe_prompts)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=a.probe_tokens, ignore_eos=True,
+                            detokenize=False)
+    probe_out = [list(o.outputs[0].token_ids) for o in llm.generate(probe, greedy)]
+
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in range(a.input_len)])
+               for _ in range(a.num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True,
+                            detokenize=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    total = gen + sum(len(o.prompt_token_ids) for o in outs)
+    json.dump({"kv": a.kv, "workload": f"{a.num_prompts}x({a.input_len}+{a.output_len})",
+               "wall_s": wall, "gen_tok_s": gen / wall, "total_tok_s": total / wall,
+               "probe_tokens": probe_out}, open(a.out, "w"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU pass of mikv-vllm, meant for one device call (after vLLM's runtime is unpacked to
+# /tmp/site, see ../shared/gpu/README.md). Logs and JSON land in $OUT.
+#
+#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup kernels serve e2e
+#
+# setup   records the device and versions, installs the plugin (a wheel carried in .whl/, or an
+#         editable build), assembles the carried SmolLM2 GGUF (.models/parts/) if present
+# kernels GPU tests of the CUDA kernels against the torch reference
+# serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
+# e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B: capacity, throughput, greedy match
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 MIKV_RESULTS_DIR=$OUT
+GGUF=/tmp/models/smollm2.gguf   # SmolLM2-135M-Instruct Q4_1, Q/K rows in HF order (see .models/)
+TOK=/tmp/models/tok
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/session.log"; }
+
+stage_setup() {
+  { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv
+    python3 -c "import sys, torch, vllm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__version__)"
+  } 2>&1 | tee "$OUT/device.txt"
+  if ls .whl/mikv_vllm-*.whl >/dev/null 2>&1; then
+    # The carried wheel gives the entry point and the compiled kernels; the code itself runs
+    # from this working tree (one copy for every vLLM process).
+    python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site .whl/mikv_vllm-*.whl
+    cp /tmp/site/mikv_vllm/_C*.so mikv_vllm/
+    rm -rf /tmp/site/mikv_vllm && ln -s "$PWD/mikv_vllm" /tmp/site/mikv_vllm
+  else
+    MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e .
+  fi
+  python3 -c "from mikv_vllm import ops; ops.load_kernels(); print('mikv kernels loaded')" 2>&1 | tee -a "$OUT/device.txt"
+  mkdir -p /tmp/models
+  # vLLM 0.26 loads GGUF through the vllm-gguf-plugin package (+ gguf), carried as wheels.
+  if ls .models/parts/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site .models/parts/*.whl
+  fi
+  if [ -f .models/parts/tok.tar.gz ]; then tar -xzf .models/parts/tok.tar.gz -C /tmp/models; fi
+  if [ ! -f "$GGUF" ] && [ "$(ls /tmp/models/gguf.part_* 2>/dev/null | wc -l)" -ge "${GGUF_PARTS:-4}" ]; then
+    cat /tmp/models/gguf.part_* > "$GGUF" && sha256sum "$GGUF" | tee -a "$OUT/device.txt"
+  fi
+}
+
+stage_kernels() {
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py 2>&1 | tee "$OUT/kernels.log" | tail -15
+}
+
+stage_serve() {
+  [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: serve stage skipped"; return; }
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MIKV_SERVE_MODEL=$GGUF MIKV_SERVE_TOKENIZER=$TOK \
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_serve.py 2>&1 | tee "$OUT/serve_tests.log" | tail -15
+}
+
+stage_e2e() {
+  python3 benchmarks/e2e_compare.py --out-dir "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -30
+}
+
+for s in ${*:-setup kernels serve e2e}; do
+  log "stage $s"
+  "stage_$s"
+done
+log "done"

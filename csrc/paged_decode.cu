@@ -1,0 +1,389 @@
+// Paged decode attention over hi-precision KV pages (bf16/fp16 or fp8-e4m3), split-K.
+//
+// One CTA owns (sequence, KV head, chunk of up to MAX_G query heads of that KV head, split):
+// every K/V row of the KV head is read once for all its query heads (GQA). Lanes are grouped
+// so that each group of D/8 lanes holds one token row (8 elements, a 16-byte load for bf16);
+// each group keeps kUnroll rows in flight before using them. Softmax is online, in fp32,
+// base 2 (log2(e) is folded into the scale). With several splits the CTAs write unnormalised
+// partials and mikv_decode_reduce combines them.
+#include <torch/all.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "paged_decode.h"
+
+namespace mikv {
+// Not an anonymous namespace: nvcc 13's launch stubs break on internal-linkage templates.
+namespace detail {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kElems = 8;   // elements of one row held by one lane
+constexpr int kUnroll = 4;  // rows per lane group in flight
+
+// 8 cache elements as one vector load.
+template <typename kv_t> struct RowVec { using type = uint4; };    // 8 x 16-bit = 16 B
+template <> struct RowVec<uint8_t> { using type = uint2; };         // 8 x fp8 = 8 B
+
+__device__ __forceinline__ void to_float8(const uint4& r, float* f, const __nv_bfloat16*) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x = __bfloat1622float2(p[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+__device__ __forceinline__ void to_float8(const uint4& r, float* f, const __half*) {
+  const __half2* p = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x = __half22float2(p[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+__device__ __forceinline__ void to_float8(const uint2& r, float* f, const uint8_t*) {
+  const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3);
+    float2 x = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+
+// exp2 of (a - b) that is 0 when a is -inf (an empty partial), never NaN.
+__device__ __forceinline__ float exp2_diff(float a, float b) {
+  return a == -INFINITY ? 0.f : exp2f(a - b);
+}
+
+template <typename q_t, typename kv_t, int D, int MAX_G>
+__global__ void __launch_bounds__(kThreads)
+paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_stride_head,
+                    const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
+                    int64_t kv_stride_block, int64_t kv_stride_tok, int64_t kv_stride_head,
+                    const int32_t* __restrict__ block_table, int64_t bt_stride,
+                    const int32_t* __restrict__ seq_lens,
+                    q_t* __restrict__ out, int64_t out_stride_tok, int64_t out_stride_head,
+                    float* __restrict__ part_acc, float* __restrict__ part_ml,
+                    int num_q_heads, int group, int head_chunks, int block_size,
+                    float scale_log2, float k_scale, float v_scale) {
+  constexpr int LPT = D / kElems;   // lanes per token row
+  constexpr int SUBS = 32 / LPT;    // rows per warp per step
+  using vec_t = typename RowVec<kv_t>::type;
+
+  const int seq = blockIdx.x;
+  const int kvh = blockIdx.y / head_chunks;
+  const int chunk = blockIdx.y % head_chunks;
+  const int split = blockIdx.z;
+  const int num_splits = gridDim.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int sub = lane / LPT;
+  const int sl = lane % LPT;
+
+  const int h0 = kvh * group + chunk * MAX_G;                 // first query head of this CTA
+  const int ng = min(MAX_G, group - chunk * MAX_G);           // query heads of this CTA
+
+  // Each sequence's pages are cut into gridDim.z equal ranges from its own length, so the
+  // grid depends on the batch shape only (CUDA-graph replays see new lengths).
+  const int seq_len = seq_lens[seq];
+  const int num_pages = (seq_len + block_size - 1) / block_size;
+  const int tok_per_split = (num_pages + num_splits - 1) / num_splits * block_size;
+  const int t_begin = split * tok_per_split;
+  const int t_end = min(seq_len, t_begin + tok_per_split);
+
+  // Query rows of this lane's 8 dims, pre-scaled so that q.k lands in log2 units.
+  float qf[MAX_G][kElems];
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) qf[g][e] = 0.f;
+    if (g < ng) {
+      const q_t* qp = q + seq * q_stride_tok + (h0 + g) * q_stride_head + sl * kElems;
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) qf[g][e] = to_float(qp[e]) * scale_log2 * k_scale;
+    }
+  }
+
+  float m[MAX_G], l[MAX_G], acc[MAX_G][kElems];
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) acc[g][e] = 0.f;
+  }
+
+  const int32_t* bt = block_table + seq * bt_stride;
+  const int64_t head_off = kvh * kv_stride_head + sl * kElems;
+  constexpr int kRowsPerStep = kWarps * SUBS * kUnroll;
+
+  for (int base = t_begin; base < t_end; base += kRowsPerStep) {
+    vec_t kr[kUnroll], vr[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = base + (warp * kUnroll + u) * SUBS + sub;
+      valid[u] = t < t_end;
+      if (valid[u]) {
+        const int64_t block = bt[t / block_size];
+        const int64_t off = block * kv_stride_block + (t % block_size) * kv_stride_tok + head_off;
+        kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
+        vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
+      }
+    }
+    float s[kUnroll][MAX_G];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float kf[kElems];
+      to_float8(kr[u], kf, static_cast<const kv_t*>(nullptr));
+#pragma unroll
+      for (int g = 0; g < MAX_G; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) d += qf[g][e] * kf[e];
+#pragma unroll
+        for (int o = LPT / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
+        s[u][g] = valid[u] ? d : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+      float mc = m[g];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) mc = fmaxf(mc, s[u][g]);
+      const float alpha = exp2_diff(m[g], mc);
+      l[g] *= alpha;
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[g][e] *= alpha;
+      m[g] = mc;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+      float vf[kElems];
+      to_float8(vr[u], vf, static_cast<const kv_t*>(nullptr));
+#pragma unroll
+      for (int g = 0; g < MAX_G; ++g) {
+        const float p = exp2f(s[u][g] - m[g]);
+        l[g] += p;
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) acc[g][e] += p * vf[e];
+      }
+    }
+  }
+
+  // Merge the lane groups of a warp (same dims, different rows).
+#pragma unroll
+  for (int o = LPT; o < 32; o *= 2) {
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
+      const float lo = __shfl_xor_sync(0xffffffffu, l[g], o);
+      const float mn = fmaxf(m[g], mo);
+      const float a = exp2_diff(m[g], mn), b = exp2_diff(mo, mn);
+      l[g] = l[g] * a + lo * b;
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) {
+        const float ao = __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+        acc[g][e] = acc[g][e] * a + ao * b;
+      }
+      m[g] = mn;
+    }
+  }
+
+  // Merge the warps through shared memory.
+  __shared__ float sm_ml[kWarps][MAX_G][2];
+  __shared__ float sm_acc[kWarps][MAX_G][D];
+  if (sub == 0) {
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+      if (sl == 0) {
+        sm_ml[warp][g][0] = m[g];
+        sm_ml[warp][g][1] = l[g];
+      }
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) sm_acc[warp][g][sl * kElems + e] = acc[g][e];
+    }
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < ng * D; i += kThreads) {
+    const int g = i / D, d = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_ml[w][g][0]);
+    float lsum = 0.f, a = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = exp2_diff(sm_ml[w][g][0], mx);
+      lsum += sm_ml[w][g][1] * f;
+      a += sm_acc[w][g][d] * f;
+    }
+    const int h = h0 + g;
+    if (num_splits == 1) {
+      const float o = lsum > 0.f ? a * v_scale / lsum : 0.f;
+      out[seq * out_stride_tok + h * out_stride_head + d] = from_float<q_t>(o);
+    } else {
+      const int64_t row = (static_cast<int64_t>(seq) * num_q_heads + h) * num_splits + split;
+      part_acc[row * D + d] = lsum > 0.f ? a / lsum : 0.f;
+      if (d == 0) {
+        part_ml[row * 2] = mx;
+        part_ml[row * 2 + 1] = lsum;
+      }
+    }
+  }
+}
+
+// Combine split partials: out = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - M).
+template <typename q_t>
+__global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
+                                     const float* __restrict__ part_ml, q_t* __restrict__ out,
+                                     int64_t out_stride_tok, int64_t out_stride_head,
+                                     int num_q_heads, int num_splits, int head_dim,
+                                     float v_scale) {
+  const int seq = blockIdx.x, h = blockIdx.y;
+  const int64_t row0 = (static_cast<int64_t>(seq) * num_q_heads + h) * num_splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_ml[(row0 + s) * 2]);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = part_ml[(row0 + s) * 2 + 1] * exp2_diff(part_ml[(row0 + s) * 2], mx);
+      num += w * part_acc[(row0 + s) * head_dim + d];
+      den += w;
+    }
+    const float o = den > 0.f ? num * v_scale / den : 0.f;
+    out[seq * out_stride_tok + h * out_stride_head + d] = from_float<q_t>(o);
+  }
+}
+
+template <typename q_t, typename kv_t, int D, int MAX_G>
+void launch(const DecodeArgs& a, cudaStream_t stream) {
+  const int head_chunks = (a.group + MAX_G - 1) / MAX_G;
+  dim3 grid(a.num_seqs, a.num_kv_heads * head_chunks, a.num_splits);
+  paged_decode_kernel<q_t, kv_t, D, MAX_G><<<grid, kThreads, 0, stream>>>(
+      static_cast<const q_t*>(a.q), a.q_stride_tok, a.q_stride_head,
+      static_cast<const kv_t*>(a.k_cache), static_cast<const kv_t*>(a.v_cache),
+      a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
+      a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
+      a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a.num_splits > 1) {
+    decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
+        a.part_acc, a.part_ml, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head,
+        a.num_q_heads, a.num_splits, D, a.v_scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename q_t, typename kv_t, int D>
+void dispatch_group(const DecodeArgs& a, cudaStream_t s) {
+  if (a.group <= 1) return launch<q_t, kv_t, D, 1>(a, s);
+  if (a.group <= 2) return launch<q_t, kv_t, D, 2>(a, s);
+  if (a.group <= 4) return launch<q_t, kv_t, D, 4>(a, s);
+  return launch<q_t, kv_t, D, 8>(a, s);  // larger groups run in chunks of 8 heads
+}
+
+template <typename q_t, typename kv_t>
+void dispatch_dim(const DecodeArgs& a, cudaStream_t s) {
+  switch (a.head_dim) {
+    case 64: return dispatch_group<q_t, kv_t, 64>(a, s);
+    case 128: return dispatch_group<q_t, kv_t, 128>(a, s);
+    case 256: return dispatch_group<q_t, kv_t, 256>(a, s);
+    default: TORCH_CHECK(false, "mikv paged_decode: head_dim ", a.head_dim, " not in {64, 128, 256}");
+  }
+}
+
+}  // namespace detail
+
+void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
+                  const torch::Tensor& value_cache, const torch::Tensor& block_table,
+                  const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
+                  int64_t num_splits) {
+  // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
+  // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
+  TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "caches must be [blocks, block, heads, D]");
+  TORCH_CHECK(key_cache.strides() == value_cache.strides() && key_cache.sizes() == value_cache.sizes(),
+              "key and value caches must share shape and strides");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
+              "block_table and seq_lens must be int32");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && key_cache.stride(3) == 1 &&
+                  block_table.stride(1) == 1,
+              "innermost dims must be contiguous");
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(),
+              "out must match query");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 64, "num_splits must be in [1, 64]");
+  const auto qdt = query.scalar_type();
+  const auto kdt = key_cache.scalar_type();
+  const bool fp8 = kdt == at::kByte || kdt == at::kFloat8_e4m3fn;
+  TORCH_CHECK(qdt == at::kBFloat16 || qdt == at::kHalf, "query must be bf16 or fp16");
+  TORCH_CHECK(fp8 || kdt == qdt, "cache dtype must equal the query dtype or be fp8-e4m3");
+
+  DecodeArgs a;
+  a.num_seqs = query.size(0);
+  a.num_q_heads = query.size(1);
+  a.head_dim = query.size(2);
+  a.num_kv_heads = key_cache.size(2);
+  a.block_size = key_cache.size(1);
+  TORCH_CHECK(key_cache.size(3) == a.head_dim, "cache head_dim differs from the query's");
+  TORCH_CHECK(a.num_q_heads % a.num_kv_heads == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_table.size(0) >= a.num_seqs && seq_lens.size(0) >= a.num_seqs,
+              "block_table/seq_lens have fewer rows than query");
+  a.group = a.num_q_heads / a.num_kv_heads;
+  if (a.num_seqs == 0) return;
+  a.num_splits = static_cast<int>(num_splits);
+  a.q = query.data_ptr();
+  a.out = out.data_ptr();
+  a.k_cache = key_cache.data_ptr();
+  a.v_cache = value_cache.data_ptr();
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.seq_lens = seq_lens.data_ptr<int32_t>();
+  a.q_stride_tok = query.stride(0);
+  a.q_stride_head = query.stride(1);
+  a.out_stride_tok = out.stride(0);
+  a.out_stride_head = out.stride(1);
+  a.kv_stride_block = key_cache.stride(0);
+  a.kv_stride_tok = key_cache.stride(1);
+  a.kv_stride_head = key_cache.stride(2);
+  a.bt_stride = block_table.stride(0);
+  a.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  a.k_scale = static_cast<float>(k_scale);
+  a.v_scale = static_cast<float>(v_scale);
+
+  const at::cuda::OptionalCUDAGuard guard(device_of(query));
+  torch::Tensor part_acc, part_ml;
+  if (a.num_splits > 1) {
+    auto f = query.options().dtype(at::kFloat);
+    part_acc = torch::empty({a.num_seqs, a.num_q_heads, a.num_splits, a.head_dim}, f);
+    part_ml = torch::empty({a.num_seqs, a.num_q_heads, a.num_splits, 2}, f);
+    a.part_acc = part_acc.data_ptr<float>();
+    a.part_ml = part_ml.data_ptr<float>();
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (qdt == at::kBFloat16) {
+    if (fp8) detail::dispatch_dim<__nv_bfloat16, uint8_t>(a, stream);
+    else detail::dispatch_dim<__nv_bfloat16, __nv_bfloat16>(a, stream);
+  } else {
+    if (fp8) detail::dispatch_dim<__half, uint8_t>(a, stream);
+    else detail::dispatch_dim<__half, __half>(a, stream);
+  }
+}
+
+}  // namespace mikv

@@ -1,0 +1,19 @@
+// Registers the kernels as torch ops (torch.ops.mikv.*); importing mikv_vllm._C loads them.
+#include <torch/all.h>
+#include <torch/library.h>
+#include <Python.h>
+
+#include "paged_decode.h"
+
+TORCH_LIBRARY(mikv, m) {
+  m.def(
+      "paged_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor seq_lens, float scale, float k_scale, float v_scale, "
+      "int num_splits) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mikv, CUDA, m) { m.impl("paged_decode", &mikv::paged_decode); }
+
+// A Python module with no functions: importing it runs the registrations above.
+static struct PyModuleDef mikv_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&mikv_module); }

@@ -1,0 +1,1 @@
+"""The mikv attention backend (vLLM's `CUSTOM` slot): Backend, MetadataBuilder, Impl."""

@@ -1,0 +1,86 @@
+"""The per-layer attention: writes new K/V into hi pages, decodes through the mikv kernel,
+prefills through vLLM's FlashAttention on the same cache."""
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+
+from mikv_vllm import ops
+from mikv_vllm.attention.backend import split_kv_cache
+from mikv_vllm.attention.metadata import MikvAttentionMetadata
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float,
+                 num_kv_heads: int | None = None, alibi_slopes: list[float] | None = None,
+                 sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logit soft-capping": bool(logits_soft_cap),
+            "attention sinks (learned)": sinks is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        }
+        for feature, present in unsupported.items():
+            if present:
+                raise NotImplementedError(f"mikv: {feature} is not supported")
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.is_fp8 = kv_cache_dtype.startswith("fp8")
+        self.fa_version = get_flash_attn_version(head_size=head_size)
+        ops.load_kernels()
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        from vllm.v1.attention.backends.fa_utils import reshape_and_cache_flash
+
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("mikv: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        md: MikvAttentionMetadata = attn_metadata
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        nd = md.num_decodes
+        if nd:
+            ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
+                             md.decode_block_table, md.decode_seq_lens, self.scale,
+                             layer._k_scale_float, layer._v_scale_float, md.decode_num_splits)
+        if md.num_prefill_tokens:
+            self._prefill(layer, query[nd:md.num_actual_tokens], key_cache, value_cache,
+                          output[nd:md.num_actual_tokens], md)
+        return output
+
+    def _prefill(self, layer, query, key_cache, value_cache, output, md) -> None:
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+        descale = {}
+        if self.is_fp8:
+            fp8 = torch.float8_e4m3fn
+            key_cache, value_cache = key_cache.view(fp8), value_cache.view(fp8)
+            query = (query / layer._q_scale_float).clamp_(-FP8_MAX, FP8_MAX).to(fp8)
+            shape = (md.num_prefills, self.num_kv_heads)
+            descale = {"q_descale": layer._q_scale.expand(shape),
+                       "k_descale": layer._k_scale.expand(shape),
+                       "v_descale": layer._v_scale.expand(shape)}
+        flash_attn_varlen_func(
+            q=query, k=key_cache, v=value_cache, out=output,
+            cu_seqlens_q=md.prefill_query_start_loc, max_seqlen_q=md.prefill_max_query_len,
+            seqused_k=md.prefill_seq_lens, max_seqlen_k=md.prefill_max_seq_len,
+            softmax_scale=self.scale, causal=True, block_table=md.prefill_block_table,
+            fa_version=self.fa_version, **descale)

@@ -1,0 +1,85 @@
+"""Per-step attention metadata: decodes (one query token each, first in the batch, as vLLM
+orders them) go to the mikv decode kernel, the rest to FlashAttention's varlen prefill."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuilder,
+                                       CommonAttentionMetadata)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from mikv_vllm.ops import decode_num_splits
+
+
+@dataclass
+class MikvAttentionMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor
+    # Decodes: rows [0, num_decodes) of the batch, one token each.
+    num_decodes: int
+    decode_seq_lens: torch.Tensor
+    decode_block_table: torch.Tensor
+    decode_num_splits: int
+    # Prefills and chunked-prefill extends: the remaining rows and tokens.
+    num_prefills: int
+    num_prefill_tokens: int
+    prefill_query_start_loc: torch.Tensor | None
+    prefill_seq_lens: torch.Tensor | None
+    prefill_block_table: torch.Tensor | None
+    prefill_max_query_len: int
+    prefill_max_seq_len: int
+
+
+class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
+    # Pure-decode batches run as full CUDA graphs (the decode kernel's grid depends on the batch
+    # shape only and it reads lengths and tables from vLLM's persistent buffers); mixed batches
+    # run piecewise. MIKV_FULL_CUDAGRAPH=0 keeps every batch piecewise.
+    _cudagraph_support = (AttentionCGSupport.NEVER
+                          if os.environ.get("MIKV_FULL_CUDAGRAPH", "1") == "0"
+                          else AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        model_config = vllm_config.model_config
+        parallel_config = vllm_config.parallel_config
+        self.num_kv_heads = model_config.get_num_kv_heads(parallel_config)
+        self.group = model_config.get_num_attention_heads(parallel_config) // self.num_kv_heads
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if torch.device(device).type == "cuda" else 1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> MikvAttentionMetadata:
+        cm = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = (
+            split_decodes_and_prefills(cm, decode_threshold=1))
+        md = MikvAttentionMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            slot_mapping=cm.slot_mapping,
+            num_decodes=num_decodes,
+            decode_seq_lens=cm.seq_lens[:num_decodes],
+            decode_block_table=cm.block_table_tensor[:num_decodes],
+            decode_num_splits=decode_num_splits(
+                num_decodes, self.num_kv_heads, self.group, self.num_sms),
+            num_prefills=num_prefills,
+            num_prefill_tokens=num_prefill_tokens,
+            prefill_query_start_loc=None,
+            prefill_seq_lens=None,
+            prefill_block_table=None,
+            prefill_max_query_len=0,
+            prefill_max_seq_len=0,
+        )
+        if num_prefills:
+            end = num_decodes + num_prefills
+            md.prefill_query_start_loc = (cm.query_start_loc[num_decodes:end + 1]
+                                          - num_decode_tokens)
+            md.prefill_seq_lens = cm.seq_lens[num_decodes:end]
+            md.prefill_block_table = cm.block_table_tensor[num_decodes:end]
+            md.prefill_max_query_len = cm.max_query_len
+            md.prefill_max_seq_len = cm.max_seq_len
+        return md
+
+    def use_cascade_attention(self, *args, **kwargs) -> bool:
+        return False

@@ -1,0 +1,100 @@
+"""The `mikv` knobs: read from `additional_config["mikv"]`, validated strictly at startup.
+
+Every rejection is a `MikvConfigError` whose message is one line that names the knob and the
+accepted values, so a bad `--additional-config` fails before any model or kernel is touched."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+ADDITIONAL_CONFIG_KEY = "mikv"
+KV_CACHE_DTYPE = "mikv"
+
+
+class MikvConfigError(ValueError):
+    """A one-line reason why vLLM cannot start with `--kv-cache-dtype mikv`."""
+
+
+@dataclass(frozen=True)
+class MikvConfig:
+    # Precision of hi pages: "bf16" = the model's 16-bit dtype, "fp8" = e4m3 with vLLM's scales.
+    hi_dtype: str = "bf16"
+    # Bits per element of demoted (lo) pages.
+    lo_bits: int = 2
+    # First pages of every request that always stay hi (attention sinks).
+    sink_pages: int = 1
+    # Last pages of every request that always stay hi (the recent window).
+    recent_pages: int = 4
+    # Fraction of a request's pages allowed to stay hi; None demotes only under memory pressure.
+    hi_budget: float | None = None
+    # Channels per value quantization group (keys are grouped per channel over a page).
+    value_group_size: int = 64
+    # MiKV outlier balancing of key channels before quantization.
+    outlier_balancing: bool = False
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict | None) -> "MikvConfig":
+        raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "MikvConfig":
+        if not isinstance(raw, dict):
+            raise MikvConfigError(
+                f"mikv: additional_config['mikv'] must be a JSON object, got {type(raw).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise MikvConfigError(
+                f"mikv: unknown knob {unknown[0]!r} (known: {', '.join(known)})")
+        for name, value in raw.items():
+            _check_type(name, value, _TYPES[name])
+        cfg = cls(**raw)
+        cfg._check_values()
+        return cfg
+
+    def _check_values(self) -> None:
+        if self.hi_dtype not in ("bf16", "fp8"):
+            raise MikvConfigError(f"mikv: hi_dtype must be 'bf16' or 'fp8', got {self.hi_dtype!r}")
+        if self.lo_bits not in (2, 4):
+            raise MikvConfigError(f"mikv: lo_bits must be 2 or 4, got {self.lo_bits}")
+        if self.sink_pages < 0:
+            raise MikvConfigError(f"mikv: sink_pages must be >= 0, got {self.sink_pages}")
+        if self.recent_pages < 1:
+            raise MikvConfigError(
+                f"mikv: recent_pages must be >= 1 (the page being written stays hi), "
+                f"got {self.recent_pages}")
+        if self.hi_budget is not None and not 0.0 < self.hi_budget <= 1.0:
+            raise MikvConfigError(f"mikv: hi_budget must be in (0, 1], got {self.hi_budget}")
+        if self.value_group_size not in (32, 64, 128):
+            raise MikvConfigError(
+                f"mikv: value_group_size must be 32, 64 or 128, got {self.value_group_size}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def vllm_kv_cache_dtype(self) -> str:
+        """The legal vLLM kv-cache dtype that stores this config's hi pages."""
+        return "fp8" if self.hi_dtype == "fp8" else "auto"
+
+
+# Accepted JSON types per knob (bool is not an int here, and floats accept ints).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "hi_dtype": (str,),
+    "lo_bits": (int,),
+    "sink_pages": (int,),
+    "recent_pages": (int,),
+    "hi_budget": (float, int, type(None)),
+    "value_group_size": (int,),
+    "outlier_balancing": (bool,),
+}
+
+
+def _check_type(name: str, value: Any, accepted: tuple[type, ...]) -> None:
+    ok = isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
+        raise MikvConfigError(
+            f"mikv: knob {name!r} must be {names}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,74 @@
+"""Byte layout of KV pages: one hi page per vLLM block, or a pack of N lo pages in one block.
+
+A page is one vLLM block of one layer (all KV heads, K and V). The block table keeps plain block
+ids for hi pages; a lo page is written into it as a negative code naming (pack block, slot), so
+the page map lives inside the table the kernels already read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCALE_BYTES = 2  # fp16 scale and fp16 zero point per quantization group
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    hi_elem_bytes: int  # 2 for bf16/fp16, 1 for fp8
+    lo_bits: int = 2
+    value_group_size: int = 64
+
+    def __post_init__(self):
+        if self.head_size % self.value_group_size:
+            raise ValueError(
+                f"value_group_size {self.value_group_size} must divide head_size {self.head_size}")
+
+    @property
+    def hi_page_bytes(self) -> int:
+        return 2 * self.block_size * self.num_kv_heads * self.head_size * self.hi_elem_bytes
+
+    @property
+    def lo_page_bytes(self) -> int:
+        elems = self.block_size * self.num_kv_heads * self.head_size
+        data = 2 * elems * self.lo_bits // 8
+        # Keys: scale + zero per (head, channel) over the page's tokens.
+        k_params = self.num_kv_heads * self.head_size * 2 * SCALE_BYTES
+        # Values: scale + zero per (token, head, channel group).
+        groups = self.head_size // self.value_group_size
+        v_params = self.block_size * self.num_kv_heads * groups * 2 * SCALE_BYTES
+        return data + k_params + v_params
+
+    @property
+    def pack_factor(self) -> int:
+        """Lo pages that fit in one block (N): demoting N pages frees N - 1 blocks."""
+        return self.hi_page_bytes // self.lo_page_bytes
+
+    def bytes_per_token(self, lo: bool) -> float:
+        page = self.hi_page_bytes / self.pack_factor if lo else self.hi_page_bytes
+        return page / self.block_size
+
+    def describe(self) -> str:
+        bf16 = 4 * self.num_kv_heads * self.head_size
+        fp8 = bf16 / 2
+        lo = self.bytes_per_token(lo=True)
+        return (
+            f"hi page {self.hi_page_bytes} B, {self.lo_bits}-bit lo page {self.lo_page_bytes} B, "
+            f"{self.pack_factor} lo pages per block; per token per layer: hi "
+            f"{self.bytes_per_token(lo=False):.0f} B, lo {lo:.0f} B "
+            f"({bf16 / lo:.2f}x fewer than bf16, {fp8 / lo:.2f}x fewer than fp8)")
+
+
+def encode_lo(pack_block: int, slot: int, pack_factor: int) -> int:
+    """Block-table code of a lo page: -(1 + pack_block * N + slot), always negative."""
+    if not 0 <= slot < pack_factor:
+        raise ValueError(f"slot {slot} outside a pack of {pack_factor}")
+    return -(1 + pack_block * pack_factor + slot)
+
+
+def decode_entry(entry: int, pack_factor: int) -> tuple[int, int]:
+    """(block id, slot) of a block-table entry; slot -1 means a hi page."""
+    if entry >= 0:
+        return entry, -1
+    code = -entry - 1
+    return code // pack_factor, code % pack_factor

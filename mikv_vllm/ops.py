@@ -1,0 +1,60 @@
+"""Typed Python wrappers of the CUDA kernels in csrc/ (registered as torch.ops.mikv.*).
+
+The extension is built by `pip install --no-build-isolation .` where CUDA torch and nvcc are
+present; without it the plugin still imports, and the first kernel call says what is missing."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MAX_SPLITS = 64
+
+
+class KernelsUnavailableError(ImportError):
+    pass
+
+
+@functools.cache
+def load_kernels() -> None:
+    try:
+        import mikv_vllm._C  # noqa: F401  (registers torch.ops.mikv.*)
+    except ImportError as e:
+        raise KernelsUnavailableError(
+            f"mikv_vllm._C (the CUDA kernels) could not be loaded: {e}. Build them with "
+            "`pip install --no-build-isolation .` on a machine with CUDA torch 2.11 and nvcc "
+            "(CUDA_HOME), or check that this GPU's architecture is in TORCH_CUDA_ARCH_LIST "
+            "(default 8.0;9.0).") from e
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int) -> int:
+    """Splits of each sequence's pages so that the grid fills the GPU about twice.
+
+    Depends on the batch shape only, so one choice holds for a whole CUDA-graph capture."""
+    ctas = max(1, num_seqs * num_kv_heads * -(-group // 8))
+    return max(1, min(MAX_SPLITS, -(-2 * num_sms // ctas)))
+
+
+def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                 num_splits: int = 1) -> torch.Tensor:
+    """Decode attention of one query token per sequence over its hi pages.
+
+    query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
+    (any strides but the last; fp8 caches as uint8 or float8_e4m3fn with k/v_scale);
+    block_table: [seqs, pages] int32; seq_lens: [seqs] int32."""
+    if query.dim() != 3 or key_cache.dim() != 4:
+        raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
+                         f"{tuple(query.shape)} and {tuple(key_cache.shape)}")
+    if query.shape[-1] != key_cache.shape[-1] or query.shape[1] % key_cache.shape[2]:
+        raise ValueError(f"paged_decode: query {tuple(query.shape)} does not fit cache "
+                         f"{tuple(key_cache.shape)} (head_dim, GQA)")
+    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("paged_decode: block_table and seq_lens must be int32")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"paged_decode: num_splits must be in [1, {MAX_SPLITS}]")
+    load_kernels()
+    torch.ops.mikv.paged_decode(out, query, key_cache, value_cache, block_table, seq_lens,
+                                float(scale), float(k_scale), float(v_scale), int(num_splits))
+    return out

@@ -1,0 +1,149 @@
+"""Every change mikv makes to vLLM 0.26 internals, applied once from `plugin.register()`.
+
+`mikv` is an alias, not a new vLLM dtype: the CLI parser learns the word, and
+`EngineArgs.create_engine_config` rewrites it into legal vLLM settings (the hi dtype, the
+CUSTOM attention backend, the knobs in `additional_config["mikv"]`) so that no Literal,
+selector or dtype table of vLLM needs patching. `tests/test_vllm_internals.py` fails loudly
+when one of the places below moves."""
+from __future__ import annotations
+
+import copy
+import functools
+
+from vllm.logger import init_logger
+
+from mikv_vllm.config import ADDITIONAL_CONFIG_KEY, KV_CACHE_DTYPE, MikvConfig, MikvConfigError
+from mikv_vllm.layout import PageLayout
+
+logger = init_logger("vllm.mikv")
+
+KV_CACHE_DTYPE_FLAG = "--kv-cache-dtype"
+CUSTOM_BACKEND = "CUSTOM"
+SUPPORTED_HEAD_SIZES = (64, 128, 256)
+_PATCHED_MARK = "_mikv_patched"
+
+
+def apply() -> None:
+    """Patch vLLM once per process; calling again is a no-op."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.create_engine_config, _PATCHED_MARK, False):
+        return
+    original_add_cli_args = EngineArgs.add_cli_args
+    original_create_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(original_add_cli_args)
+    def add_cli_args(parser):
+        return _add_cli_args(original_add_cli_args, parser)
+
+    @functools.wraps(original_create_engine_config)
+    def create_engine_config(self, *args, **kwargs):
+        return _create_engine_config(original_create_engine_config, self, *args, **kwargs)
+
+    for patched in (add_cli_args, create_engine_config):
+        setattr(patched, _PATCHED_MARK, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _add_cli_args(original, parser):
+    """Let `--kv-cache-dtype` accept `mikv`."""
+    parser = original(parser)
+    action = parser._option_string_actions.get(KV_CACHE_DTYPE_FLAG)
+    if action is None or action.choices is None:
+        raise RuntimeError(f"mikv: vLLM's {KV_CACHE_DTYPE_FLAG} option changed shape; "
+                           "this mikv-vllm release supports vllm==0.26.0")
+    if KV_CACHE_DTYPE not in action.choices:
+        action.choices = [*action.choices, KV_CACHE_DTYPE]
+        action.help = (action.help or "") + (
+            "\n- \"mikv\": importance-aware hi + 2-bit pages (mikv-vllm plugin); knobs in "
+            "--additional-config '{\"mikv\": {...}}'.")
+    return parser
+
+
+def _create_engine_config(original, engine_args, *args, **kwargs):
+    """Translate `kv_cache_dtype="mikv"` into legal vLLM settings, then check the model."""
+    extra = engine_args.additional_config or {}
+    if engine_args.kv_cache_dtype != KV_CACHE_DTYPE:
+        if ADDITIONAL_CONFIG_KEY in extra:
+            raise MikvConfigError(
+                "mikv: --additional-config has 'mikv' knobs but --kv-cache-dtype is "
+                f"{engine_args.kv_cache_dtype!r}; add --kv-cache-dtype mikv")
+        return original(engine_args, *args, **kwargs)
+
+    cfg = MikvConfig.from_additional_config(extra)
+    _check_backend_choice(engine_args)
+    saved = (engine_args.kv_cache_dtype, engine_args.attention_backend,
+             engine_args.additional_config)
+    engine_args.kv_cache_dtype = cfg.vllm_kv_cache_dtype
+    if engine_args.attention_config.backend is None:
+        engine_args.attention_backend = CUSTOM_BACKEND
+    engine_args.additional_config = {**copy.deepcopy(extra), ADDITIONAL_CONFIG_KEY: cfg.as_dict()}
+    try:
+        vllm_config = original(engine_args, *args, **kwargs)
+    finally:
+        (engine_args.kv_cache_dtype, engine_args.attention_backend,
+         engine_args.additional_config) = saved
+    layout = check_model_and_device(vllm_config, cfg)
+    logger.info("mikv: hi pages %s, %s", cfg.hi_dtype, layout.describe())
+    return vllm_config
+
+
+def _check_backend_choice(engine_args) -> None:
+    chosen = [engine_args.attention_backend, engine_args.attention_config.backend]
+    for backend in chosen:
+        name = getattr(backend, "name", backend)
+        if name is not None and str(name).upper() != CUSTOM_BACKEND:
+            raise MikvConfigError(
+                f"mikv: --kv-cache-dtype mikv brings its own attention backend; "
+                f"remove the attention backend choice {name!r}")
+
+
+def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
+    """Reject models and GPUs the mikv backend cannot serve; return the page layout."""
+    model = vllm_config.model_config
+    arch = ",".join(getattr(model, "architectures", None) or ["?"])
+    if model.use_mla:
+        raise MikvConfigError(f"mikv: {arch} uses MLA attention, which mikv does not support")
+    if model.is_attention_free or model.is_hybrid:
+        raise MikvConfigError(
+            f"mikv: {arch} has non-attention (e.g. Mamba/linear) layers, which mikv does not "
+            "support")
+    if model.get_sliding_window() is not None or getattr(
+            model.hf_text_config, "sliding_window_pattern", None):
+        raise MikvConfigError(
+            f"mikv: {arch} uses sliding-window attention, which mikv does not support yet")
+    head_size = model.get_head_size()
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        raise MikvConfigError(
+            f"mikv: head size {head_size} of {arch} is not in {SUPPORTED_HEAD_SIZES}")
+    import torch
+    if model.dtype not in (torch.bfloat16, torch.float16):
+        raise MikvConfigError(f"mikv: model dtype {model.dtype} unsupported; use --dtype bfloat16")
+    if head_size % cfg.value_group_size:
+        raise MikvConfigError(
+            f"mikv: value_group_size {cfg.value_group_size} must divide head size {head_size}")
+
+    from vllm.platforms import current_platform
+    capability = current_platform.get_device_capability()
+    if capability is not None:
+        cc = capability.to_int()
+        if cc < 80:
+            raise MikvConfigError(
+                f"mikv: GPU compute capability {capability.major}.{capability.minor} < 8.0 "
+                "(Ampere) is not supported")
+        if cfg.hi_dtype == "fp8" and cc < 90:
+            raise MikvConfigError(
+                "mikv: hi_dtype 'fp8' needs FlashAttention 3 (compute capability 9.0); use "
+                "'bf16' on this GPU")
+    block_size = vllm_config.cache_config.block_size or 16
+    if block_size % 16:
+        raise MikvConfigError(f"mikv: block size must be a multiple of 16, got {block_size}")
+    return PageLayout(
+        block_size=block_size,
+        num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=head_size,
+        hi_elem_bytes=1 if cfg.hi_dtype == "fp8" else 2,
+        lo_bits=cfg.lo_bits,
+        value_group_size=cfg.value_group_size,
+    )
