@@ -24,8 +24,11 @@ def run_one(kv: str, args, out_dir: str) -> dict:
            "--output-len", str(args.output_len), "--out", result_path]
     t0 = time.time()
     with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            timeout=args.timeout).returncode
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
     text = open(log_path).read()
     row = {"kv": kv, "rc": rc, "process_s": round(time.time() - t0, 1)}
     m = KV_TOKENS.search(text)
@@ -54,7 +57,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=2048)
     p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--timeout", type=int, default=400)
+    p.add_argument("--timeout", type=int, default=240, help="seconds per dtype")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     rows = [run_one(kv, args, args.out_dir) for kv in args.kv]

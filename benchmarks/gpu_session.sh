@@ -22,7 +22,9 @@ stage_setup() {
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv
     python3 -c "import sys, torch, vllm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__version__)"
   } 2>&1 | tee "$OUT/device.txt"
-  if ls .whl/mikv_vllm-*.whl >/dev/null 2>&1; then
+  if [ -L /tmp/site/mikv_vllm ] && ls mikv_vllm/_C*.so >/dev/null 2>&1; then
+    echo "mikv-vllm already installed in this lease"
+  elif ls .whl/mikv_vllm-*.whl >/dev/null 2>&1; then
     # The carried wheel gives the entry point and the compiled kernels; the code itself runs
     # from this working tree (one copy for every vLLM process).
     python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site .whl/mikv_vllm-*.whl
