@@ -50,6 +50,28 @@ def token_match(a: list[list[int]], b: list[list[int]]) -> dict:
             "first_divergence": first_diff}
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Ratios to `auto` and greedy token match vs `auto` for every dtype that ran."""
+    base = next((r for r in rows if r["kv"] == "auto" and "total_tok_s" in r), None)
+    for r in rows:
+        if base and "total_tok_s" in r:
+            r["total_vs_auto"] = r["total_tok_s"] / base["total_tok_s"]
+            r["gen_vs_auto"] = r["gen_tok_s"] / base["gen_tok_s"]
+            if r.get("kv_tokens") and base.get("kv_tokens"):
+                r["kv_tokens_vs_auto"] = r["kv_tokens"] / base["kv_tokens"]
+            r["greedy_vs_auto"] = token_match(base["probe_tokens"], r["probe_tokens"])
+    return [{k: v for k, v in r.items() if k != "probe_tokens"} for r in rows]
+
+
+def load_row(kv: str, out_dir: str) -> dict:
+    """A row rebuilt from the files run_one left behind (for --summarize-only)."""
+    text = open(os.path.join(out_dir, f"e2e_{kv}.log")).read()
+    m = KV_TOKENS.search(text)
+    row = {"kv": kv, "rc": 0, "kv_tokens": int(m.group(1).replace(",", "")) if m else None}
+    row.update(json.load(open(os.path.join(out_dir, f"e2e_{kv}.json"))))
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=os.path.join(HERE, "configs", "llama-3.1-8b"))
@@ -59,18 +81,15 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--timeout", type=int, default=240, help="seconds per dtype")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    p.add_argument("--summarize-only", action="store_true",
+                   help="rebuild e2e_summary.json from the per-dtype files in --out-dir")
     args = p.parse_args()
-    rows = [run_one(kv, args, args.out_dir) for kv in args.kv]
-    base = next((r for r in rows if r["kv"] == "auto" and "total_tok_s" in r), None)
-    for r in rows:
-        if base and "total_tok_s" in r:
-            r["total_vs_auto"] = r["total_tok_s"] / base["total_tok_s"]
-            r["kv_tokens_vs_auto"] = (r["kv_tokens"] / base["kv_tokens"]
-                                      if r["kv_tokens"] and base["kv_tokens"] else None)
-            r["greedy_vs_auto"] = token_match(base["probe_tokens"], r["probe_tokens"])
-        r.pop("probe_tokens", None)
-    summary = os.path.join(args.out_dir, "e2e_summary.json")
-    json.dump(rows, open(summary, "w"), indent=1)
+    if args.summarize_only:
+        rows = [load_row(kv, args.out_dir) for kv in args.kv]
+    else:
+        rows = [run_one(kv, args, args.out_dir) for kv in args.kv]
+    rows = summarize(rows)
+    json.dump(rows, open(os.path.join(args.out_dir, "e2e_summary.json"), "w"), indent=1)
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if k != "error_tail"}))
         if "error_tail" in r:
