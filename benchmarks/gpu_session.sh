@@ -2,13 +2,25 @@
 # The GPU pass of mikv-vllm, meant for one device call (after vLLM's runtime is unpacked to
 # /tmp/site, see ../shared/gpu/README.md). Logs and JSON land in $OUT.
 #
-#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup kernels serve e2e
+#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup kernels serve e2e kernelbench
 #
 # setup   records the device and versions, installs the plugin (a wheel carried in .whl/, or an
 #         editable build), assembles the carried SmolLM2 GGUF (.models/parts/) if present
-# kernels GPU tests of the CUDA kernels against the torch reference
+# kernels GPU tests of the CUDA kernels against the torch reference (tests/gpu/test_*kernel*,
+#         test_lo_pages)
+# kernelbench  decode kernel timings vs FlashAttention bf16/fp8 (benchmarks/kernel_decode.py)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B: capacity, throughput, greedy match
+#
+# Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), as
+# done on 2026-11-23, one device call per line (the 4 GGUF pieces and the vLLM parts are made
+# by benchmarks/models/README.md's steps and ../shared/gpu/build_vllm_bundle.sh):
+#   1. carry .bundle0 (vLLM part 0) + .models/parts/gguf.part_a:  bash .bundle0/unpack.sh 2; cp part_a /tmp/models/
+#   2. carry .bundle1 (vLLM part 1) + .models/parts/gguf.part_b:  bash .bundle1/unpack.sh 2; cp part_b /tmp/models/
+#   3. carry .models/parts/gguf.part_c + .whl (mikv wheel):       cp part_c /tmp/models/; this script: setup kernels
+#   4. carry part_d, tok.tar.gz and the extra wheels (.models/parts/*.whl: gguf,
+#      vllm-gguf-plugin, compressed-tensors, loguru):               this script: setup serve
+#   5. no carry:                                                   this script: e2e (then kernelbench)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -46,13 +58,17 @@ stage_setup() {
 }
 
 stage_kernels() {
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py 2>&1 | tee "$OUT/kernels.log" | tail -15
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py 2>&1 | tee "$OUT/kernels.log" | tail -15
 }
 
 stage_serve() {
   [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: serve stage skipped"; return; }
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MIKV_SERVE_MODEL=$GGUF MIKV_SERVE_TOKENIZER=$TOK \
     python3 -m pytest -q -p no:cacheprovider tests/gpu/test_serve.py 2>&1 | tee "$OUT/serve_tests.log" | tail -15
+}
+
+stage_kernelbench() {
+  python3 benchmarks/kernel_decode.py --out-dir "$OUT" ${KERNELBENCH_ARGS:-} 2>&1 | tee "$OUT/kernel_decode.log" | tail -20
 }
 
 stage_e2e() {

@@ -60,6 +60,18 @@ __device__ __forceinline__ void to_float8(const uint2& r, float* f, const uint8_
   }
 }
 
+// 8 packed codes (2 or 4 bits each, element 0 in the low bits) -> code * scale + zero, with
+// (scale, zero) pairs read from sz[e * sz_step] (step 1: one pair per channel, 0: one pair).
+__device__ __forceinline__ void lo_dequant8(uint32_t codes, int bits, const __half2* sz,
+                                            int sz_step, float* f) {
+  const uint32_t mask = (1u << bits) - 1u;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const float2 p = __half22float2(sz[e * sz_step]);
+    f[e] = static_cast<float>((codes >> (e * bits)) & mask) * p.x + p.y;
+  }
+}
+
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <typename T> __device__ __forceinline__ T from_float(float x);
@@ -81,7 +93,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
                     q_t* __restrict__ out, int64_t out_stride_tok, int64_t out_stride_head,
                     float* __restrict__ part_acc, float* __restrict__ part_ml,
                     int num_q_heads, int group, int head_chunks, int block_size,
-                    float scale_log2, float k_scale, float v_scale) {
+                    float scale_log2, float k_scale, float v_scale, const LoLayout lo) {
   constexpr int LPT = D / kElems;   // lanes per token row
   constexpr int SUBS = 32 / LPT;    // rows per warp per step
   using vec_t = typename RowVec<kv_t>::type;
@@ -101,6 +113,8 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
 
   // Each sequence's pages are cut into gridDim.z equal ranges from its own length, so the
   // grid depends on the batch shape only (CUDA-graph replays see new lengths).
+  // Lo pages hold real values; the hi path multiplies by k_scale/v_scale later, so undo it.
+  const float inv_k_scale = 1.f / k_scale, inv_v_scale = 1.f / v_scale;
   const int seq_len = seq_lens[seq];
   const int num_pages = (seq_len + block_size - 1) / block_size;
   const int tok_per_split = (num_pages + num_splits - 1) / num_splits * block_size;
@@ -136,22 +150,56 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   for (int base = t_begin; base < t_end; base += kRowsPerStep) {
     vec_t kr[kUnroll], vr[kUnroll];
     bool valid[kUnroll];
+    int64_t lo_page[kUnroll];  // byte offset of a lo page from lo.base; -1 for a hi row
+    int lo_row[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + (warp * kUnroll + u) * SUBS + sub;
       valid[u] = t < t_end;
+      lo_page[u] = -1;
       if (valid[u]) {
-        const int64_t block = bt[t / block_size];
-        const int64_t off = block * kv_stride_block + (t % block_size) * kv_stride_tok + head_off;
-        kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
-        vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
+        const int entry = bt[t / block_size];
+        if (entry >= 0) {
+          const int64_t off =
+              entry * kv_stride_block + (t % block_size) * kv_stride_tok + head_off;
+          kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
+          vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
+        } else {
+          // A lo page: entry = -(1 + pack_block * N + slot); keep its packed codes only.
+          const int code = -entry - 1;
+          lo_page[u] = static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
+                       static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
+          lo_row[u] = kvh * block_size + t % block_size;
+          const int64_t code_off =
+              (static_cast<int64_t>(lo_row[u]) * D + sl * kElems) * lo.bits / 8;
+          const uint8_t* page = lo.base + lo_page[u];
+          uint32_t* kc = reinterpret_cast<uint32_t*>(&kr[u]);
+          uint32_t* vc = reinterpret_cast<uint32_t*>(&vr[u]);
+          if (lo.bits == 2) {
+            kc[0] = *reinterpret_cast<const uint16_t*>(page + code_off);
+            vc[0] = *reinterpret_cast<const uint16_t*>(page + lo.v_codes + code_off);
+          } else {
+            kc[0] = *reinterpret_cast<const uint32_t*>(page + code_off);
+            vc[0] = *reinterpret_cast<const uint32_t*>(page + lo.v_codes + code_off);
+          }
+        }
       }
     }
     float s[kUnroll][MAX_G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[kElems];
-      to_float8(kr[u], kf, static_cast<const kv_t*>(nullptr));
+      if (lo_page[u] < 0) {
+        to_float8(kr[u], kf, static_cast<const kv_t*>(nullptr));
+      } else {
+        // Keys: (scale, zero) per channel of the page, fp16 pairs [H, D, 2].
+        const __half2* sz = reinterpret_cast<const __half2*>(lo.base + lo_page[u] + lo.k_params) +
+                            kvh * D + sl * kElems;
+        lo_dequant8(reinterpret_cast<const uint32_t*>(&kr[u])[0], lo.bits, sz, 1, kf);
+        // hi keys carry k_scale (fp8); lo keys are stored unscaled.
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) kf[e] *= inv_k_scale;
+      }
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
         float d = 0.f;
@@ -177,7 +225,16 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     for (int u = 0; u < kUnroll; ++u) {
       if (!valid[u]) continue;
       float vf[kElems];
-      to_float8(vr[u], vf, static_cast<const kv_t*>(nullptr));
+      if (lo_page[u] < 0) {
+        to_float8(vr[u], vf, static_cast<const kv_t*>(nullptr));
+      } else {
+        // Values: (scale, zero) per (row, channel group), fp16 pairs [H, B, D / g, 2].
+        const __half2* sz = reinterpret_cast<const __half2*>(lo.base + lo_page[u] + lo.v_params) +
+                            lo_row[u] * (D / lo.group) + sl * kElems / lo.group;
+        lo_dequant8(reinterpret_cast<const uint32_t*>(&vr[u])[0], lo.bits, sz, 0, vf);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) vf[e] *= inv_v_scale;
+      }
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
         const float p = exp2f(s[u][g] - m[g]);
@@ -282,7 +339,8 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
       static_cast<const kv_t*>(a.k_cache), static_cast<const kv_t*>(a.v_cache),
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
       a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
-      a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale);
+      a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale,
+      a.lo);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
     decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
@@ -312,10 +370,33 @@ void dispatch_dim(const DecodeArgs& a, cudaStream_t s) {
 
 }  // namespace detail
 
+LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
+                        int64_t pack_factor, int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 2 || bits == 4, "lo_bits must be 2 or 4");
+  TORCH_CHECK(pack_factor >= 1, "lo_pack_factor must be >= 1");
+  TORCH_CHECK(group >= 8 && a.head_dim % group == 0, "lo_group must be >= 8 and divide head_dim");
+  // Sections in the order of mikv_vllm/quant.py: K codes, V codes, K params, V params.
+  const int64_t codes = static_cast<int64_t>(a.num_kv_heads) * a.block_size * a.head_dim * bits / 8;
+  LoLayout lo;
+  lo.base = static_cast<const uint8_t*>(key_cache.data_ptr());
+  lo.block_bytes = key_cache.stride(0) * key_cache.element_size();
+  lo.pack_factor = static_cast<int>(pack_factor);
+  lo.bits = static_cast<int>(bits);
+  lo.group = static_cast<int>(group);
+  lo.v_codes = static_cast<int>(codes);
+  lo.k_params = static_cast<int>(2 * codes);
+  lo.v_params = static_cast<int>(2 * codes + static_cast<int64_t>(a.num_kv_heads) * a.head_dim * 4);
+  lo.page_bytes = lo.v_params + a.num_kv_heads * a.block_size * (a.head_dim / lo.group) * 4;
+  TORCH_CHECK(lo.page_bytes * pack_factor <= lo.block_bytes, "lo pages (", lo.page_bytes, " B x ",
+              pack_factor, ") exceed a block (", lo.block_bytes, " B)");
+  return lo;
+}
+
 void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
-                  int64_t num_splits) {
+                  int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
+                  int64_t lo_group) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
   // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
@@ -366,6 +447,7 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   a.scale_log2 = static_cast<float>(scale * M_LOG2E);
   a.k_scale = static_cast<float>(k_scale);
   a.v_scale = static_cast<float>(v_scale);
+  a.lo = make_lo_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group);
 
   const at::cuda::OptionalCUDAGuard guard(device_of(query));
   torch::Tensor part_acc, part_ml;

@@ -5,6 +5,17 @@
 
 namespace mikv {
 
+// Where and how this layer's lo (2/4-bit) pages are stored; see mikv_vllm/quant.py.
+struct LoLayout {
+  const uint8_t* base = nullptr;  // byte 0 of block 0 of the layer's cache
+  int64_t block_bytes = 0;        // bytes from one block to the next
+  int pack_factor = 1;            // lo pages per block
+  int page_bytes = 0;             // bytes of one lo page (slot stride within a block)
+  int bits = 2;
+  int group = 64;                 // value channels per (scale, zero) group
+  int v_codes = 0, k_params = 0, v_params = 0;  // section offsets within a lo page
+};
+
 struct DecodeArgs {
   const void* q = nullptr;
   void* out = nullptr;
@@ -19,11 +30,24 @@ struct DecodeArgs {
   int num_seqs = 0, num_q_heads = 0, num_kv_heads = 0, group = 1, head_dim = 0;
   int block_size = 0, num_splits = 1;
   float scale_log2 = 0.f, k_scale = 1.f, v_scale = 1.f;
+  LoLayout lo;
 };
+
+// The lo-page layout of a layer whose keys are `key_cache` ([blocks, block, heads, D] view).
+LoLayout make_lo_layout(const DecodeArgs& shape, const torch::Tensor& key_cache,
+                        int64_t pack_factor, int64_t bits, int64_t group);
 
 void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
-                  int64_t num_splits);
+                  int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
+                  int64_t lo_group);
+
+// Demotes hi pages into lo slots in place (csrc/quantize.cu).
+void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,
+                    const torch::Tensor& src_blocks, const torch::Tensor& dst_codes,
+                    double k_scale, double v_scale, int64_t lo_pack_factor, int64_t lo_bits,
+                    int64_t lo_group);
 
 }  // namespace mikv
+

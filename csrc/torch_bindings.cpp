@@ -9,10 +9,17 @@ TORCH_LIBRARY(mikv, m) {
   m.def(
       "paged_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, float scale, float k_scale, float v_scale, "
-      "int num_splits) -> ()");
+      "int num_splits, int lo_pack_factor, int lo_bits, int lo_group) -> ()");
+  m.def(
+      "quantize_pages(Tensor(a!) key_cache, Tensor value_cache, Tensor src_blocks, "
+      "Tensor dst_codes, float k_scale, float v_scale, int lo_pack_factor, int lo_bits, "
+      "int lo_group) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(mikv, CUDA, m) { m.impl("paged_decode", &mikv::paged_decode); }
+TORCH_LIBRARY_IMPL(mikv, CUDA, m) {
+  m.impl("paged_decode", &mikv::paged_decode);
+  m.impl("quantize_pages", &mikv::quantize_pages);
+}
 
 // A Python module with no functions: importing it runs the registrations above.
 static struct PyModuleDef mikv_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -8,6 +8,8 @@ import functools
 
 import torch
 
+from mikv_vllm.layout import PageLayout
+
 MAX_SPLITS = 64
 
 
@@ -35,15 +37,23 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int
     return max(1, min(MAX_SPLITS, -(-2 * num_sms // ctas)))
 
 
+def _lo_args(layout: PageLayout | None, head_dim: int) -> tuple[int, int, int]:
+    """(pack factor, bits, value group) of the lo pages a block table may name."""
+    if layout is None:
+        return 1, 2, head_dim  # the table holds hi pages only
+    return layout.pack_factor, layout.lo_bits, layout.value_group_size
+
+
 def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                  value_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                 num_splits: int = 1) -> torch.Tensor:
-    """Decode attention of one query token per sequence over its hi pages.
+                 num_splits: int = 1, layout: PageLayout | None = None) -> torch.Tensor:
+    """Decode attention of one query token per sequence over its hi and lo pages.
 
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
     (any strides but the last; fp8 caches as uint8 or float8_e4m3fn with k/v_scale);
-    block_table: [seqs, pages] int32; seq_lens: [seqs] int32."""
+    block_table: [seqs, pages] int32, block ids for hi pages and `mikv_vllm.layout.encode_lo` codes for
+    lo pages; seq_lens: [seqs] int32."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
                          f"{tuple(query.shape)} and {tuple(key_cache.shape)}")
@@ -56,5 +66,22 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         raise ValueError(f"paged_decode: num_splits must be in [1, {MAX_SPLITS}]")
     load_kernels()
     torch.ops.mikv.paged_decode(out, query, key_cache, value_cache, block_table, seq_lens,
-                                float(scale), float(k_scale), float(v_scale), int(num_splits))
+                                float(scale), float(k_scale), float(v_scale), int(num_splits),
+                                *_lo_args(layout, query.shape[-1]))
     return out
+
+
+def quantize_pages(key_cache: torch.Tensor, value_cache: torch.Tensor, src_blocks: torch.Tensor,
+                   dst_codes: torch.Tensor, layout: PageLayout, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> None:
+    """Demote hi blocks `src_blocks` into lo slots `dst_codes` (pack_block * N + slot) of the
+    same layer cache, in place; one launch for all pages and KV heads of the layer."""
+    if src_blocks.shape != dst_codes.shape or src_blocks.dim() != 1:
+        raise ValueError("quantize_pages: src_blocks and dst_codes must be 1-D of equal length")
+    if src_blocks.dtype != torch.int32 or dst_codes.dtype != torch.int32:
+        raise ValueError("quantize_pages: src_blocks and dst_codes must be int32")
+    if key_cache.shape[1:] != (layout.block_size, layout.num_kv_heads, layout.head_size):
+        raise ValueError(f"quantize_pages: cache {tuple(key_cache.shape)} does not match {layout}")
+    load_kernels()
+    torch.ops.mikv.quantize_pages(key_cache, value_cache, src_blocks, dst_codes, float(k_scale),
+                                  float(v_scale), *_lo_args(layout, layout.head_size))

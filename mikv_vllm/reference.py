@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from mikv_vllm.layout import PageLayout, decode_entry
+from mikv_vllm.quant import dequantize_page
+
 
 def cache_to_float(cache: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """A hi-page cache (bf16/fp16, or fp8-e4m3 stored as uint8) as fp32 values."""
     if cache.dtype == torch.uint8:
         cache = cache.view(torch.float8_e4m3fn)
     return cache.float() * scale
-
-
-def gather_pages(cache: torch.Tensor, block_row: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first `seq_len` token rows [seq_len, kv_heads, D] of one sequence's pages."""
-    block_size = cache.shape[1]
-    num_pages = -(-seq_len // block_size)
-    pages = cache[block_row[:num_pages].long()]  # [pages, block, heads, D]
-    return pages.reshape(-1, *cache.shape[2:])[:seq_len]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -38,17 +33,52 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 
+def gather_kv(k_all: torch.Tensor, v_all: torch.Tensor, block_row: torch.Tensor, seq_len: int,
+              cache_bytes: torch.Tensor | None = None, layout: PageLayout | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's K and V rows [seq_len, kv_heads, D] over a page map of hi blocks and lo
+    slots (negative entries, read from `cache_bytes` [blocks, block_bytes] with `layout`)."""
+    num_pages = -(-seq_len // k_all.shape[1])
+    ks, vs = [], []
+    for entry in block_row[:num_pages].tolist():
+        if entry >= 0:
+            ks.append(k_all[entry])
+            vs.append(v_all[entry])
+            continue
+        if cache_bytes is None or layout is None:
+            raise ValueError("a lo page in the block table needs cache_bytes and layout")
+        block, slot = decode_entry(entry, layout.pack_factor)
+        start = slot * layout.lo_page_bytes
+        k, v = dequantize_page(cache_bytes[block, start:start + layout.lo_page_bytes], layout)
+        ks.append(k)
+        vs.append(v)
+    return torch.cat(ks)[:seq_len], torch.cat(vs)[:seq_len]
+
+
 def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """Reference of `ops.paged_decode`: one query token per sequence, fp32 output."""
+                 k_scale: float = 1.0, v_scale: float = 1.0,
+                 cache_bytes: torch.Tensor | None = None,
+                 layout: PageLayout | None = None) -> torch.Tensor:
+    """Reference of `ops.paged_decode`: one query token per sequence, fp32 output, over hi
+    pages and (with `cache_bytes` and `layout`) lo pages."""
     k_all = cache_to_float(key_cache, k_scale)
     v_all = cache_to_float(value_cache, v_scale)
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     for i, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
-        k = gather_pages(k_all, block_table[i], seq_len)
-        v = gather_pages(v_all, block_table[i], seq_len)
+        k, v = gather_kv(k_all, v_all, block_table[i], seq_len, cache_bytes, layout)
         out[i] = attention(query[i:i + 1], k, v, scale, causal=False)[0]
     return out
+
+
+def page_mass(probs: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Attention mass per page: probs [q_heads, seq_len] of one decode step for the query heads
+    of one KV head -> [pages], summed over a page's tokens and averaged over the heads (each
+    head's probabilities sum to 1, so the masses do too)."""
+    heads, seq_len = probs.shape
+    pages = -(-seq_len // block_size)
+    padded = probs.new_zeros(heads, pages * block_size)
+    padded[:, :seq_len] = probs
+    return padded.reshape(heads, pages, block_size).sum(-1).mean(0)

@@ -8,6 +8,8 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from mikv_vllm import ops
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.attention.metadata import MikvAttentionMetadata
+from mikv_vllm.config import MikvConfig
+from mikv_vllm.layout import PageLayout
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -39,6 +41,8 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.is_fp8 = kv_cache_dtype.startswith("fp8")
         self.fa_version = get_flash_attn_version(head_size=head_size)
+        self.mikv = _mikv_config()
+        self.layout: PageLayout | None = None  # built at the first forward, from the cache
         ops.load_kernels()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -56,11 +60,17 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             return output.fill_(0)
         md: MikvAttentionMetadata = attn_metadata
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        if self.layout is None:
+            self.layout = PageLayout(block_size=key_cache.shape[1], num_kv_heads=self.num_kv_heads,
+                                     head_size=self.head_size, hi_elem_bytes=1 if self.is_fp8 else 2,
+                                     lo_bits=self.mikv.lo_bits,
+                                     value_group_size=self.mikv.value_group_size)
         nd = md.num_decodes
         if nd:
             ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
                              md.decode_block_table, md.decode_seq_lens, self.scale,
-                             layer._k_scale_float, layer._v_scale_float, md.decode_num_splits)
+                             layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
+                             self.layout)
         if md.num_prefill_tokens:
             self._prefill(layer, query[nd:md.num_actual_tokens], key_cache, value_cache,
                           output[nd:md.num_actual_tokens], md)
@@ -84,3 +94,10 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             seqused_k=md.prefill_seq_lens, max_seqlen_k=md.prefill_max_seq_len,
             softmax_scale=self.scale, causal=True, block_table=md.prefill_block_table,
             fa_version=self.fa_version, **descale)
+
+
+def _mikv_config() -> MikvConfig:
+    """The engine's mikv knobs (defaults when the backend was chosen without `mikv`)."""
+    from vllm.config import get_current_vllm_config
+
+    return MikvConfig.from_additional_config(get_current_vllm_config().additional_config)

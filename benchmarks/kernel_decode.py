@@ -1,0 +1,157 @@
+"""Decode-attention kernel benchmark: mikv's paged decode over mixed hi/2-bit pages vs vLLM's
+FlashAttention decode on bf16 and fp8 caches of the same shapes (one layer, H100).
+
+Times are CUDA-event medians (triton.testing.do_bench); bytes_read counts what each kernel must
+read at least once (K/V pages and their scales, queries, block table) plus the output it writes;
+hbm_gbps is a device-to-device copy measured in the same run. Writes JSON rows
+{kernel, batch, ctx, hi_fraction, head_dim, gqa, us, bytes_read, gbps, hbm_gbps, frac_of_hbm}
+and a PNG of speedup vs context length."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+
+import torch
+
+from mikv_vllm import ops
+from mikv_vllm.layout import PageLayout
+
+KV_HEADS = 8
+BLOCK = 16
+MAX_TOKENS = 4 << 20  # batch * ctx cap: one layer's bf16 cache stays under ~16 GB
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # us
+
+
+def hbm_copy_gbps() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / us / 1e3
+
+
+def make_case(batch, ctx, head_dim, gqa, hi_fraction, fp8_hi, layout):
+    pages = math.ceil(ctx / BLOCK)
+    lo_pages = min(round(pages * (1 - hi_fraction)), pages - 1)  # the sink page stays hi
+    n = layout.pack_factor
+    num_blocks = batch * pages + math.ceil(batch * lo_pages / n) + 1
+    dtype = torch.uint8 if fp8_hi else torch.bfloat16
+    kv = torch.randn(num_blocks, BLOCK, KV_HEADS, 2 * head_dim, device="cuda").to(
+        torch.float8_e4m3fn if fp8_hi else torch.bfloat16).view(dtype)
+    k, v = kv.split(head_dim, dim=-1)
+    table = torch.arange(batch * pages, dtype=torch.int32, device="cuda").reshape(batch, pages)
+    if lo_pages:
+        # The oldest pages after the sink go lo, packed n to a block.
+        cols = torch.arange(1, 1 + lo_pages, device="cuda")
+        src = table[:, cols].reshape(-1).contiguous()
+        codes = torch.arange(src.numel(), dtype=torch.int32, device="cuda") + batch * pages * n
+        ops.quantize_pages(k, v, src, codes, layout)
+        table[:, cols] = -(1 + codes.reshape(batch, -1))  # = layout.encode_lo(pack, slot)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, KV_HEADS * gqa, head_dim, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, table, lens, lo_pages, pages
+
+
+def bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, hi_elem, layout) -> int:
+    hi_rows = (pages - lo_pages) * BLOCK
+    kv = batch * (hi_rows * KV_HEADS * 2 * head_dim * hi_elem + lo_pages * layout.lo_page_bytes)
+    qo = 2 * batch * KV_HEADS * gqa * head_dim * 2
+    return kv + qo + batch * pages * 4
+
+
+def run(args) -> list[dict]:
+    hbm = hbm_copy_gbps()
+    print(f"device-to-device copy: {hbm:.0f} GB/s")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    from vllm.v1.attention.backends import fa_utils
+    rows = []
+    for head_dim, gqa, batch, ctx in itertools.product(args.head_dims, args.gqa, args.batches,
+                                                       args.ctxs):
+        if batch * ctx > MAX_TOKENS:
+            continue
+        scale = 1 / math.sqrt(head_dim)
+        splits = ops.decode_num_splits(batch, KV_HEADS, gqa, num_sms)
+        for fp8_hi in (False, True):
+            layout = PageLayout(BLOCK, KV_HEADS, head_dim, 1 if fp8_hi else 2, 2, 64)
+            fractions = args.hi_fractions
+            for hi in fractions:
+                q, k, v, table, lens, lo_pages, pages = make_case(batch, ctx, head_dim, gqa, hi,
+                                                                  fp8_hi, layout)
+                out = torch.empty_like(q)
+                us = bench(lambda: ops.paged_decode(out, q, k, v, table, lens, scale, 1.0, 1.0,
+                                                    splits, layout))
+                b = bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, layout.hi_elem_bytes,
+                               layout)
+                rows.append(dict(kernel=f"mikv_{'fp8' if fp8_hi else 'bf16'}hi", batch=batch,
+                                 ctx=ctx, hi_fraction=hi, head_dim=head_dim, gqa=gqa, us=us,
+                                 bytes_read=b, gbps=b / us / 1e3, hbm_gbps=hbm,
+                                 frac_of_hbm=b / us / 1e3 / hbm))
+                if hi == 1.0:  # FlashAttention on the same all-hi cache
+                    kf, vf = (k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)) \
+                        if fp8_hi else (k, v)
+                    qf = q.to(torch.float8_e4m3fn) if fp8_hi else q
+                    one = torch.ones(batch, KV_HEADS, device="cuda")
+                    descale = dict(q_descale=one, k_descale=one, v_descale=one) if fp8_hi else {}
+                    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+                    us = bench(lambda: fa_utils.flash_attn_varlen_func(
+                        q=qf, k=kf, v=vf, out=out, cu_seqlens_q=cu, max_seqlen_q=1,
+                        seqused_k=lens, max_seqlen_k=ctx, softmax_scale=scale, causal=True,
+                        block_table=table, fa_version=fa_utils.get_flash_attn_version(),
+                        **descale))
+                    rows.append(dict(kernel=f"flash_attn_{'fp8' if fp8_hi else 'bf16'}",
+                                     batch=batch, ctx=ctx, hi_fraction=1.0, head_dim=head_dim,
+                                     gqa=gqa, us=us, bytes_read=b, gbps=b / us / 1e3,
+                                     hbm_gbps=hbm, frac_of_hbm=b / us / 1e3 / hbm))
+                del q, k, v, table
+                torch.cuda.empty_cache()
+            print(json.dumps(rows[-1]))
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fa = {(r["batch"], r["ctx"], r["gqa"]): r["us"] for r in rows
+          if r["kernel"] == "flash_attn_bf16"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for hi in sorted({r["hi_fraction"] for r in rows}, reverse=True):
+        pts = sorted((r["ctx"], fa[(r["batch"], r["ctx"], r["gqa"])] / r["us"]) for r in rows
+                     if r["kernel"] == "mikv_bf16hi" and r["hi_fraction"] == hi
+                     and r["batch"] == 16 and r["gqa"] == 4 and (16, r["ctx"], 4) in fa)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"mikv, {hi:.0%} hi")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens (batch 16, GQA 4, head_dim 128)")
+    ax.set_ylabel("speedup vs FlashAttention bf16 decode")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128])
+    p.add_argument("--ctxs", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 131072])
+    p.add_argument("--hi-fractions", type=float, nargs="+", default=[1.0, 0.25, 0.1, 0.0])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[128])
+    p.add_argument("--gqa", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    rows = run(args)
+    json.dump(rows, open(os.path.join(args.out_dir, "kernel_decode.json"), "w"), indent=1)
+    try:
+        plot(rows, os.path.join(args.out_dir, "kernel_decode.png"))
+    except ImportError as e:  # the GPU image may lack matplotlib: plot from the JSON later
+        print(f"no plot: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+// Demote hi pages to lo slots in place: the CUDA twin of mikv_vllm/quant.py:quantize_page.
+//
+// One CTA per (page, KV head). It stages the head's K rows of the page in shared memory as
+// fp32, writes one (scale, zero) pair per channel and the token-major packed codes, then does
+// the same for V with one pair per (token, channel group). Scale and zero are rounded to fp16
+// before the codes are computed, with IEEE division and round-half-even, so codes match the
+// torch reference bit for bit (up to fp32 ties).
+#include <torch/all.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "paged_decode.h"
+
+namespace mikv {
+namespace detail {
+
+constexpr int kQuantThreads = 128;
+constexpr int kMaxTileFloats = 8192;  // block_size * head_dim staged per pass (32 KB)
+
+__device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_float(const uint8_t* p) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw(*p, __NV_E4M3);
+  return __half2float(*reinterpret_cast<const __half*>(&h));
+}
+
+// (scale, zero) of a group spanning [lo, hi], rounded to fp16 as the reference does.
+__device__ __forceinline__ __half2 group_params(float lo, float hi, int levels) {
+  // Floor at fp16's smallest normal so a constant group never divides by zero.
+  const float scale = fmaxf(__fdiv_rn(hi - lo, static_cast<float>(levels)), 6.103515625e-05f);
+  return __halves2half2(__float2half_rn(scale), __float2half_rn(lo));
+}
+
+__device__ __forceinline__ uint32_t quant_code(float x, __half2 sz, int levels) {
+  const float s = __low2float(sz), z = __high2float(sz);
+  const float c = rintf(__fdiv_rn(x - z, s));
+  return static_cast<uint32_t>(fminf(fmaxf(c, 0.f), static_cast<float>(levels)));
+}
+
+// Packs codes[t * D + d] (one byte each in shared memory) token-major into `dst`.
+__device__ void pack_codes(const uint8_t* codes, uint8_t* dst, int rows, int D, int bits) {
+  const int per_byte = 8 / bits;
+  const int bytes = rows * D / per_byte;
+  for (int i = threadIdx.x; i < bytes; i += blockDim.x) {
+    uint32_t b = 0;
+    for (int j = 0; j < per_byte; ++j) b |= static_cast<uint32_t>(codes[i * per_byte + j]) << (j * bits);
+    dst[i] = static_cast<uint8_t>(b);
+  }
+}
+
+template <typename kv_t>
+__global__ void __launch_bounds__(kQuantThreads)
+quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
+                      int64_t stride_block, int64_t stride_tok, int64_t stride_head,
+                      const int32_t* __restrict__ src_blocks, const int32_t* __restrict__ dst_codes,
+                      const LoLayout lo, int block_size, int num_kv_heads, int D,
+                      float k_scale, float v_scale) {
+  extern __shared__ float tile[];                        // [block_size][D] fp32
+  uint8_t* codes = reinterpret_cast<uint8_t*>(tile + block_size * D);  // [block_size][D]
+  const int page = blockIdx.x, h = blockIdx.y;
+  const int64_t src = src_blocks[page];
+  const int code = dst_codes[page];
+  uint8_t* dst = const_cast<uint8_t*>(lo.base) +
+                 static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
+                 static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
+  const int levels = (1 << lo.bits) - 1;
+  const int n = block_size * D;
+  const int row_bytes = D * lo.bits / 8;
+
+  // Keys: one (scale, zero) per channel over the page's tokens.
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int t = i / D, d = i % D;
+    tile[i] = load_float(k_cache + src * stride_block + t * stride_tok + h * stride_head + d) * k_scale;
+  }
+  __syncthreads();
+  __half2* k_params = reinterpret_cast<__half2*>(dst + lo.k_params) + h * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float mn = tile[d], mx = tile[d];
+    for (int t = 1; t < block_size; ++t) {
+      mn = fminf(mn, tile[t * D + d]);
+      mx = fmaxf(mx, tile[t * D + d]);
+    }
+    const __half2 sz = group_params(mn, mx, levels);
+    k_params[d] = sz;
+    for (int t = 0; t < block_size; ++t) codes[t * D + d] = quant_code(tile[t * D + d], sz, levels);
+  }
+  __syncthreads();
+  pack_codes(codes, dst + static_cast<int64_t>(h) * block_size * row_bytes, block_size, D, lo.bits);
+  __syncthreads();
+
+  // Values: one (scale, zero) per (token, group of `lo.group` channels).
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int t = i / D, d = i % D;
+    tile[i] = load_float(v_cache + src * stride_block + t * stride_tok + h * stride_head + d) * v_scale;
+  }
+  __syncthreads();
+  const int groups = D / lo.group;
+  __half2* v_params = reinterpret_cast<__half2*>(dst + lo.v_params) + h * block_size * groups;
+  for (int i = threadIdx.x; i < block_size * groups; i += blockDim.x) {
+    const float* x = tile + (i / groups) * D + (i % groups) * lo.group;
+    uint8_t* c = codes + (i / groups) * D + (i % groups) * lo.group;
+    float mn = x[0], mx = x[0];
+    for (int j = 1; j < lo.group; ++j) {
+      mn = fminf(mn, x[j]);
+      mx = fmaxf(mx, x[j]);
+    }
+    const __half2 sz = group_params(mn, mx, levels);
+    v_params[i] = sz;
+    for (int j = 0; j < lo.group; ++j) c[j] = quant_code(x[j], sz, levels);
+  }
+  __syncthreads();
+  pack_codes(codes, dst + lo.v_codes + static_cast<int64_t>(h) * block_size * row_bytes, block_size,
+             D, lo.bits);
+}
+
+}  // namespace detail
+
+void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,
+                    const torch::Tensor& src_blocks, const torch::Tensor& dst_codes,
+                    double k_scale, double v_scale, int64_t lo_pack_factor, int64_t lo_bits,
+                    int64_t lo_group) {
+  TORCH_CHECK(key_cache.is_cuda() && key_cache.dim() == 4, "caches must be CUDA [blocks, block, heads, D]");
+  TORCH_CHECK(key_cache.strides() == value_cache.strides() && key_cache.sizes() == value_cache.sizes(),
+              "key and value caches must share shape and strides");
+  TORCH_CHECK(src_blocks.scalar_type() == at::kInt && dst_codes.scalar_type() == at::kInt &&
+                  src_blocks.numel() == dst_codes.numel(),
+              "src_blocks and dst_codes must be int32 of equal length");
+  const int block_size = key_cache.size(1), heads = key_cache.size(2), D = key_cache.size(3);
+  TORCH_CHECK(block_size * D <= detail::kMaxTileFloats, "block_size * head_dim must be <= ",
+              detail::kMaxTileFloats);
+  const int64_t pages = src_blocks.numel();
+  if (pages == 0) return;
+  DecodeArgs shape;  // reuse the decode launch's lo-layout arithmetic
+  shape.num_kv_heads = heads;
+  shape.block_size = block_size;
+  shape.head_dim = D;
+  LoLayout lo = make_lo_layout(shape, key_cache, lo_pack_factor, lo_bits, lo_group);
+
+  const at::cuda::OptionalCUDAGuard guard(device_of(key_cache));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const size_t smem = block_size * D * (sizeof(float) + 1);
+  dim3 grid(pages, heads);
+  const auto kdt = key_cache.scalar_type();
+#define MIKV_LAUNCH_QUANT(T)                                                                     \
+  detail::quantize_pages_kernel<T><<<grid, detail::kQuantThreads, smem, stream>>>(               \
+      static_cast<const T*>(key_cache.data_ptr()), static_cast<const T*>(value_cache.data_ptr()), \
+      key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),                             \
+      src_blocks.data_ptr<int32_t>(), dst_codes.data_ptr<int32_t>(), lo, block_size, heads, D,  \
+      static_cast<float>(k_scale), static_cast<float>(v_scale))
+  if (kdt == at::kBFloat16) MIKV_LAUNCH_QUANT(__nv_bfloat16);
+  else if (kdt == at::kHalf) MIKV_LAUNCH_QUANT(__half);
+  else if (kdt == at::kByte || kdt == at::kFloat8_e4m3fn) MIKV_LAUNCH_QUANT(uint8_t);
+  else TORCH_CHECK(false, "cache dtype must be bf16, fp16 or fp8-e4m3");
+#undef MIKV_LAUNCH_QUANT
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace mikv

@@ -1,0 +1,202 @@
+"""The KV simulation: each attention layer of the real model attends over the past KV *as the
+method stores it*, in pages of `block_size` tokens, with demotion decided by the plugin's
+DemotionPolicy from accumulated page mass.
+
+Timeline (what vLLM does): prefill runs at full precision and records the outlier-balancing
+statistics; every later forward is a decode step (one token, or a small chunk in perplexity
+runs). During a step each layer reads the stored view and adds its per-page attention mass
+(reference.page_mass over the query heads, summed over layers); after the step the mean over
+layers is accumulated with decay and the policy demotes pages over budget, so mass from steps
+< t decides what step t reads (the kernel emits mass, the scheduler acts at the next step).
+A demoted page is replaced by its quantize_page -> dequantize_page round trip, computed once."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+
+from mikv_vllm.eval.methods import (Method, hi_cost, hi_roundtrip, lo_cost, make_policy)
+from mikv_vllm.layout import PageLayout
+from mikv_vllm.quant import dequantize_page, quantize_page
+from mikv_vllm.reference import page_mass
+
+ATTN_IMPL = "mikv_sim"
+_ACTIVE = None  # the Prefill or KVSim the attention function routes to; None = exact attention
+
+
+def _attend(q, k, v, scaling, keep=None):
+    """q [Hq, Tq, D], k/v [Hkv, T, D] -> (out [Hq, Tq, D], probs [Hq, Tq, T]); queries are the
+    last Tq positions (causal), `keep` [T] masks evicted tokens."""
+    hq, tq, d = q.shape
+    hkv, t, _ = k.shape
+    qg = q.reshape(hkv, hq // hkv, tq, d)
+    scores = torch.einsum("hgqd,htd->hgqt", qg, k) * scaling
+    mask = torch.arange(t)[None, :] > torch.arange(t - tq, t)[:, None]  # [Tq, T]
+    if keep is not None:
+        mask = mask | ~keep[None, :]
+    probs = scores.masked_fill(mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+    out = torch.einsum("hgqt,htd->hgqd", probs, v)
+    return out.reshape(hq, tq, d), probs.reshape(hq, tq, t)
+
+
+def sim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """transformers attention function (batch 1): routes to the active simulation."""
+    if query.shape[0] != 1:
+        raise ValueError("the KV simulation runs batch size 1")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if _ACTIVE is None:
+        out, _ = _attend(query[0], key[0], value[0], scaling)
+    else:
+        out = _ACTIVE.attend(module.layer_idx, query[0], key[0], value[0], scaling)
+    return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPL, sim_attention)
+
+
+class _Active:
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __enter__(self):
+        global _ACTIVE
+        self.prev, _ACTIVE = _ACTIVE, self.obj
+
+    def __exit__(self, *exc):
+        global _ACTIVE
+        _ACTIVE = self.prev
+
+
+@dataclass
+class Prefill:
+    """A prompt prefilled at full precision: its cache and per-layer max |q|, max |k| per
+    (KV head, channel) for MiKV outlier balancing."""
+    cache: DynamicCache
+    qmax: dict
+    kmax: dict
+    logits: torch.Tensor | None = None
+
+    def attend(self, layer, q, k, v, scaling):
+        hkv, d = k.shape[0], k.shape[-1]
+        self.qmax[layer] = q.abs().reshape(hkv, -1, d).amax(1)
+        self.kmax[layer] = k.abs().amax(1)
+        return _attend(q, k, v, scaling)[0]
+
+    def balance(self, layer) -> torch.Tensor:
+        return (self.qmax[layer] / self.kmax[layer].clamp_min(1e-6)).clamp_min(1e-6).sqrt()
+
+
+@torch.no_grad()
+def prefill(model, ids: list[int], last_only: bool = False) -> Prefill:
+    state = Prefill(DynamicCache(config=model.config), {}, {})
+    with _Active(state):
+        out = model(input_ids=torch.tensor([ids]), past_key_values=state.cache, use_cache=True,
+                    logits_to_keep=1 if last_only else 0)
+    state.logits = out.logits[0]
+    return state
+
+
+def layout_of(model, block_size: int, method: Method | None = None, lo_bits: int = 2,
+              value_group_size: int = 64) -> PageLayout:
+    c = model.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    hi_bytes = 1 if method is not None and method.hi == "fp8" else 2
+    return PageLayout(block_size, c.num_key_value_heads, d, hi_bytes, lo_bits,
+                      min(value_group_size, d))
+
+
+class KVSim:
+    """One request decoding under one method, continuing from a (copied) prefill."""
+
+    def __init__(self, model, method: Method, pre: Prefill, block_size: int = 16,
+                 sink_pages: int = 1, recent_pages: int = 2):
+        self.model, self.method, self.bs = model, method, block_size
+        self.layout = layout_of(model, block_size, method)
+        self.policy = make_policy(method, self.layout, sink_pages, recent_pages)
+        self.pre = pre
+        self.cache = copy.deepcopy(pre.cache)
+        self.n_layers = len(self.cache.layers)
+        self.k = [hi_roundtrip(method, l.keys[0].float()) for l in self.cache.layers]
+        self.v = [hi_roundtrip(method, l.values[0].float()) for l in self.cache.layers]
+        self.keep = torch.ones(self.k[0].shape[1], dtype=torch.bool)
+        self.is_lo = torch.zeros(0, dtype=torch.bool)   # per page: demoted (lo or evicted)
+        self.acc = torch.zeros(0)
+        self.step_mass = None
+        self.ratios: list[float] = []                    # bytes vs bf16, per step
+        self.h, self.lc = hi_cost(method, self.layout.head_size), lo_cost(self.layout)
+
+    # -- inside the model forward --
+    def attend(self, layer, q, k, v, scaling):
+        n = self.k[layer].shape[1]
+        if k.shape[1] > n:  # this step's tokens are written to hi pages
+            self.k[layer] = torch.cat([self.k[layer], hi_roundtrip(self.method, k[:, n:])], 1)
+            self.v[layer] = torch.cat([self.v[layer], hi_roundtrip(self.method, v[:, n:])], 1)
+        t = self.k[layer].shape[1]
+        if self.keep.numel() < t:
+            self.keep = torch.cat([self.keep, torch.ones(t - self.keep.numel(), dtype=torch.bool)])
+        keep = None if bool(self.keep.all()) else self.keep
+        out, probs = _attend(q, self.k[layer], self.v[layer], scaling, keep)
+        # mean over the step's queries, then page_mass averages over the query heads (equal
+        # groups per KV head, so this is the mean over the heads of each KV head, then KV heads)
+        m = page_mass(probs.mean(1), self.bs)
+        self.step_mass = m if self.step_mass is None else self.step_mass + m
+        return out
+
+    # -- around it --
+    def _grow(self, pages: int):
+        if self.is_lo.numel() < pages:
+            self.is_lo = torch.cat([self.is_lo, torch.zeros(pages - self.is_lo.numel(),
+                                                            dtype=torch.bool)])
+
+    def demote(self, page: int):
+        rows = slice(page * self.bs, (page + 1) * self.bs)
+        self.is_lo[page] = True
+        if self.method.lo == "evict":
+            self.keep[rows] = False
+            return
+        for i, l in enumerate(self.cache.layers):
+            k = l.keys[0, :, rows].permute(1, 0, 2)
+            v = l.values[0, :, rows].permute(1, 0, 2)
+            b = self.pre.balance(i) if self.method.balance else None
+            dk, dv = dequantize_page(quantize_page(k, v, self.layout, b), self.layout, b)
+            self.k[i][:, rows] = dk.permute(1, 0, 2)
+            self.v[i][:, rows] = dv.permute(1, 0, 2)
+
+    def begin_step(self, n_new: int):
+        n_past = self.cache.get_seq_length()
+        total = n_past + n_new
+        self._grow(-(-total // self.bs))
+        if self.method.all_lo:  # KIVI: every page full before this step is lo
+            for p in range(n_past // self.bs):
+                if not self.is_lo[p]:
+                    self.demote(p)
+        lo_pages = int(self.is_lo.sum())
+        lo_tok = lo_pages * self.bs
+        lo_bytes = 0.0 if self.method.lo == "evict" else lo_tok * self.lc
+        self.ratios.append(((total - lo_tok) * self.h + lo_bytes) / total)
+        self.step_mass = None
+
+    def end_step(self):
+        if self.policy is None or self.step_mass is None:
+            return
+        self.acc = self.policy.accumulate(self.acc, self.step_mass / self.n_layers)
+        n = self.cache.get_seq_length()
+        self._grow(-(-n // self.bs))
+        for p in self.policy.over_budget(self.acc, self.is_lo, n, self.bs):
+            self.demote(p)
+
+    @torch.no_grad()
+    def step(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """One decode step (or chunk): logits [len(ids), vocab] (or [1, vocab])."""
+        self.begin_step(len(ids))
+        with _Active(self):
+            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1 if last_only else 0)
+        self.end_step()
+        return out.logits[0]
+
+    @property
+    def kv_bytes_ratio(self) -> float:
+        return sum(self.ratios) / len(self.ratios) if self.ratios else self.h

@@ -1,0 +1,126 @@
+"""The methods compared, what each one stores, and its KV bytes relative to bf16.
+
+Every method is a page-level storage rule over the same model:
+  bf16   all pages exact (the reference; the harness runs in fp32, so "bf16" = unrounded)
+  fp8    every token round-tripped through float8_e4m3fn, per-tensor scale 1.0 (vLLM default)
+  int4   every (token, head) vector symmetric int4 with one fp16 scale (vLLM int4_per_token_head)
+  kivi2  every full page 2-bit (the lo format), the page being written stays hi
+  h2o    policy-ranked pages *evicted* (masked out), hi fraction = byte budget
+  mikv   policy-ranked pages demoted to 2-bit (quant.quantize_page -> dequantize_page), optional
+         key-channel outlier balancing, hi pages bf16 or fp8
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mikv_vllm.layout import PageLayout
+from mikv_vllm.policy import DemotionPolicy
+
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                     # bf16 | fp8 | int4 | kivi2 | h2o | mikv
+    budget: float | None = None   # target fraction of bf16 KV bytes (budgeted methods)
+    hi: str = "bf16"              # storage of tokens not demoted: bf16 | fp8 | int4
+    lo: str | None = None         # demoted pages: "q2" (lo page format) | "evict" | None
+    balance: bool = False         # MiKV key-channel outlier balancing of lo pages
+    all_lo: bool = False          # KIVI: every full page lo, no policy
+
+    @property
+    def label(self) -> str:
+        if self.name != "mikv":
+            return self.name
+        return "mikv" + ("_bal" if self.balance else "") + ("_fp8hi" if self.hi == "fp8" else "")
+
+
+def standard_methods(budgets=(0.5, 0.25, 0.15)) -> list[Method]:
+    out = [Method("bf16"), Method("fp8", hi="fp8"), Method("int4", hi="int4"),
+           Method("kivi2", lo="q2", all_lo=True)]
+    for b in budgets:
+        out += [Method("h2o", b, lo="evict"),
+                Method("mikv", b, lo="q2"),
+                Method("mikv", b, lo="q2", balance=True),
+                Method("mikv", b, hi="fp8", lo="q2"),
+                Method("mikv", b, hi="fp8", lo="q2", balance=True)]
+    return out
+
+
+def parse_method(spec: str) -> Method:
+    """'bf16', 'kivi2', 'h2o@0.25', 'mikv@0.25', 'mikv_bal_fp8hi@0.15', ..."""
+    name, _, b = spec.partition("@")
+    budget = float(b) if b else None
+    if name in ("bf16", "fp8", "int4"):
+        return Method(name, hi=name)
+    if name == "kivi2":
+        return Method("kivi2", lo="q2", all_lo=True)
+    if budget is None:
+        raise ValueError(f"method {spec!r} needs a budget, e.g. {name}@0.25")
+    if name == "h2o":
+        return Method("h2o", budget, lo="evict")
+    if name.startswith("mikv"):
+        flags = set(name.split("_")[1:])
+        if flags - {"bal", "fp8hi"}:
+            raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi)")
+        return Method("mikv", budget, hi="fp8" if "fp8hi" in flags else "bf16", lo="q2",
+                      balance="bal" in flags)
+    raise ValueError(f"unknown method {spec!r}")
+
+
+# ---- bytes per token, as fractions of bf16 (per layer and KV head all equal) ----
+
+def hi_cost(method: Method, head_dim: int) -> float:
+    if method.hi == "fp8":
+        return 0.5
+    if method.hi == "int4":
+        return (head_dim // 2 + 2) / (2 * head_dim)  # int4 codes + one fp16 scale, per K or V
+    return 1.0
+
+
+def lo_cost(layout: PageLayout) -> float:
+    """Stored bytes of a lo page over the bf16 bytes of the same tokens (PageLayout counts)."""
+    bf16 = PageLayout(layout.block_size, layout.num_kv_heads, layout.head_size, 2,
+                      layout.lo_bits, layout.value_group_size)
+    return layout.lo_page_bytes / bf16.hi_page_bytes
+
+
+def hi_fraction(method: Method, layout: PageLayout) -> float | None:
+    """f with f * hi + (1 - f) * lo = budget (lo = 0 for eviction), clipped to [0, 1]."""
+    if method.budget is None or method.lo is None or method.all_lo:
+        return None
+    h = hi_cost(method, layout.head_size)
+    lo = 0.0 if method.lo == "evict" else lo_cost(layout)
+    return min(1.0, max(0.0, (method.budget - lo) / (h - lo)))
+
+
+def make_policy(method: Method, layout: PageLayout, sink_pages: int = 1,
+                recent_pages: int = 2) -> DemotionPolicy | None:
+    f = hi_fraction(method, layout)
+    if f is None:
+        return None
+    # hi_budget must be > 0 for the config; a tiny value keeps only sinks and recent pages.
+    return DemotionPolicy(sink_pages=sink_pages, recent_pages=recent_pages,
+                          hi_budget=max(f, 1e-6))
+
+
+# ---- storage round trips of hi tokens ----
+
+def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+
+def int4_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int4 per vector (last dim), fp16 scale = absmax / 7."""
+    scale = (x.abs().amax(-1, keepdim=True) / 7).clamp_min(1e-8).half().float()
+    return (x / scale).round().clamp(-8, 7) * scale
+
+
+def hi_roundtrip(method: Method, x: torch.Tensor) -> torch.Tensor:
+    if method.hi == "fp8":
+        return fp8_roundtrip(x)
+    if method.hi == "int4":
+        return int4_roundtrip(x)
+    return x

@@ -1,0 +1,32 @@
+"""Confidence intervals: Wilson for accuracies, bootstrap for perplexity."""
+from __future__ import annotations
+
+import math
+import random
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def bootstrap_ppl(block_nlls: list[list[float]], reps: int = 1000, seed: int = 0,
+                  alpha: float = 0.05) -> tuple[float, float, float]:
+    """PPL and its percentile CI, resampling blocks of consecutive tokens (tokens in a block are
+    correlated, blocks much less so)."""
+    rng = random.Random(seed)
+    sums = [(sum(b), len(b)) for b in block_nlls if b]
+    total = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    stats = []
+    for _ in range(reps):
+        pick = [sums[rng.randrange(len(sums))] for _ in sums]
+        stats.append(math.exp(sum(s for s, _ in pick) / sum(n for _, n in pick)))
+    stats.sort()
+    lo = stats[int(alpha / 2 * reps)]
+    hi = stats[min(reps - 1, int((1 - alpha / 2) * reps))]
+    return math.exp(total), lo, hi

@@ -1,0 +1,64 @@
+"""Which pages stay hi: the demotion policy as plain functions, shared by the scheduler and the
+quality harness so that both describe the same product.
+
+A request's pages are ranked by accumulated attention mass (H2O's heavy hitters, at page
+granularity, decayed over steps). Sink pages, the recent window and the page still being
+written are never demoted; of the rest, the coldest hi pages go first."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mikv_vllm.config import MikvConfig
+
+
+@dataclass(frozen=True)
+class DemotionPolicy:
+    sink_pages: int = 1
+    recent_pages: int = 4
+    hi_budget: float | None = None
+    decay: float = 0.95  # per decode step, applied to accumulated page mass
+
+    @classmethod
+    def from_config(cls, cfg: MikvConfig) -> "DemotionPolicy":
+        return cls(sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages,
+                   hi_budget=cfg.hi_budget)
+
+    def demotable(self, num_tokens: int, block_size: int) -> range:
+        """Page indices that may be demoted: full, past the sinks, before the recent window."""
+        full_pages = num_tokens // block_size
+        total_pages = -(-num_tokens // block_size)
+        end = min(full_pages, total_pages - self.recent_pages)
+        return range(self.sink_pages, max(self.sink_pages, end))
+
+    def hi_page_limit(self, num_tokens: int, block_size: int) -> int | None:
+        """Most hi pages the budget allows (never below the pages that must stay hi)."""
+        if self.hi_budget is None:
+            return None
+        total_pages = -(-num_tokens // block_size)
+        must_keep = total_pages - len(self.demotable(num_tokens, block_size))
+        return max(must_keep, int(self.hi_budget * total_pages + 0.5))
+
+    def coldest(self, mass: torch.Tensor, is_lo: torch.Tensor, num_tokens: int,
+                block_size: int, count: int) -> list[int]:
+        """Up to `count` demotable hi pages, lowest accumulated mass first (ties: older first)."""
+        candidates = [p for p in self.demotable(num_tokens, block_size) if not is_lo[p]]
+        candidates.sort(key=lambda p: (float(mass[p]), p))
+        return candidates[:max(0, count)]
+
+    def over_budget(self, mass: torch.Tensor, is_lo: torch.Tensor, num_tokens: int,
+                    block_size: int) -> list[int]:
+        """Pages to demote now so the request's hi pages fit `hi_budget`."""
+        limit = self.hi_page_limit(num_tokens, block_size)
+        if limit is None:
+            return []
+        total_pages = -(-num_tokens // block_size)
+        hi_pages = total_pages - int(is_lo[:total_pages].sum())
+        return self.coldest(mass, is_lo, num_tokens, block_size, hi_pages - limit)
+
+    def accumulate(self, acc: torch.Tensor, step_mass: torch.Tensor) -> torch.Tensor:
+        """Decayed accumulated mass after one step (grows with the request's page count)."""
+        if acc.numel() < step_mass.numel():
+            acc = torch.cat([acc, acc.new_zeros(step_mass.numel() - acc.numel())])
+        return acc * self.decay + step_mass

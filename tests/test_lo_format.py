@@ -1,0 +1,119 @@
+"""The lo page format (mikv_vllm.quant) and the reference attention over mixed page maps."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mikv_vllm import reference
+from mikv_vllm.layout import PageLayout, encode_lo
+from mikv_vllm.quant import (LoPageOffsets, _pack, _unpack, dequantize_page, quantization_error_bound,
+                             quantize_page)
+
+
+def layout(bits=2, block_size=16, heads=2, head_dim=64, group=32):
+    return PageLayout(block_size=block_size, num_kv_heads=heads, head_size=head_dim,
+                      hi_elem_bytes=2, lo_bits=bits, value_group_size=group)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_unpack_round_trip(bits):
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 5, 64), generator=gen, dtype=torch.uint8)
+    packed = _pack(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(_unpack(packed, bits).to(torch.uint8), codes)
+    # element 0 sits in the low bits of byte 0
+    one = torch.zeros(1, 8 // bits, dtype=torch.uint8)
+    one[0, 0] = 1
+    assert _pack(one, bits).item() == 1
+
+
+@pytest.mark.parametrize("bits,group,head_dim", [(2, 32, 64), (2, 64, 128), (4, 64, 128),
+                                                 (2, 128, 256)])
+def test_round_trip_error_within_the_format_bound(bits, group, head_dim):
+    lay = layout(bits=bits, head_dim=head_dim, group=group)
+    gen = torch.Generator().manual_seed(bits * head_dim + group)
+    k = torch.randn(16, 2, head_dim, generator=gen) * torch.rand(head_dim, generator=gen) * 5
+    v = torch.randn(16, 2, head_dim, generator=gen)
+    page = quantize_page(k, v, lay)
+    assert page.dtype == torch.uint8 and page.numel() == lay.lo_page_bytes
+    k2, v2 = dequantize_page(page, lay)
+    k_bound = quantization_error_bound(k.amax(0) - k.amin(0), bits)             # per channel
+    assert ((k - k2).abs() <= k_bound).all()
+    vg = v.reshape(16, 2, head_dim // group, group)
+    v_bound = quantization_error_bound(vg.amax(-1) - vg.amin(-1), bits)        # per group
+    err = (v - v2).abs().reshape(16, 2, head_dim // group, group)
+    assert (err <= v_bound.unsqueeze(-1)).all()
+
+
+def test_constant_groups_do_not_divide_by_zero():
+    lay = layout()
+    k = torch.full((16, 2, 64), 3.0)
+    v = torch.zeros(16, 2, 64)
+    k2, v2 = dequantize_page(quantize_page(k, v, lay), lay)
+    assert torch.allclose(k2, k) and torch.allclose(v2, v)
+
+
+def test_outlier_balancing_round_trips():
+    lay = layout()
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(16, 2, 64, generator=gen)
+    k[..., 3] *= 40  # an outlier channel
+    v = torch.randn(16, 2, 64, generator=gen)
+    balance = torch.rand(2, 64, generator=gen) + 0.5
+    k2, _ = dequantize_page(quantize_page(k, v, lay, balance), lay, balance)
+    assert (k - k2).abs().max() < (k.amax(0) - k.amin(0)).max() / 3
+
+
+def test_offsets_describe_the_bytes():
+    lay = layout(bits=2, block_size=32, heads=1, head_dim=128, group=64)
+    o = LoPageOffsets.of(lay)
+    assert (o.v_codes, o.k_params, o.v_params, o.end) == (1024, 2048, 2560, 2816)
+    assert o.end == lay.lo_page_bytes
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="expected K and V"):
+        quantize_page(torch.zeros(8, 2, 64), torch.zeros(8, 2, 64), layout())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_reference_decode_over_mixed_pages(bits):
+    """Lo entries in the table read the dequantized slot: the same as attention over the
+    round-tripped K/V of those pages."""
+    lay = layout(bits=bits)
+    gen = torch.Generator().manual_seed(11 + bits)
+    blocks, n = 10, lay.pack_factor
+    kv = torch.randn(blocks, 16, 2, 128, generator=gen).to(torch.bfloat16)
+    k_cache, v_cache = kv.split(64, dim=-1)
+    raw = kv.view(torch.uint8).reshape(blocks, -1)
+    pages = [4, 0, 6, 2]          # hi blocks of one sequence's 4 pages
+    table = torch.tensor([pages], dtype=torch.int32)
+    k_ref = [k_cache[b].float() for b in pages]
+    v_ref = [v_cache[b].float() for b in pages]
+    for idx, slot in ((1, 0), (3, 1)):    # demote pages 1 and 3 into pack block 9
+        b = pages[idx]
+        page = quantize_page(k_cache[b].float(), v_cache[b].float(), lay)
+        raw[9, slot * lay.lo_page_bytes:(slot + 1) * lay.lo_page_bytes] = page
+        table[0, idx] = encode_lo(9, slot, n)
+        k_ref[idx], v_ref[idx] = dequantize_page(page, lay)
+    q = torch.randn(1, 8, 64, generator=gen)
+    seq_len = 60
+    out = reference.paged_decode(q, k_cache, v_cache, table, torch.tensor([seq_len]),
+                                 0.125, cache_bytes=raw, layout=lay)
+    want = reference.attention(q, torch.cat(k_ref)[:seq_len], torch.cat(v_ref)[:seq_len], 0.125,
+                               causal=False)
+    assert torch.allclose(out, want, atol=1e-5)
+    with pytest.raises(ValueError, match="lo page"):
+        reference.paged_decode(q, k_cache, v_cache, table, torch.tensor([seq_len]), 0.125)
+
+
+def test_page_mass_sums_to_one():
+    gen = torch.Generator().manual_seed(2)
+    probs = torch.rand(4, 70, generator=gen).softmax(-1)
+    mass = reference.page_mass(probs, 16)
+    assert mass.shape == (5,)
+    assert math.isclose(mass.sum().item(), 1.0, rel_tol=1e-5)
+    assert torch.allclose(mass[0], probs[:, :16].sum(-1).mean())
