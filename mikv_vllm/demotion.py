@@ -1,0 +1,107 @@
+"""Demote, don't evict: move cold pages of running requests into 2-bit packs inside vLLM's own
+block pool (scheduler side).
+
+A pack is one ordinary vLLM block holding N lo pages (N = `PageLayout.pack_factor`). Demoting
+N pages takes one pack block and gives N hi blocks back: N - 1 blocks net. The page's entry in
+the request's block list becomes vLLM's null block (as the sliding-window manager does for
+blocks it drops), and the move (source block -> pack slot) is handed to the workers, which
+quantize before the step's forward; a block freed here can only be reused by cache writes of a
+later forward, so the order holds under async scheduling too. Pack blocks of a step are all taken
+before any source is freed, so no pack is a source of the same step. Packs belong to their
+request and go back to the pool when it finishes, is aborted or preempted."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mikv_vllm.layout import PageLayout
+
+
+@dataclass(frozen=True)
+class Demotion:
+    """One page move for the workers: hi block `src_block` -> lo slot `dst_code`."""
+    req_id: str
+    page: int
+    src_block: int
+    dst_code: int  # pack_block * N + slot; the block-table entry becomes -(1 + dst_code)
+
+
+@dataclass
+class RequestPacks:
+    packs: list = field(default_factory=list)  # KVCacheBlocks owned as packs, in order
+    used_slots: int = 0                        # slots used in the last pack
+    lo_pages: dict[int, int] = field(default_factory=dict)  # page -> dst_code
+
+
+class PageDemoter:
+    """Owns the lo-page bookkeeping of every running request for one KV cache group."""
+
+    def __init__(self, kv_cache_manager, layout: PageLayout, group: int = 0):
+        coordinator = kv_cache_manager.coordinator
+        self.manager = coordinator.single_type_managers[group]
+        self.block_pool = kv_cache_manager.block_pool
+        self.pack_factor = layout.pack_factor
+        if self.pack_factor < 2:
+            raise ValueError(f"mikv: a lo page of {layout.lo_page_bytes} B frees nothing in a "
+                             f"{layout.hi_page_bytes} B block")
+        self.requests: dict[str, RequestPacks] = {}
+        self.total_demoted = 0
+
+    def is_lo(self, req_id: str, page: int) -> bool:
+        state = self.requests.get(req_id)
+        return state is not None and page in state.lo_pages
+
+    def num_lo_pages(self) -> int:
+        return sum(len(s.lo_pages) for s in self.requests.values())
+
+    def num_pack_blocks(self) -> int:
+        return sum(len(s.packs) for s in self.requests.values())
+
+    def demotable(self, req_id: str, pages: list[int]) -> list[int]:
+        """The pages among `pages` whose block can move: hi, held by this request alone."""
+        blocks = self.manager.req_to_blocks.get(req_id, [])
+        out = []
+        for p in pages:
+            if p >= len(blocks) or self.is_lo(req_id, p):
+                continue
+            block = blocks[p]
+            if block.is_null or block.ref_cnt != 1:  # shared prefix blocks free nothing
+                continue
+            out.append(p)
+        return out
+
+    def demote(self, req_id: str, pages: list[int]) -> list[Demotion]:
+        """Move `pages` of `req_id` to lo slots; returns the moves for the workers."""
+        pages = self.demotable(req_id, pages)
+        state = self.requests.setdefault(req_id, RequestPacks())
+        n = self.pack_factor
+        open_slots = n - state.used_slots if state.packs else 0
+        need = max(0, -(-(len(pages) - open_slots) // n))
+        need = min(need, self.block_pool.get_num_free_blocks())
+        pages = pages[:open_slots + need * n]
+        if not pages:
+            return []
+        new_packs = self.block_pool.get_new_blocks(need)  # 1. every pack first
+        blocks = self.manager.req_to_blocks[req_id]
+        moves, sources = [], []
+        for p in pages:
+            if not state.packs or state.used_slots == n:
+                state.packs.append(new_packs.pop(0))
+                state.used_slots = 0
+            code = state.packs[-1].block_id * n + state.used_slots
+            state.used_slots += 1
+            state.lo_pages[p] = code
+            moves.append(Demotion(req_id, p, blocks[p].block_id, code))
+            sources.append(blocks[p])
+            blocks[p] = self.block_pool.null_block
+        # 2. then the sources: out of the prefix cache (their hi copy is about to be reused)
+        #    and back to the pool.
+        self.block_pool.evict_blocks({b.block_id for b in sources})
+        self.block_pool.free_blocks(sources)
+        self.total_demoted += len(moves)
+        return moves
+
+    def release(self, req_id: str) -> None:
+        """Give a finished, aborted or preempted request's packs back to the pool."""
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.block_pool.free_blocks(reversed(state.packs))

@@ -1,0 +1,109 @@
+"""The scheduler side of mikv: a vLLM Scheduler subclass (selected through
+`SchedulerConfig.scheduler_cls`) that demotes pages before vLLM has to preempt.
+
+Each step, before vLLM's own scheduling: (1) pages over a request's `hi_budget` go lo, (2) if
+the free blocks would not cover the running requests' next pages plus a watermark, the coldest
+demotable pages go lo until they do. The moves ride to the workers on the step's
+`SchedulerOutput` (attribute `mikv_demotions`), minus those of requests vLLM preempted or
+finished in the same step (their packs are already back in the pool).
+
+Not yet selected by `--kv-cache-dtype mikv`: the worker half (`mikv_vllm.worker`) has not run on
+a GPU yet, and a scheduler that frees blocks the workers still read would corrupt attention."""
+from __future__ import annotations
+
+import torch
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from mikv_vllm.config import MikvConfig
+from mikv_vllm.demotion import Demotion, PageDemoter
+from mikv_vllm.layout import PageLayout
+from mikv_vllm.policy import DemotionPolicy
+
+DEMOTIONS_ATTR = "mikv_demotions"
+
+
+def layout_of_spec(spec, cfg: MikvConfig) -> PageLayout:
+    return PageLayout(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
+                      head_size=spec.head_size, hi_elem_bytes=spec.dtype.itemsize,
+                      lo_bits=cfg.lo_bits, value_group_size=cfg.value_group_size)
+
+
+class MikvSchedulerMixin:
+    """Adds page demotion to a vLLM scheduler class (see the module docstring)."""
+
+    # Free blocks kept beyond the running requests' next pages, as a fraction of the pool,
+    # so that admitting new requests does not stall on a pool demotion could refill.
+    free_watermark = 0.02
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = MikvConfig.from_additional_config(self.vllm_config.additional_config)
+        groups = self.kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(f"mikv: expected one KV cache group, got {len(groups)}")
+        self.mikv_layout = layout_of_spec(groups[0].kv_cache_spec, cfg)
+        self.mikv_policy = DemotionPolicy.from_config(cfg)
+        self.demoter = PageDemoter(self.kv_cache_manager, self.mikv_layout)
+        self.page_mass: dict[str, torch.Tensor] = {}
+        self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
+        free = self.kv_cache_manager.free
+
+        def free_with_packs(request) -> None:
+            free(request)
+            self.demoter.release(request.request_id)
+            self.page_mass.pop(request.request_id, None)
+
+        self.kv_cache_manager.free = free_with_packs
+
+    def schedule(self, *args, **kwargs):
+        moves = self.plan_demotions()
+        output = super().schedule(*args, **kwargs)
+        gone = set(getattr(output, "preempted_req_ids", None) or ()) | set(
+            output.finished_req_ids)
+        setattr(output, DEMOTIONS_ATTR, [m for m in moves if m.req_id not in gone])
+        return output
+
+    def report_page_mass(self, req_id: str, step_mass: torch.Tensor) -> None:
+        """Fold one step's per-page attention mass (from the workers) into the ranking."""
+        acc = self.page_mass.get(req_id, torch.zeros(0))
+        self.page_mass[req_id] = self.mikv_policy.accumulate(acc, step_mass)
+
+    def plan_demotions(self) -> list[Demotion]:
+        bs = self.mikv_layout.block_size
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        moves: list[Demotion] = []
+        for r in decoding:  # 1. the per-request hi budget
+            moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
+                *self._ranking(r), r.num_computed_tokens, bs))
+        # 2. memory pressure: room for every running request's next page, plus a watermark.
+        need = sum(1 for r in self.running if r.num_computed_tokens % bs == 0)
+        short = need + self.watermark_blocks - self.kv_cache_manager.block_pool.get_num_free_blocks()
+        n = self.mikv_layout.pack_factor
+        for r in sorted(decoding, key=lambda r: -r.num_computed_tokens):  # longest first
+            if short <= 0:
+                break
+            mass, is_lo = self._ranking(r)
+            count = n * -(-short // (n - 1))  # whole packs: each frees n - 1 blocks
+            pages = self.mikv_policy.coldest(mass, is_lo, r.num_computed_tokens, bs, count)
+            done = self.demoter.demote(r.request_id, pages)
+            short -= len(done) - -(-len(done) // n)
+            moves += done
+        return moves
+
+    def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor]:
+        pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
+        mass = self.page_mass.get(request.request_id, torch.zeros(0))
+        if mass.numel() < pages:
+            mass = torch.cat([mass, mass.new_zeros(pages - mass.numel())])
+        is_lo = torch.tensor([self.demoter.is_lo(request.request_id, p) for p in range(pages)],
+                             dtype=torch.bool)
+        return mass, is_lo
+
+
+class MikvScheduler(MikvSchedulerMixin, Scheduler):
+    pass
+
+
+class MikvAsyncScheduler(MikvSchedulerMixin, AsyncScheduler):
+    pass

@@ -1,0 +1,154 @@
+"""PageDemoter on a real vLLM 0.26 KVCacheManager: blocks move to packs, nothing leaks."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
+                                        KVCacheTensor)
+from vllm.v1.request import Request
+
+from mikv_vllm.demotion import PageDemoter
+from mikv_vllm.layout import PageLayout, decode_entry
+from mikv_vllm.policy import DemotionPolicy
+
+BLOCK = 16
+LAYOUT = PageLayout(block_size=BLOCK, num_kv_heads=2, head_size=128, hi_elem_bytes=2)
+
+
+def make_manager(num_blocks: int = 200, caching: bool = True) -> KVCacheManager:
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=128,
+                             dtype=torch.bfloat16)
+    config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks,
+                                        shared_by=["layer.0"])],
+        kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+    return KVCacheManager(config, max_model_len=8192, scheduler_block_size=BLOCK,
+                          hash_block_size=BLOCK, enable_caching=caching)
+
+
+init_none_hash(sha256)
+HASHER = get_request_block_hasher(BLOCK, sha256)
+
+
+def make_request(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=10_000), None, block_hasher=HASHER)
+
+
+def prefill(mgr: KVCacheManager, req: Request) -> None:
+    computed, num_computed = mgr.get_computed_blocks(req)[:2]
+    n = req.num_tokens - num_computed
+    assert mgr.allocate_slots(req, n, num_computed, computed) is not None
+    req.num_computed_tokens = req.num_tokens
+
+
+def decode_step(mgr: KVCacheManager, req: Request) -> bool:
+    req.append_output_token_ids(7)
+    if mgr.allocate_slots(req, 1) is None:
+        return False
+    req.num_computed_tokens += 1
+    return True
+
+
+def test_demoting_n_pages_frees_n_minus_one_blocks():
+    mgr = make_manager()
+    demoter = PageDemoter(mgr, LAYOUT)
+    n = demoter.pack_factor
+    req = make_request("a", list(range(BLOCK * 12)))
+    prefill(mgr, req)
+    free_before = mgr.block_pool.get_num_free_blocks()
+    old = [b.block_id for b in mgr.coordinator.single_type_managers[0].req_to_blocks["a"]]
+    moves = demoter.demote("a", list(range(1, 1 + n)))
+    assert len(moves) == n
+    assert mgr.block_pool.get_num_free_blocks() == free_before + n - 1
+    packs = {decode_entry(-(1 + m.dst_code), n)[0] for m in moves}
+    assert len(packs) == 1 and packs.isdisjoint(old)
+    assert [m.src_block for m in moves] == old[1:1 + n]
+    blocks = mgr.coordinator.single_type_managers[0].req_to_blocks["a"]
+    assert all(blocks[p].is_null for p in range(1, 1 + n))
+    # demoting again is a no-op; the request keeps decoding into new hi blocks
+    assert demoter.demote("a", [1, 2]) == []
+    for _ in range(40):
+        assert decode_step(mgr, req)
+    mgr.free(req)
+    demoter.release("a")
+    assert mgr.block_pool.get_num_free_blocks() == 200 - 1
+
+
+def test_shared_prefix_blocks_are_not_demoted_and_hashes_leave_the_cache():
+    mgr = make_manager()
+    demoter = PageDemoter(mgr, LAYOUT)
+    prompt = list(range(BLOCK * 8))
+    a, b = make_request("a", prompt), make_request("b", prompt + [1, 2, 3])
+    prefill(mgr, a)
+    prefill(mgr, b)   # hits a's 8 cached blocks
+    assert demoter.demote("b", [1, 2, 3]) == []
+    mgr.free(a)
+    moves = demoter.demote("b", [1, 2, 3])
+    assert len(moves) == 3
+    c = make_request("c", prompt)
+    hit_blocks, num_hit = mgr.get_computed_blocks(c)[:2]
+    assert num_hit == BLOCK  # only the first page is still a prefix hit
+
+
+def test_pool_is_short_of_packs():
+    mgr = make_manager(num_blocks=14)
+    demoter = PageDemoter(mgr, LAYOUT)
+    req = make_request("a", list(range(BLOCK * 13)))
+    prefill(mgr, req)
+    assert mgr.block_pool.get_num_free_blocks() == 0
+    assert demoter.demote("a", list(range(1, 12))) == []  # no block for a first pack
+
+
+def test_random_workload_never_leaks():
+    rng = random.Random(0)
+    mgr = make_manager(num_blocks=300)
+    demoter = PageDemoter(mgr, LAYOUT)
+    policy = DemotionPolicy(sink_pages=1, recent_pages=2, hi_budget=0.3)
+    running: dict[str, Request] = {}
+    mass: dict[str, torch.Tensor] = {}
+    next_id = 0
+    for step in range(400):
+        if len(running) < 6 and rng.random() < 0.3:
+            rid = f"r{next_id}"
+            next_id += 1
+            req = make_request(rid, [rng.randrange(50) for _ in range(rng.randrange(20, 300))])
+            if mgr.block_pool.get_num_free_blocks() > 25:
+                prefill(mgr, req)
+                running[rid] = req
+                mass[rid] = torch.zeros(0)
+        for rid, req in list(running.items()):
+            if rng.random() < 0.03 or not decode_step(mgr, req):   # finish/abort/preempt
+                mgr.free(req)
+                demoter.release(rid)
+                del running[rid], mass[rid]
+                continue
+            pages = -(-req.num_computed_tokens // BLOCK)
+            mass[rid] = policy.accumulate(mass[rid], torch.rand(pages))
+            is_lo = torch.tensor([demoter.is_lo(rid, p) for p in range(pages)])
+            demoter.demote(rid, policy.over_budget(mass[rid], is_lo, req.num_computed_tokens,
+                                                   BLOCK))
+        # Every block is free, held by a running request, or a pack: none lost, none twice.
+        tables = mgr.coordinator.single_type_managers[0].req_to_blocks
+        held = {b.block_id for r in running for b in tables[r] if not b.is_null}
+        packs = {b.block_id for s in demoter.requests.values() for b in s.packs}
+        assert held.isdisjoint(packs)
+        assert mgr.block_pool.get_num_free_blocks() + len(held) + len(packs) == 300 - 1
+    assert demoter.total_demoted > 100
+    for rid, req in running.items():
+        mgr.free(req)
+        demoter.release(rid)
+    assert demoter.num_pack_blocks() == 0
+    assert mgr.block_pool.get_num_free_blocks() == 300 - 1
+
+
+def test_needs_a_useful_pack_factor():
+    with pytest.raises(ValueError, match="frees nothing"):
+        PageDemoter(make_manager(), PageLayout(16, 1, 64, hi_elem_bytes=1, lo_bits=4,
+                                               value_group_size=64))

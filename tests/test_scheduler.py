@@ -1,0 +1,115 @@
+"""MikvScheduler driven like the engine drives vLLM's Scheduler (schedule ->
+update_from_output), on CPU with real vLLM 0.26 objects: demotion comes before preemption."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.engine.arg_utils import EngineArgs
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
+                                        KVCacheTensor)
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvScheduler
+
+BLOCK = 16
+init_none_hash(sha256)
+HASHER = get_request_block_hasher(BLOCK, sha256)
+
+
+def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None) -> MikvScheduler:
+    args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True,
+                      block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
+                      additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
+    vllm_config = args.create_engine_config()
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64,
+                             dtype=torch.bfloat16)
+    kv_config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks,
+                                        shared_by=["model.layers.0.self_attn.attn"])],
+        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)])
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    return MikvScheduler(vllm_config, kv_config, StructuredOutputManager(vllm_config),
+                         block_size=BLOCK)
+
+
+def request(rid: str, prompt_len: int, max_tokens: int, rng: random.Random) -> Request:
+    return Request(rid, [rng.randrange(1000) for _ in range(prompt_len)],
+                   SamplingParams(max_tokens=max_tokens, ignore_eos=True), None,
+                   block_hasher=HASHER)
+
+
+def step(sched: MikvScheduler):
+    out = sched.schedule()
+    ids = list(out.num_scheduled_tokens)
+    sampled = []
+    for rid in ids:
+        req = sched.requests[rid]
+        done_prefill = req.num_computed_tokens >= req.num_prompt_tokens  # after schedule()
+        sampled.append([5] if done_prefill else [])
+    runner_out = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                   sampled_token_ids=sampled)
+    sched.update_from_output(out, runner_out)
+    return out
+
+
+def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
+    rng = random.Random(0)
+    sched = make_scheduler(tiny_llama, num_blocks=120)
+    n = sched.mikv_layout.pack_factor
+    assert n >= 2
+    for i in range(4):
+        sched.add_request(request(f"r{i}", 400, 300, rng))  # 4 x 44 pages > 119 blocks
+    moves, preempted, finished = [], 0, set()
+    for _ in range(800):
+        if not sched.has_requests():
+            break
+        out = step(sched)
+        moves += getattr(out, DEMOTIONS_ATTR)
+        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+        finished |= set(out.finished_req_ids)
+    assert finished == {f"r{i}" for i in range(4)}
+    assert moves, "no page was demoted"
+    assert preempted == 0, f"{preempted} preemptions despite demotion"
+    assert sched.demoter.num_pack_blocks() == 0
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 120 - 1
+    # every move names a page that left its request for a pack slot of another block
+    assert all(m.src_block != m.dst_code // n for m in moves)
+
+
+def test_hi_budget_demotes_without_pressure(tiny_llama):
+    rng = random.Random(1)
+    sched = make_scheduler(tiny_llama, num_blocks=400,
+                           knobs={"hi_budget": 0.25, "sink_pages": 1, "recent_pages": 2})
+    sched.add_request(request("a", 640, 40, rng))
+    moves = []
+    for _ in range(60):
+        if not sched.has_requests():
+            break
+        moves += getattr(step(sched), DEMOTIONS_ATTR)
+    pages = {m.page for m in moves}
+    assert 0 not in pages                      # the sink stays hi
+    assert len(pages) >= 40 * 0.75 - 3         # ~75% of 40+ pages went lo
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 400 - 1
+
+
+def test_abort_mid_demotion_returns_everything(tiny_llama):
+    rng = random.Random(2)
+    sched = make_scheduler(tiny_llama, num_blocks=200, knobs={"hi_budget": 0.2})
+    for i in range(3):
+        sched.add_request(request(f"r{i}", 300, 500, rng))
+    for _ in range(30):
+        step(sched)
+    assert sched.demoter.num_lo_pages() > 0
+    sched.finish_requests(["r0", "r1", "r2"], finished_status=__import__(
+        "vllm.v1.request", fromlist=["RequestStatus"]).RequestStatus.FINISHED_ABORTED)
+    assert sched.demoter.num_pack_blocks() == 0
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 200 - 1
