@@ -1,0 +1,192 @@
+"""Page byte layout, and the mikv cache as vLLM's V2 runner allocates and views it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mikv_vllm.attention.backend import MikvAttentionBackend, split_kv_cache
+from mikv_vllm.layout import PageLayout, decode_entry, encode_lo
+
+
+# --- numbers from DESIGN.md (head_dim 128, block 32, one KV head) ------------------------------
+
+def test_design_numbers_bf16():
+    layout = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=2)
+    assert layout.hi_page_bytes == 16384
+    assert layout.lo_page_bytes == 1024 + 1024 + 512 + 256 == 2816
+    assert layout.pack_factor == 5
+    assert layout.bytes_per_token(lo=False) == 512
+    assert layout.bytes_per_token(lo=True) == pytest.approx(16384 / 5 / 32)
+
+
+def test_design_numbers_fp8():
+    layout = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=1)
+    assert layout.hi_page_bytes == 8192
+    assert layout.lo_page_bytes == 2816
+    assert layout.pack_factor == 2
+
+
+def test_four_bit_pages():
+    layout = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=2, lo_bits=4)
+    assert layout.lo_page_bytes == 4096 + 512 + 256
+    assert layout.pack_factor == 3
+
+
+@pytest.mark.parametrize("block_size,heads,head_size,group", [
+    (16, 1, 64, 64), (32, 8, 128, 32), (64, 2, 256, 128), (128, 4, 64, 32)])
+def test_pack_fits_in_a_block(block_size, heads, head_size, group):
+    layout = PageLayout(block_size, heads, head_size, hi_elem_bytes=2, value_group_size=group)
+    assert layout.pack_factor >= 1
+    assert layout.pack_factor * layout.lo_page_bytes <= layout.hi_page_bytes
+    assert (layout.pack_factor + 1) * layout.lo_page_bytes > layout.hi_page_bytes
+
+
+def test_group_must_divide_head_size():
+    with pytest.raises(ValueError, match="value_group_size 128 must divide head_size 64"):
+        PageLayout(block_size=16, num_kv_heads=1, head_size=64, hi_elem_bytes=2,
+                   value_group_size=128)
+
+
+def test_describe_prints_ratios():
+    text = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=2).describe()
+    assert "hi page 16384 B" in text
+    assert "2-bit lo page 2816 B" in text
+    assert "5 lo pages per block" in text
+    assert "5.00x fewer than bf16" in text
+    assert "2.50x fewer than fp8" in text
+    assert "\n" not in text
+
+
+# --- block-table codes ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pack_factor", [1, 2, 5, 6, 11])
+def test_lo_codes_round_trip(pack_factor):
+    seen = set()
+    for block in range(40):
+        for slot in range(pack_factor):
+            code = encode_lo(block, slot, pack_factor)
+            assert code < 0
+            assert decode_entry(code, pack_factor) == (block, slot)
+            seen.add(code)
+    assert len(seen) == 40 * pack_factor
+    assert max(seen) == -1  # the codes are dense: -1, -2, ...
+
+
+@pytest.mark.parametrize("entry", [0, 1, 7, 12345])
+def test_hi_entries_decode_to_slot_minus_one(entry):
+    assert decode_entry(entry, 5) == (entry, -1)
+
+
+@pytest.mark.parametrize("slot", [-1, 5])
+def test_slot_outside_pack(slot):
+    with pytest.raises(ValueError, match="outside a pack of 5"):
+        encode_lo(3, slot, 5)
+
+
+# --- the cache tensor as vLLM allocates it ------------------------------------------------------
+
+CACHES = [
+    # block_size, kv heads, head_size, vLLM cache dtype, PageLayout element bytes
+    (16, 2, 64, torch.bfloat16, 2),
+    (32, 1, 128, torch.bfloat16, 2),
+    (32, 8, 128, torch.uint8, 1),   # fp8 caches are uint8 tensors in vLLM
+    (16, 4, 256, torch.float16, 2),
+]
+
+
+def _allocate(num_blocks, block_size, heads, head_size, dtype):
+    """vLLM's V2 runner: one int8 buffer per layer, viewed with the backend's shape and stride
+    order by vllm.v1.worker.gpu.attn_utils._reshape_attention_kv_cache."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, get_kv_quant_mode
+    from vllm.v1.worker.gpu.attn_utils import _reshape_attention_kv_cache
+
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=heads, head_size=head_size,
+                             dtype=dtype,
+                             kv_quant_mode=get_kv_quant_mode("fp8" if dtype == torch.uint8
+                                                             else "auto"))
+    raw = torch.zeros(num_blocks * spec.page_size_bytes, dtype=torch.int8)
+    shape = MikvAttentionBackend.get_kv_cache_shape(num_blocks, block_size, heads, head_size)
+    order = MikvAttentionBackend.get_kv_cache_stride_order()
+    assert len(order) == len(shape)
+    kv = _reshape_attention_kv_cache(raw, spec, shape, order, num_blocks, None)
+    return spec, raw, kv
+
+
+@pytest.mark.parametrize("block_size,heads,head_size,dtype,elem_bytes", CACHES)
+def test_vllm_page_size_is_hi_page(block_size, heads, head_size, dtype, elem_bytes):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=heads, head_size=head_size,
+                             dtype=dtype)
+    layout = PageLayout(block_size, heads, head_size, hi_elem_bytes=elem_bytes)
+    assert spec.page_size_bytes == layout.hi_page_bytes
+
+
+@pytest.mark.parametrize("block_size,heads,head_size,dtype,elem_bytes", CACHES)
+def test_one_block_is_one_contiguous_page(block_size, heads, head_size, dtype, elem_bytes):
+    num_blocks = 5
+    layout = PageLayout(block_size, heads, head_size, hi_elem_bytes=elem_bytes)
+    spec, raw, kv = _allocate(num_blocks, block_size, heads, head_size, dtype)
+    assert spec.page_size_bytes == layout.hi_page_bytes
+    assert raw.numel() == num_blocks * layout.hi_page_bytes
+    assert kv.shape == (num_blocks, heads, block_size, 2 * head_size)
+    assert kv.data_ptr() == raw.data_ptr()
+    # Logical [blocks, heads, tokens, 2D], physical [blocks, tokens, heads, 2D] (NHD).
+    assert kv.stride() == (block_size * heads * 2 * head_size, 2 * head_size,
+                           heads * 2 * head_size, 1)
+    pages = raw.view(num_blocks, layout.hi_page_bytes)
+    for block in range(num_blocks):
+        kv[block].view(torch.int8).fill_(1)  # every byte of the logical block
+        touched = (pages != 0).all(dim=1)
+        assert touched[:block + 1].all() and not touched[block + 1:].any(), (
+            f"block {block} is not exactly bytes [{block} * page, {block + 1} * page)")
+
+
+@pytest.mark.parametrize("block_size,heads,head_size,dtype,elem_bytes", CACHES)
+def test_split_kv_cache_rows_are_k_then_v(block_size, heads, head_size, dtype, elem_bytes):
+    num_blocks = 3
+    _, raw, kv = _allocate(num_blocks, block_size, heads, head_size, dtype)
+    k, v = split_kv_cache(kv, head_size)
+    assert k.shape == v.shape == (num_blocks, block_size, heads, head_size)
+    row = heads * 2 * head_size
+    assert k.stride() == v.stride() == (block_size * row, row, 2 * head_size, 1)
+    assert v.data_ptr() - k.data_ptr() == head_size * elem_bytes
+    # Byte check: token t, head h of block b is row (t * heads + h) of the page, K then V.
+    values = torch.arange(kv.numel()).reshape(kv.shape)
+    kv.copy_((values % 97).to(kv.dtype))
+    page_rows = kv.permute(0, 2, 1, 3).reshape(num_blocks, block_size, heads, 2 * head_size)
+    b, t, h = num_blocks - 1, block_size - 1, heads - 1
+    assert torch.equal(k[b, t, h], page_rows[b, t, h, :head_size])
+    assert torch.equal(v[b, t, h], page_rows[b, t, h, head_size:])
+    elem = raw.view(kv.dtype).view(num_blocks, block_size, heads, 2 * head_size)
+    assert torch.equal(elem[b, t, h, :head_size], k[b, t, h])
+    assert torch.equal(elem[b, t, h, head_size:], v[b, t, h])
+
+
+def test_backend_rejects_block_sizes_not_multiple_of_16():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        MikvAttentionBackend.get_kv_cache_shape(4, 24, 2, 64)
+
+
+def test_backend_declares_what_vllm_validates():
+    from vllm.v1.attention.backend import MultipleOf
+
+    sizes = MikvAttentionBackend.get_supported_kernel_block_sizes()
+    assert len(sizes) == 1 and isinstance(sizes[0], MultipleOf) and sizes[0].base == 16
+    assert MikvAttentionBackend.supports_head_size(128)
+    assert not MikvAttentionBackend.supports_head_size(32)
+    assert MikvAttentionBackend.forward_includes_kv_cache_update is False
+
+
+def test_layout_from_engine_config(serve_engine_config):
+    """The layout mikv prints at startup is vLLM's page for the tiny model's KV heads."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from mikv_vllm import vllm_patches
+    from mikv_vllm.config import MikvConfig
+
+    _, cfg = serve_engine_config("--kv-cache-dtype", "mikv", "--block-size", "32")
+    layout = vllm_patches.check_model_and_device(cfg, MikvConfig())
+    assert (layout.block_size, layout.num_kv_heads, layout.head_size) == (32, 2, 64)
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    assert layout.hi_page_bytes == spec.page_size_bytes == 16384

