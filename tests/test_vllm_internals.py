@@ -309,3 +309,55 @@ def test_full_attention_spec_page_size(name):
 
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     assert getattr(spec, name) == 2 * 16 * 2 * 64 * 2, f"FullAttentionSpec.{name} changed"
+
+
+# --- demotion (demotion.py, scheduler.py, worker.py) ------------------------------------------
+
+def test_kv_cache_manager_exposes_per_request_block_lists():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+    src = inspect.getsource(SingleTypeKVCacheManager.__init__)
+    assert "self.req_to_blocks" in src, (
+        "SingleTypeKVCacheManager.req_to_blocks moved: PageDemoter nulls demoted pages there")
+    for name in ("get_new_blocks", "free_blocks", "evict_blocks", "get_num_free_blocks"):
+        assert hasattr(BlockPool, name), f"BlockPool.{name} moved: PageDemoter uses it"
+    assert "self.null_block" in inspect.getsource(BlockPool.__init__), (
+        "BlockPool.null_block moved: demoted pages point at it, as sliding windows do")
+    coordinator = _vllm_file("v1/core/kv_cache_coordinator.py").read_text()
+    assert "self.single_type_managers" in coordinator, (
+        "KVCacheCoordinator.single_type_managers moved: PageDemoter reads its first group")
+
+
+def test_scheduler_frees_through_kv_cache_manager_free():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    src = inspect.getsource(Scheduler)
+    assert "self.kv_cache_manager.free(" in src, (
+        "Scheduler no longer frees requests through kv_cache_manager.free: MikvScheduler hooks "
+        "it to return packs")
+    assert "preempted_req_ids" in _vllm_file("v1/core/sched/output.py").read_text(), (
+        "SchedulerOutput.preempted_req_ids moved: MikvScheduler drops moves of preempted requests")
+
+
+def test_v2_runner_block_table_staging():
+    from vllm.v1.worker.gpu.block_table import BlockTables
+    from vllm.v1.worker.gpu.buffer_utils import StagedWriteTensor
+    from vllm.v1.worker.gpu.states import RequestState
+
+    assert _param_names(StagedWriteTensor.stage_write)[1:] == ["index", "start", "x"], (
+        "StagedWriteTensor.stage_write changed: MikvWorker rewrites demoted pages' entries")
+    assert "self.block_tables" in inspect.getsource(BlockTables.__init__)
+    assert "self.req_id_to_index" in inspect.getsource(RequestState.__init__), (
+        "RequestState.req_id_to_index moved: MikvWorker maps request ids to table rows")
+    runner = _vllm_file("v1/worker/gpu/model_runner.py").read_text()
+    assert runner.index("self.update_requests(scheduler_output)") < runner.index(
+        "self.block_tables.apply_staged_writes()"), (
+        "the V2 runner no longer applies staged block-table writes after update_requests")
+
+
+def test_gpu_worker_execute_model_takes_the_scheduler_output():
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert _param_names(Worker.execute_model)[1:2] == ["scheduler_output"], (
+        "Worker.execute_model(scheduler_output) changed: MikvWorker wraps it")
