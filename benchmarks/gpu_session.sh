@@ -58,7 +58,7 @@ stage_setup() {
 }
 
 stage_kernels() {
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py 2>&1 | tee "$OUT/kernels.log" | tail -15
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py 2>&1 | tee "$OUT/kernels.log" | tail -15
 }
 
 stage_serve() {

@@ -92,6 +92,20 @@ def run(args) -> list[dict]:
                                  ctx=ctx, hi_fraction=hi, head_dim=head_dim, gqa=gqa, us=us,
                                  bytes_read=b, gbps=b / us / 1e3, hbm_gbps=hbm,
                                  frac_of_hbm=b / us / 1e3 / hbm))
+                if args.mass:  # the same step also leaving per-page attention mass
+                    scores = torch.empty(batch, q.shape[1], table.shape[1] * BLOCK,
+                                         device="cuda")
+                    lse = torch.empty(batch, q.shape[1], device="cuda")
+                    mass = torch.zeros(k.shape[0], device="cuda")
+
+                    def with_mass():
+                        ops.paged_decode(out, q, k, v, table, lens, scale, 1.0, 1.0, splits,
+                                         layout, scores, lse)
+                        ops.page_mass(mass, scores, lse, table, lens, KV_HEADS, BLOCK)
+                    us_mass = bench(with_mass)
+                    rows[-1]["us_with_page_mass"] = us_mass
+                    rows[-1]["page_mass_overhead"] = us_mass / us - 1
+                    del scores, lse, mass
                 if hi == 1.0:  # FlashAttention on the same all-hi cache
                     kf, vf = (k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)) \
                         if fp8_hi else (k, v)
@@ -143,6 +157,8 @@ def main() -> None:
     p.add_argument("--hi-fractions", type=float, nargs="+", default=[1.0, 0.25, 0.1, 0.0])
     p.add_argument("--head-dims", type=int, nargs="+", default=[128])
     p.add_argument("--gqa", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--no-mass", dest="mass", action="store_false",
+                   help="skip timing the page-mass output")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     rows = run(args)

@@ -93,7 +93,8 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
                     q_t* __restrict__ out, int64_t out_stride_tok, int64_t out_stride_head,
                     float* __restrict__ part_acc, float* __restrict__ part_ml,
                     int num_q_heads, int group, int head_chunks, int block_size,
-                    float scale_log2, float k_scale, float v_scale, const LoLayout lo) {
+                    float scale_log2, float k_scale, float v_scale, const LoLayout lo,
+                    float* __restrict__ scores, int64_t scores_stride, float* __restrict__ lse) {
   constexpr int LPT = D / kElems;   // lanes per token row
   constexpr int SUBS = 32 / LPT;    // rows per warp per step
   using vec_t = typename RowVec<kv_t>::type;
@@ -209,6 +210,13 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
         for (int o = LPT / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
         s[u][g] = valid[u] ? d : -INFINITY;
       }
+      // Scores of hi rows, for page_mass_kernel (lo pages are demoted already).
+      if (scores != nullptr && sl == 0 && valid[u] && lo_page[u] < 0) {
+        const int t = base + (warp * kUnroll + u) * SUBS + sub;
+#pragma unroll
+        for (int g = 0; g < MAX_G; ++g)
+          if (g < ng) scores[(static_cast<int64_t>(seq) * num_q_heads + h0 + g) * scores_stride + t] = s[u][g];
+      }
     }
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) {
@@ -296,6 +304,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     if (num_splits == 1) {
       const float o = lsum > 0.f ? a * v_scale / lsum : 0.f;
       out[seq * out_stride_tok + h * out_stride_head + d] = from_float<q_t>(o);
+      if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
     } else {
       const int64_t row = (static_cast<int64_t>(seq) * num_q_heads + h) * num_splits + split;
       part_acc[row * D + d] = lsum > 0.f ? a / lsum : 0.f;
@@ -313,7 +322,7 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
                                      const float* __restrict__ part_ml, q_t* __restrict__ out,
                                      int64_t out_stride_tok, int64_t out_stride_head,
                                      int num_q_heads, int num_splits, int head_dim,
-                                     float v_scale) {
+                                     float v_scale, float* __restrict__ lse) {
   const int seq = blockIdx.x, h = blockIdx.y;
   const int64_t row0 = (static_cast<int64_t>(seq) * num_q_heads + h) * num_splits;
   float mx = -INFINITY;
@@ -327,6 +336,35 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
     }
     const float o = den > 0.f ? num * v_scale / den : 0.f;
     out[seq * out_stride_tok + h * out_stride_head + d] = from_float<q_t>(o);
+    if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = den > 0.f ? mx + log2f(den) : -INFINITY;
+  }
+}
+
+// Attention mass of every hi page: sum over the page's tokens of 2^(s - lse), averaged over the
+// query heads of each KV head, times `weight`, added into mass[block] (one float per block:
+// callers average over KV heads and layers through `weight`, and decay between steps).
+__global__ void page_mass_kernel(const float* __restrict__ scores, int64_t scores_stride,
+                                 const float* __restrict__ lse,
+                                 const int32_t* __restrict__ block_table, int64_t bt_stride,
+                                 const int32_t* __restrict__ seq_lens, int num_q_heads, int group,
+                                 int block_size, float* __restrict__ mass, float weight) {
+  const int seq = blockIdx.x, kvh = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int seq_len = seq_lens[seq];
+  const int pages = (seq_len + block_size - 1) / block_size;
+  for (int p = warp; p < pages; p += warps) {
+    const int entry = block_table[seq * bt_stride + p];
+    if (entry < 0) continue;
+    float acc = 0.f;
+    for (int i = lane; i < group * block_size; i += 32) {
+      const int g = i / block_size, t = p * block_size + i % block_size;
+      if (t >= seq_len) continue;
+      const int64_t row = static_cast<int64_t>(seq) * num_q_heads + kvh * group + g;
+      acc += exp2f(scores[row * scores_stride + t] - lse[row]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) atomicAdd(mass + entry, acc * weight / group);
   }
 }
 
@@ -340,12 +378,12 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
       a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
       a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale,
-      a.lo);
+      a.lo, a.scores, a.scores_stride, a.lse);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
     decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
         a.part_acc, a.part_ml, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head,
-        a.num_q_heads, a.num_splits, D, a.v_scale);
+        a.num_q_heads, a.num_splits, D, a.v_scale, a.lse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -396,7 +434,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
-                  int64_t lo_group) {
+                  int64_t lo_group, const std::optional<torch::Tensor>& scores,
+                  const std::optional<torch::Tensor>& lse) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
   // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
@@ -448,6 +487,21 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   a.k_scale = static_cast<float>(k_scale);
   a.v_scale = static_cast<float>(v_scale);
   a.lo = make_lo_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group);
+  TORCH_CHECK(scores.has_value() == lse.has_value(), "scores and lse come together");
+  if (scores.has_value()) {
+    TORCH_CHECK(scores->scalar_type() == at::kFloat && lse->scalar_type() == at::kFloat &&
+                    scores->dim() == 3 && scores->size(0) >= a.num_seqs &&
+                    scores->size(1) == a.num_q_heads && scores->stride(2) == 1 &&
+                    scores->size(2) >= block_table.size(1) * a.block_size &&
+                    lse->is_contiguous() && lse->numel() >= a.num_seqs * a.num_q_heads,
+                "scores must be fp32 [seqs, q_heads, >= table pages * block_size] with unit "
+                "last stride, lse fp32 contiguous [seqs, q_heads]");
+    TORCH_CHECK(scores->stride(1) == scores->size(2) && scores->stride(0) == a.num_q_heads * scores->size(2),
+                "scores must be contiguous");
+    a.scores = scores->data_ptr<float>();
+    a.scores_stride = scores->size(2);
+    a.lse = lse->data_ptr<float>();
+  }
 
   const at::cuda::OptionalCUDAGuard guard(device_of(query));
   torch::Tensor part_acc, part_ml;
@@ -466,6 +520,26 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
     if (fp8) detail::dispatch_dim<__half, uint8_t>(a, stream);
     else detail::dispatch_dim<__half, __half>(a, stream);
   }
+}
+
+void page_mass(torch::Tensor& mass, const torch::Tensor& scores, const torch::Tensor& lse,
+               const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+               int64_t num_kv_heads, int64_t block_size, double weight) {
+  TORCH_CHECK(mass.is_cuda() && mass.scalar_type() == at::kFloat && mass.is_contiguous(),
+              "mass must be a contiguous CUDA fp32 [num_blocks] tensor");
+  TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous() && lse.is_contiguous(),
+              "scores [seqs, q_heads, tokens] and lse [seqs, q_heads] must be contiguous");
+  const int num_seqs = scores.size(0), num_q_heads = scores.size(1);
+  TORCH_CHECK(num_q_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads");
+  if (num_seqs == 0) return;
+  const at::cuda::OptionalCUDAGuard guard(device_of(mass));
+  detail::page_mass_kernel<<<dim3(num_seqs, num_kv_heads), 128, 0,
+                             at::cuda::getCurrentCUDAStream()>>>(
+      scores.data_ptr<float>(), scores.size(2), lse.data_ptr<float>(),
+      block_table.data_ptr<int32_t>(), block_table.stride(0), seq_lens.data_ptr<int32_t>(),
+      num_q_heads, static_cast<int>(num_q_heads / num_kv_heads), static_cast<int>(block_size),
+      mass.data_ptr<float>(), static_cast<float>(weight));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace mikv

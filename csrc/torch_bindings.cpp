@@ -9,7 +9,11 @@ TORCH_LIBRARY(mikv, m) {
   m.def(
       "paged_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, float scale, float k_scale, float v_scale, "
-      "int num_splits, int lo_pack_factor, int lo_bits, int lo_group) -> ()");
+      "int num_splits, int lo_pack_factor, int lo_bits, int lo_group, Tensor(b!)? scores=None, "
+      "Tensor(c!)? lse=None) -> ()");
+  m.def(
+      "page_mass(Tensor(a!) mass, Tensor scores, Tensor lse, Tensor block_table, "
+      "Tensor seq_lens, int num_kv_heads, int block_size, float weight) -> ()");
   m.def(
       "quantize_pages(Tensor(a!) key_cache, Tensor value_cache, Tensor src_blocks, "
       "Tensor dst_codes, float k_scale, float v_scale, int lo_pack_factor, int lo_bits, "
@@ -19,6 +23,7 @@ TORCH_LIBRARY(mikv, m) {
 TORCH_LIBRARY_IMPL(mikv, CUDA, m) {
   m.impl("paged_decode", &mikv::paged_decode);
   m.impl("quantize_pages", &mikv::quantize_pages);
+  m.impl("page_mass", &mikv::page_mass);
 }
 
 // A Python module with no functions: importing it runs the registrations above.
