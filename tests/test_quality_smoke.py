@@ -95,3 +95,4 @@ def test_quick_cli_rows(smollm2, tmp_path):
     assert by["bf16"]["kv_bytes_ratio"] == 1.0
     assert by["kivi2"]["kv_bytes_ratio"] < by["mikv"]["kv_bytes_ratio"] < 1.0
     assert by["bf16"]["score"] < by["kivi2"]["score"]
+    assert by["bf16"]["delta_vs_bf16"] == 0 and by["kivi2"]["delta_vs_bf16"] > 0

@@ -18,7 +18,7 @@ import torch
 
 from mikv_vllm.eval.kvsim import KVSim, prefill
 from mikv_vllm.eval.methods import Method
-from mikv_vllm.eval.stats import bootstrap_ppl, wilson
+from mikv_vllm.eval.stats import bootstrap_ppl, bootstrap_ppl_delta, wilson
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_HINT = ("pip download --no-deps gensim==4.4.0 -d /tmp/gensim_dl  (or pip install gensim==4.4.0, "
@@ -104,6 +104,7 @@ def perplexity(model, tok, methods: list[Method], n_windows: int, window: int,
 
 def _ppl_rows(methods, nll, ratios):
     out = {}
+    base = nll.get("bf16@None")
     for m in methods:
         key = f"{m.label}@{m.budget}"
         if key in nll:
@@ -111,6 +112,9 @@ def _ppl_rows(methods, nll, ratios):
             out[key] = dict(method=m.label, budget=m.budget, score=ppl, ci_low=lo, ci_high=hi,
                             n=sum(len(b) for b in nll[key]),
                             kv_bytes_ratio=sum(ratios[key]) / len(ratios[key]))
+            if base is not None:  # paired difference to bf16 on the same tokens
+                d, dlo, dhi = bootstrap_ppl_delta(base, nll[key])
+                out[key].update(delta_vs_bf16=d, delta_ci_low=dlo, delta_ci_high=dhi)
     return out
 
 
@@ -198,6 +202,9 @@ def retrieval(model, tok, task: str, methods: list[Method], sizes: list[int], tr
                     out.append(nxt)
                     logits = sim.step([nxt], last_only=True)
                 key = (m.label, m.budget, size)
+                if os.environ.get("MIKV_EVAL_DEBUG"):
+                    print(f"  {m.label}@{m.budget} size {size}: {tok.decode(out)!r} "
+                          f"(want {answer})", flush=True)
                 hits.setdefault(key, []).append(int(_answer_ok(task, tok.decode(out), answer)))
                 ratios.setdefault(key, []).append(sim.kv_bytes_ratio)
             if on_trial:
