@@ -105,7 +105,6 @@ def run(args) -> list[dict]:
                     us_mass = bench(with_mass)
                     rows[-1]["us_with_page_mass"] = us_mass
                     rows[-1]["page_mass_overhead"] = us_mass / us - 1
-                    del scores, lse, mass
                 if hi == 1.0:  # FlashAttention on the same all-hi cache
                     kf, vf = (k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)) \
                         if fp8_hi else (k, v)
@@ -122,8 +121,6 @@ def run(args) -> list[dict]:
                                      batch=batch, ctx=ctx, hi_fraction=1.0, head_dim=head_dim,
                                      gqa=gqa, us=us, bytes_read=b, gbps=b / us / 1e3,
                                      hbm_gbps=hbm, frac_of_hbm=b / us / 1e3 / hbm))
-                del q, k, v, table
-                torch.cuda.empty_cache()
             print(json.dumps(rows[-1]))
     return rows
 

@@ -79,3 +79,17 @@ def serve_engine_config(parse_serve):
         engine_args = AsyncEngineArgs.from_cli_args(parse_serve(*argv, model=model))
         return engine_args, engine_args.create_engine_config()
     return build
+
+
+def one_layer_kv_cache_config(num_blocks: int, block_size: int, num_kv_heads: int,
+                              head_size: int, layer: str = "model.layers.0.self_attn.attn"):
+    """A real vLLM KVCacheConfig: one full-attention layer, `num_blocks` bf16 blocks."""
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
+                                            KVCacheTensor)
+
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
+                             head_size=head_size, dtype=torch.bfloat16)
+    return KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks, shared_by=[layer])],
+        kv_cache_groups=[KVCacheGroupSpec([layer], spec)])

@@ -9,10 +9,9 @@ from vllm import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
-                                        KVCacheTensor)
 from vllm.v1.request import Request
 
+from conftest import one_layer_kv_cache_config
 from mikv_vllm.demotion import PageDemoter
 from mikv_vllm.layout import PageLayout, decode_entry
 from mikv_vllm.policy import DemotionPolicy
@@ -22,13 +21,7 @@ LAYOUT = PageLayout(block_size=BLOCK, num_kv_heads=2, head_size=128, hi_elem_byt
 
 
 def make_manager(num_blocks: int = 200, caching: bool = True) -> KVCacheManager:
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=128,
-                             dtype=torch.bfloat16)
-    config = KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks,
-                                        shared_by=["layer.0"])],
-        kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+    config = one_layer_kv_cache_config(num_blocks, BLOCK, num_kv_heads=2, head_size=128)
     return KVCacheManager(config, max_model_len=8192, scheduler_block_size=BLOCK,
                           hash_block_size=BLOCK, enable_caching=caching)
 

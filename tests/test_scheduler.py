@@ -2,21 +2,17 @@
 update_from_output), on CPU with real vLLM 0.26 objects: demotion comes before preemption."""
 from __future__ import annotations
 
-import json
 import random
 
-import pytest
-import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
-                                        KVCacheTensor)
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
+from conftest import one_layer_kv_cache_config
 from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvScheduler
 
 BLOCK = 16
@@ -29,13 +25,7 @@ def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None) -> Mi
                       block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
                       additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
     vllm_config = args.create_engine_config()
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64,
-                             dtype=torch.bfloat16)
-    kv_config = KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks,
-                                        shared_by=["model.layers.0.self_attn.attn"])],
-        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)])
+    kv_config = one_layer_kv_cache_config(num_blocks, BLOCK, num_kv_heads=2, head_size=64)
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     return MikvScheduler(vllm_config, kv_config, StructuredOutputManager(vllm_config),
                          block_size=BLOCK)

@@ -8,7 +8,6 @@ import glob
 import html
 import importlib.util
 import json
-import math
 import os
 import random
 import re
