@@ -12,6 +12,7 @@ import functools
 
 from vllm.logger import init_logger
 
+from mikv_vllm.attention.backend import SUPPORTED_HEAD_SIZES
 from mikv_vllm.config import ADDITIONAL_CONFIG_KEY, KV_CACHE_DTYPE, MikvConfig, MikvConfigError
 from mikv_vllm.layout import PageLayout
 
@@ -19,7 +20,6 @@ logger = init_logger("vllm.mikv")
 
 KV_CACHE_DTYPE_FLAG = "--kv-cache-dtype"
 CUSTOM_BACKEND = "CUSTOM"
-SUPPORTED_HEAD_SIZES = (64, 128, 256)
 _PATCHED_MARK = "_mikv_patched"
 
 
