@@ -190,3 +190,11 @@ def test_layout_from_engine_config(serve_engine_config):
     assert (layout.block_size, layout.num_kv_heads, layout.head_size) == (32, 2, 64)
     spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     assert layout.hi_page_bytes == spec.page_size_bytes == 16384
+
+
+def test_startup_hint_names_the_smallest_block_size_that_packs_more():
+    from mikv_vllm.vllm_patches import _better_block_size
+
+    hint = _better_block_size(PageLayout(16, 8, 128, 2))   # 4 per block at 16 tokens
+    assert (hint.block_size, hint.pack_factor) == (32, 5)
+    assert _better_block_size(PageLayout(64, 8, 128, 2)) is None
