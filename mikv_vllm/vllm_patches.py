@@ -103,3 +103,67 @@ def _better_block_size(layout: PageLayout) -> PageLayout | None:
             if candidate.pack_factor > layout.pack_factor:
                 return candidate
     return None
+
+
+def _check_backend_choice(engine_args) -> None:
+    chosen = [engine_args.attention_backend, engine_args.attention_config.backend]
+    for backend in chosen:
+        name = getattr(backend, "name", backend)
+        if name is not None and str(name).upper() != CUSTOM_BACKEND:
+            raise MikvConfigError(
+                f"mikv: --kv-cache-dtype mikv brings its own attention backend; "
+                f"remove the attention backend choice {name!r}")
+
+
+def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
+    """Reject models and GPUs the mikv backend cannot serve; return the page layout."""
+    model = vllm_config.model_config
+    arch = ",".join(getattr(model, "architectures", None) or ["?"])
+    if model.use_mla:
+        raise MikvConfigError(f"mikv: {arch} uses MLA attention, which mikv does not support")
+    if model.is_attention_free or model.is_hybrid:
+        raise MikvConfigError(
+            f"mikv: {arch} has non-attention (e.g. Mamba/linear) layers, which mikv does not "
+            "support")
+    if model.get_sliding_window() is not None or getattr(
+            model.hf_text_config, "sliding_window_pattern", None):
+        raise MikvConfigError(
+            f"mikv: {arch} uses sliding-window attention, which mikv does not support yet")
+    head_size = model.get_head_size()
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        raise MikvConfigError(
+            f"mikv: head size {head_size} of {arch} is not in {SUPPORTED_HEAD_SIZES}")
+    import torch
+    if model.dtype not in (torch.bfloat16, torch.float16):
+        raise MikvConfigError(f"mikv: model dtype {model.dtype} unsupported; use --dtype bfloat16")
+    if cfg.outlier_balancing:
+        raise MikvConfigError(
+            "mikv: outlier_balancing is measured by the quality harness but not yet served by "
+            "the kernels; leave it false")
+    if head_size % cfg.value_group_size:
+        raise MikvConfigError(
+            f"mikv: value_group_size {cfg.value_group_size} must divide head size {head_size}")
+
+    from vllm.platforms import current_platform
+    capability = current_platform.get_device_capability()
+    if capability is not None:
+        cc = capability.to_int()
+        if cc < 80:
+            raise MikvConfigError(
+                f"mikv: GPU compute capability {capability.major}.{capability.minor} < 8.0 "
+                "(Ampere) is not supported")
+        if cfg.hi_dtype == "fp8" and cc < 90:
+            raise MikvConfigError(
+                "mikv: hi_dtype 'fp8' needs FlashAttention 3 (compute capability 9.0); use "
+                "'bf16' on this GPU")
+    block_size = vllm_config.cache_config.block_size or 16
+    if block_size % 16:
+        raise MikvConfigError(f"mikv: block size must be a multiple of 16, got {block_size}")
+    return PageLayout(
+        block_size=block_size,
+        num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=head_size,
+        hi_elem_bytes=1 if cfg.hi_dtype == "fp8" else 2,
+        lo_bits=cfg.lo_bits,
+        value_group_size=cfg.value_group_size,
+    )
