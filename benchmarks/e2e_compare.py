@@ -21,7 +21,8 @@ def run_one(kv: str, args, out_dir: str) -> dict:
     log_path = os.path.join(out_dir, f"e2e_{kv}.log")
     cmd = [sys.executable, os.path.join(HERE, "e2e_llm.py"), "--model", args.model, "--kv", kv,
            "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
-           "--output-len", str(args.output_len), "--out", result_path]
+           "--output-len", str(args.output_len), "--max-model-len", str(args.max_model_len),
+           "--out", result_path]
     t0 = time.time()
     with open(log_path, "w") as log:
         try:
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=2048)
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="e.g. 33280 for 64 x (32K + 512)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per dtype")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     p.add_argument("--summarize-only", action="store_true",

@@ -11,6 +11,7 @@
 # kernelbench  decode kernel timings vs FlashAttention bf16/fp8 (benchmarks/kernel_decode.py)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B: capacity, throughput, greedy match
+#         (benchmarks/e2e_serve_sweep.py: the same through `vllm serve` at several arrival rates)
 #
 # Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), as
 # done on 2026-11-23, one device call per line (the 4 GGUF pieces and the vLLM parts are made

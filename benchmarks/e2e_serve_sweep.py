@@ -1,0 +1,110 @@
+"""Arrival-rate sweep through `vllm serve` and vLLM's own OpenAI-protocol load generator
+(`vllm bench serve`), one fresh server per kv-cache dtype, side by side in one call.
+
+Dummy weights of a real architecture (benchmarks/configs/llama-3.1-8b) with any tokenizer
+whose ids fit its vocabulary (e.g. SmolLM2's, see benchmarks/models/). Writes per-run JSON from
+`vllm bench serve` and a summary with rows {kv, workload, kv_tokens, wall_s, gen_tok_s,
+total_tok_s, preemptions, p50_ms, p99_ms} (latencies: end-to-end per request)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+PREEMPTIONS = re.compile(r"^vllm:num_preemptions_total\{[^}]*\} ([\d.e+]+)$", re.M)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(2)
+    raise RuntimeError("server did not become healthy")
+
+
+def preemptions(url: str) -> float | None:
+    try:
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    return sum(float(m) for m in PREEMPTIONS.findall(text)) if PREEMPTIONS.search(text) else None
+
+
+def sweep_one(kv: str, a) -> list[dict]:
+    url = f"http://127.0.0.1:{a.port}"
+    log_path = os.path.join(a.out_dir, f"serve_{kv}.log")
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        CLI + ["serve", a.model, "--tokenizer", a.tokenizer, "--load-format", "dummy",
+               "--kv-cache-dtype", kv, "--port", str(a.port), "--max-model-len",
+               str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", "0.9"],
+        stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_healthy(url, server, a.start_timeout)
+        kv_tokens = KV_TOKENS.search(open(log_path).read())
+        for rate in a.rates:
+            name = f"bench_{kv}_rate{rate}.json"
+            before = preemptions(url) or 0.0
+            subprocess.run(CLI + [
+                "bench", "serve", "--backend", "vllm", "--model", a.model, "--tokenizer",
+                a.tokenizer, "--port", str(a.port), "--dataset-name", "random",
+                "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+                "--num-prompts", str(a.num_prompts), "--request-rate", str(rate), "--ignore-eos",
+                "--percentile-metrics", "e2el", "--metric-percentiles", "50,99",
+                "--save-result", "--result-dir", a.out_dir, "--result-filename", name],
+                check=True, timeout=a.bench_timeout, stdout=log, stderr=subprocess.STDOUT)
+            r = json.load(open(os.path.join(a.out_dir, name)))
+            rows.append({
+                "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
+                                      f"at {rate} req/s",
+                "kv_tokens": int(kv_tokens.group(1).replace(",", "")) if kv_tokens else None,
+                "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
+                "total_tok_s": r.get("total_token_throughput"),
+                "preemptions": (preemptions(url) or 0.0) - before,
+                "p50_ms": r.get("p50_e2el_ms"), "p99_ms": r.get("p99_e2el_ms")})
+            print(json.dumps(rows[-1]), flush=True)
+    except Exception as e:  # keep the other dtypes' rows
+        rows.append({"kv": kv, "error": repr(e), "log_tail": open(log_path).read()[-2000:]})
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=os.path.join(HERE, "configs", "llama-3.1-8b"))
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--kv", nargs="+", default=["auto", "fp8", "int4_per_token_head", "mikv"])
+    p.add_argument("--rates", nargs="+", default=["2", "8", "32", "inf"])
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--port", type=int, default=8200)
+    p.add_argument("--start-timeout", type=float, default=300)
+    p.add_argument("--bench-timeout", type=float, default=600)
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    a = p.parse_args()
+    rows = [row for kv in a.kv for row in sweep_one(kv, a)]
+    json.dump(rows, open(os.path.join(a.out_dir, "e2e_serve_summary.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
