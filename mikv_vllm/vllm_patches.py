@@ -89,7 +89,8 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
     logger.info("mikv: hi pages %s, %s", cfg.hi_dtype, layout.describe())
     better = _better_block_size(layout)
     if better is not None:
-        logger.info("mikv: --block-size %d would pack %d lo pages per block instead of %d",
+        logger.info("mikv: --block-size %d would pack %d lo pages per block instead of %d "
+                    "(more capacity; 2-bit keys then share scales over more tokens)",
                     better.block_size, better.pack_factor, layout.pack_factor)
     return vllm_config
 
