@@ -11,6 +11,16 @@ SCALE_BYTES = 2  # fp16 scale and fp16 zero point per quantization group
 
 
 @dataclass(frozen=True)
+class LoPageOffsets:
+    """Byte offsets of a lo page's sections (format: mikv_vllm/quant.py, csrc/paged_decode.cu)."""
+    k_codes: int
+    v_codes: int
+    k_params: int
+    v_params: int
+    end: int
+
+
+@dataclass(frozen=True)
 class PageLayout:
     block_size: int
     num_kv_heads: int
@@ -29,15 +39,17 @@ class PageLayout:
         return 2 * self.block_size * self.num_kv_heads * self.head_size * self.hi_elem_bytes
 
     @property
+    def lo_offsets(self) -> LoPageOffsets:
+        h, b, d = self.num_kv_heads, self.block_size, self.head_size
+        codes = h * b * d * self.lo_bits // 8                                # K, then V
+        k_params = h * d * 2 * SCALE_BYTES                  # (scale, zero) per (head, channel)
+        v_params = h * b * (d // self.value_group_size) * 2 * SCALE_BYTES   # per (token, group)
+        return LoPageOffsets(0, codes, 2 * codes, 2 * codes + k_params,
+                             2 * codes + k_params + v_params)
+
+    @property
     def lo_page_bytes(self) -> int:
-        elems = self.block_size * self.num_kv_heads * self.head_size
-        data = 2 * elems * self.lo_bits // 8
-        # Keys: scale + zero per (head, channel) over the page's tokens.
-        k_params = self.num_kv_heads * self.head_size * 2 * SCALE_BYTES
-        # Values: scale + zero per (token, head, channel group).
-        groups = self.head_size // self.value_group_size
-        v_params = self.block_size * self.num_kv_heads * groups * 2 * SCALE_BYTES
-        return data + k_params + v_params
+        return self.lo_offsets.end
 
     @property
     def pack_factor(self) -> int:

@@ -5,7 +5,7 @@ Keys are grouped per channel over the page's tokens (key outliers live in channe
 KVQuant observed); values are grouped per token over `value_group_size` channels. Codes are
 packed token-major like hi rows, so a decode kernel reads a lo row where it would read a hi row.
 
-Byte layout of a lo page (offsets in `LoPageOffsets`), all little-endian:
+Byte layout of a lo page (offsets: `PageLayout.lo_offsets`), all little-endian:
     K codes  [H, B, D * bits / 8]   element d of a row in byte d // (8 / bits), low bits first
     V codes  [H, B, D * bits / 8]
     K params [H, D, 2] fp16         (scale, zero): k = code * scale + zero
@@ -14,28 +14,9 @@ With MiKV outlier balancing, K is multiplied per (head, channel) by `balance` be
 quantization, and dequantized K is divided by it again (the kernel divides Q instead)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mikv_vllm.layout import PageLayout
-
-
-@dataclass(frozen=True)
-class LoPageOffsets:
-    k_codes: int
-    v_codes: int
-    k_params: int
-    v_params: int
-    end: int
-
-    @classmethod
-    def of(cls, layout: PageLayout) -> "LoPageOffsets":
-        h, b, d = layout.num_kv_heads, layout.block_size, layout.head_size
-        codes = h * b * d * layout.lo_bits // 8
-        k_params = h * d * 2 * 2
-        v_params = h * b * (d // layout.value_group_size) * 2 * 2
-        return cls(0, codes, 2 * codes, 2 * codes + k_params, 2 * codes + k_params + v_params)
 
 
 def _quantize_groups(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -89,7 +70,7 @@ def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
         k_params.contiguous().view(torch.uint8).reshape(-1),
         v_params.contiguous().view(torch.uint8).reshape(-1),
     ])
-    assert out.numel() == LoPageOffsets.of(layout).end == layout.lo_page_bytes
+    assert out.numel() == layout.lo_page_bytes
     return out
 
 
@@ -98,7 +79,7 @@ def dequantize_page(page: torch.Tensor, layout: PageLayout,
     """Lo page bytes -> (K, V) in fp32, each [block_size, kv_heads, D]."""
     h, b, d, g, bits = (layout.num_kv_heads, layout.block_size, layout.head_size,
                         layout.value_group_size, layout.lo_bits)
-    o = LoPageOffsets.of(layout)
+    o = layout.lo_offsets
     row = d * bits // 8
     k_codes = _unpack(page[o.k_codes:o.v_codes].reshape(h, b, row), bits).float()
     v_codes = _unpack(page[o.v_codes:o.k_params].reshape(h, b, row), bits).float()

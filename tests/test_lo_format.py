@@ -8,7 +8,7 @@ import torch
 
 from mikv_vllm import reference
 from mikv_vllm.layout import PageLayout, encode_lo
-from mikv_vllm.quant import (LoPageOffsets, _pack, _unpack, dequantize_page, quantization_error_bound,
+from mikv_vllm.quant import (_pack, _unpack, dequantize_page, quantization_error_bound,
                              quantize_page)
 
 
@@ -69,7 +69,7 @@ def test_outlier_balancing_round_trips():
 
 def test_offsets_describe_the_bytes():
     lay = layout(bits=2, block_size=32, heads=1, head_dim=128, group=64)
-    o = LoPageOffsets.of(lay)
+    o = lay.lo_offsets
     assert (o.v_codes, o.k_params, o.v_params, o.end) == (1024, 2048, 2560, 2816)
     assert o.end == lay.lo_page_bytes
 
