@@ -71,6 +71,13 @@ class PageLayout:
             f"({bf16 / lo:.2f}x fewer than bf16, {fp8 / lo:.2f}x fewer than fp8)")
 
 
+def cache_layout(key_cache, lo_bits: int, value_group_size: int) -> PageLayout:
+    """The layout of one layer's cache, read off its key view [blocks, block_size, kv_heads, D]."""
+    _, block_size, num_kv_heads, head_size = key_cache.shape
+    return PageLayout(block_size, num_kv_heads, head_size, key_cache.element_size(), lo_bits,
+                      value_group_size)
+
+
 def encode_lo(pack_block: int, slot: int, pack_factor: int) -> int:
     """Block-table code of a lo page: -(1 + pack_block * N + slot), always negative."""
     if not 0 <= slot < pack_factor:

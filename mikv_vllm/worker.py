@@ -13,7 +13,7 @@ from vllm.v1.worker.gpu_worker import Worker
 from mikv_vllm import ops
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.config import MikvConfig
-from mikv_vllm.layout import PageLayout
+from mikv_vllm.layout import cache_layout
 from mikv_vllm.scheduler import DEMOTIONS_ATTR
 
 
@@ -34,10 +34,7 @@ class MikvWorker(Worker):
         cfg = MikvConfig.from_additional_config(self.vllm_config.additional_config)
         for layer in get_layers_from_vllm_config(self.vllm_config, Attention).values():
             key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
-            layout = PageLayout(block_size=key_cache.shape[1], num_kv_heads=key_cache.shape[2],
-                                head_size=layer.head_size,
-                                hi_elem_bytes=key_cache.element_size(), lo_bits=cfg.lo_bits,
-                                value_group_size=cfg.value_group_size)
+            layout = cache_layout(key_cache, cfg.lo_bits, cfg.value_group_size)
             ops.quantize_pages(key_cache, value_cache, src, dst, layout,
                                layer._k_scale_float, layer._v_scale_float)
         runner = self.model_runner

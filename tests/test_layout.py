@@ -198,3 +198,13 @@ def test_startup_hint_names_the_smallest_block_size_that_packs_more():
     hint = _better_block_size(PageLayout(16, 8, 128, 2))   # 4 per block at 16 tokens
     assert (hint.block_size, hint.pack_factor) == (32, 5)
     assert _better_block_size(PageLayout(64, 8, 128, 2)) is None
+
+
+def test_cache_layout_reads_the_backend_view():
+    from mikv_vllm.attention.backend import split_kv_cache
+    from mikv_vllm.layout import cache_layout
+
+    for dtype, elem in ((torch.bfloat16, 2), (torch.uint8, 1)):
+        kv_cache = torch.zeros(5, 4, 32, 2 * 128, dtype=dtype)  # logical [blocks, H, B, 2D]
+        key_cache, _ = split_kv_cache(kv_cache, 128)
+        assert cache_layout(key_cache, 2, 64) == PageLayout(32, 4, 128, elem, 2, 64)

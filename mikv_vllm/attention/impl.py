@@ -9,7 +9,7 @@ from mikv_vllm import ops
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.attention.metadata import MikvAttentionMetadata
 from mikv_vllm.config import MikvConfig
-from mikv_vllm.layout import PageLayout
+from mikv_vllm.layout import PageLayout, cache_layout
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -61,10 +61,7 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         md: MikvAttentionMetadata = attn_metadata
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         if self.layout is None:
-            self.layout = PageLayout(block_size=key_cache.shape[1], num_kv_heads=self.num_kv_heads,
-                                     head_size=self.head_size, hi_elem_bytes=1 if self.is_fp8 else 2,
-                                     lo_bits=self.mikv.lo_bits,
-                                     value_group_size=self.mikv.value_group_size)
+            self.layout = cache_layout(key_cache, self.mikv.lo_bits, self.mikv.value_group_size)
         nd = md.num_decodes
         if nd:
             ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
