@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from mikv_vllm.layout import PageLayout
 
 
@@ -49,6 +51,14 @@ class PageDemoter:
     def is_lo(self, req_id: str, page: int) -> bool:
         state = self.requests.get(req_id)
         return state is not None and page in state.lo_pages
+
+    def lo_mask(self, req_id: str, num_pages: int) -> torch.Tensor:
+        """[num_pages] bool: which of a request's pages are lo (the policy's `is_lo`)."""
+        mask = torch.zeros(num_pages, dtype=torch.bool)
+        state = self.requests.get(req_id)
+        if state is not None and state.lo_pages:
+            mask[[p for p in state.lo_pages if p < num_pages]] = True
+        return mask
 
     def num_lo_pages(self) -> int:
         return sum(len(s.lo_pages) for s in self.requests.values())

@@ -96,9 +96,7 @@ class MikvSchedulerMixin:
         mass = self.page_mass.get(request.request_id, torch.zeros(0))
         if mass.numel() < pages:
             mass = torch.cat([mass, mass.new_zeros(pages - mass.numel())])
-        is_lo = torch.tensor([self.demoter.is_lo(request.request_id, p) for p in range(pages)],
-                             dtype=torch.bool)
-        return mass, is_lo
+        return mass, self.demoter.lo_mask(request.request_id, pages)
 
 
 class MikvScheduler(MikvSchedulerMixin, Scheduler):
