@@ -16,6 +16,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 
 
+def kv_tokens_in_log(text: str) -> int | None:
+    """KV capacity in tokens, from vLLM's own "GPU KV cache size" log line."""
+    m = KV_TOKENS.search(text)
+    return int(m.group(1).replace(",", "")) if m else None
+
+
 def run_one(kv: str, args, out_dir: str) -> dict:
     result_path = os.path.join(out_dir, f"e2e_{kv}.json")
     log_path = os.path.join(out_dir, f"e2e_{kv}.log")
@@ -32,8 +38,7 @@ def run_one(kv: str, args, out_dir: str) -> dict:
             rc = "timeout"
     text = open(log_path).read()
     row = {"kv": kv, "rc": rc, "process_s": round(time.time() - t0, 1)}
-    m = KV_TOKENS.search(text)
-    row["kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    row["kv_tokens"] = kv_tokens_in_log(text)
     if rc == 0 and os.path.exists(result_path):
         row.update(json.load(open(result_path)))
     else:
@@ -67,8 +72,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def load_row(kv: str, out_dir: str) -> dict:
     """A row rebuilt from the files run_one left behind (for --summarize-only)."""
     text = open(os.path.join(out_dir, f"e2e_{kv}.log")).read()
-    m = KV_TOKENS.search(text)
-    row = {"kv": kv, "rc": 0, "kv_tokens": int(m.group(1).replace(",", "")) if m else None}
+    row = {"kv": kv, "rc": 0, "kv_tokens": kv_tokens_in_log(text)}
     row.update(json.load(open(os.path.join(out_dir, f"e2e_{kv}.json"))))
     return row
 

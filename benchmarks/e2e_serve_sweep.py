@@ -16,9 +16,10 @@ import sys
 import time
 import urllib.request
 
+from e2e_compare import kv_tokens_in_log  # this folder is on sys.path when run as a script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 PREEMPTIONS = re.compile(r"^vllm:num_preemptions_total\{[^}]*\} ([\d.e+]+)$", re.M)
 
 
@@ -55,7 +56,7 @@ def sweep_one(kv: str, a) -> list[dict]:
     rows = []
     try:
         wait_healthy(url, server, a.start_timeout)
-        kv_tokens = KV_TOKENS.search(open(log_path).read())
+        kv_tokens = kv_tokens_in_log(open(log_path).read())
         for rate in a.rates:
             name = f"bench_{kv}_rate{rate}.json"
             before = preemptions(url) or 0.0
@@ -71,7 +72,7 @@ def sweep_one(kv: str, a) -> list[dict]:
             rows.append({
                 "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
                                       f"at {rate} req/s",
-                "kv_tokens": int(kv_tokens.group(1).replace(",", "")) if kv_tokens else None,
+                "kv_tokens": kv_tokens,
                 "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
                 "total_tok_s": r.get("total_token_throughput"),
                 "preemptions": (preemptions(url) or 0.0) - before,
