@@ -79,8 +79,7 @@ def run(args) -> list[dict]:
         splits = ops.decode_num_splits(batch, KV_HEADS, gqa, num_sms)
         for fp8_hi in (False, True):
             layout = PageLayout(BLOCK, KV_HEADS, head_dim, 1 if fp8_hi else 2, 2, 64)
-            fractions = args.hi_fractions
-            for hi in fractions:
+            for hi in args.hi_fractions:
                 q, k, v, table, lens, lo_pages, pages = make_case(batch, ctx, head_dim, gqa, hi,
                                                                   fp8_hi, layout)
                 out = torch.empty_like(q)

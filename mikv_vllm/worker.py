@@ -7,6 +7,8 @@ rewritten, also under async scheduling. Every TP rank receives the same Schedule
 every rank moves the same pages of its own KV heads."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from vllm.v1.worker.gpu_worker import Worker
 
@@ -18,6 +20,10 @@ from mikv_vllm.scheduler import DEMOTIONS_ATTR
 
 
 class MikvWorker(Worker):
+    @functools.cached_property
+    def mikv_config(self) -> MikvConfig:
+        return MikvConfig.from_additional_config(self.vllm_config.additional_config)
+
     def execute_model(self, scheduler_output):
         moves = getattr(scheduler_output, DEMOTIONS_ATTR, None)
         if moves:
@@ -31,7 +37,7 @@ class MikvWorker(Worker):
         device = self.device
         src = torch.tensor([m.src_block for m in moves], dtype=torch.int32).to(device)
         dst = torch.tensor([m.dst_code for m in moves], dtype=torch.int32).to(device)
-        cfg = MikvConfig.from_additional_config(self.vllm_config.additional_config)
+        cfg = self.mikv_config
         for layer in get_layers_from_vllm_config(self.vllm_config, Attention).values():
             key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
             layout = cache_layout(key_cache, cfg.lo_bits, cfg.value_group_size)
