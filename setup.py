@@ -9,7 +9,8 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/torch_bindings.cpp", "csrc/paged_decode.cu", "csrc/quantize.cu"]
+SOURCES = ["csrc/torch_bindings.cpp", "csrc/paged_decode.cu", "csrc/page_mass.cu",
+           "csrc/quantize.cu"]
 
 
 def wheel_cuda_includes():

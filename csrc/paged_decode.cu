@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kv_vec.cuh"
 #include "paged_decode.h"
 
 namespace mikv {
@@ -24,41 +25,7 @@ namespace detail {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kElems = 8;   // elements of one row held by one lane
 constexpr int kUnroll = 4;  // rows per lane group in flight
-
-// 8 cache elements as one vector load.
-template <typename kv_t> struct RowVec { using type = uint4; };    // 8 x 16-bit = 16 B
-template <> struct RowVec<uint8_t> { using type = uint2; };         // 8 x fp8 = 8 B
-
-__device__ __forceinline__ void to_float8(const uint4& r, float* f, const __nv_bfloat16*) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 x = __bfloat1622float2(p[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-__device__ __forceinline__ void to_float8(const uint4& r, float* f, const __half*) {
-  const __half2* p = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 x = __half22float2(p[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-__device__ __forceinline__ void to_float8(const uint2& r, float* f, const uint8_t*) {
-  const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3);
-    float2 x = __half22float2(*reinterpret_cast<const __half2*>(&h));
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
 
 // 8 packed codes (2 or 4 bits each, element 0 in the low bits) -> code * scale + zero, with
 // (scale, zero) pairs read from sz[e * sz_step] (step 1: one pair per channel, 0: one pair).
@@ -72,8 +39,6 @@ __device__ __forceinline__ void lo_dequant8(uint32_t codes, int bits, const __ha
   }
 }
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
@@ -94,7 +59,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
                     float* __restrict__ part_acc, float* __restrict__ part_ml,
                     int num_q_heads, int group, int head_chunks, int block_size,
                     float scale_log2, float k_scale, float v_scale, const LoLayout lo,
-                    float* __restrict__ scores, int64_t scores_stride, float* __restrict__ lse) {
+                    float* __restrict__ lse) {
   constexpr int LPT = D / kElems;   // lanes per token row
   constexpr int SUBS = 32 / LPT;    // rows per warp per step
   using vec_t = typename RowVec<kv_t>::type;
@@ -209,13 +174,6 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
 #pragma unroll
         for (int o = LPT / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
         s[u][g] = valid[u] ? d : -INFINITY;
-      }
-      // Scores of hi rows, for page_mass_kernel (lo pages are demoted already).
-      if (scores != nullptr && sl == 0 && valid[u] && lo_page[u] < 0) {
-        const int t = base + (warp * kUnroll + u) * SUBS + sub;
-#pragma unroll
-        for (int g = 0; g < MAX_G; ++g)
-          if (g < ng) scores[(static_cast<int64_t>(seq) * num_q_heads + h0 + g) * scores_stride + t] = s[u][g];
       }
     }
 #pragma unroll
@@ -340,34 +298,6 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
   }
 }
 
-// Attention mass of every hi page: sum over the page's tokens of 2^(s - lse), averaged over the
-// query heads of each KV head, times `weight`, added into mass[block] (one float per block:
-// callers average over KV heads and layers through `weight`, and decay between steps).
-__global__ void page_mass_kernel(const float* __restrict__ scores, int64_t scores_stride,
-                                 const float* __restrict__ lse,
-                                 const int32_t* __restrict__ block_table, int64_t bt_stride,
-                                 const int32_t* __restrict__ seq_lens, int num_q_heads, int group,
-                                 int block_size, float* __restrict__ mass, float weight) {
-  const int seq = blockIdx.x, kvh = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const int seq_len = seq_lens[seq];
-  const int pages = (seq_len + block_size - 1) / block_size;
-  for (int p = warp; p < pages; p += warps) {
-    const int entry = block_table[seq * bt_stride + p];
-    if (entry < 0) continue;
-    float acc = 0.f;
-    for (int i = lane; i < group * block_size; i += 32) {
-      const int g = i / block_size, t = p * block_size + i % block_size;
-      if (t >= seq_len) continue;
-      const int64_t row = static_cast<int64_t>(seq) * num_q_heads + kvh * group + g;
-      acc += exp2f(scores[row * scores_stride + t] - lse[row]);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) atomicAdd(mass + entry, acc * weight / group);
-  }
-}
-
 template <typename q_t, typename kv_t, int D, int MAX_G>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   const int head_chunks = (a.group + MAX_G - 1) / MAX_G;
@@ -378,7 +308,7 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
       a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
       a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale,
-      a.lo, a.scores, a.scores_stride, a.lse);
+      a.lo, a.lse);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
     decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
@@ -434,8 +364,7 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
-                  int64_t lo_group, const std::optional<torch::Tensor>& scores,
-                  const std::optional<torch::Tensor>& lse) {
+                  int64_t lo_group, const std::optional<torch::Tensor>& lse) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
   // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
@@ -487,19 +416,10 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   a.k_scale = static_cast<float>(k_scale);
   a.v_scale = static_cast<float>(v_scale);
   a.lo = make_lo_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group);
-  TORCH_CHECK(scores.has_value() == lse.has_value(), "scores and lse come together");
-  if (scores.has_value()) {
-    TORCH_CHECK(scores->scalar_type() == at::kFloat && lse->scalar_type() == at::kFloat &&
-                    scores->dim() == 3 && scores->size(0) >= a.num_seqs &&
-                    scores->size(1) == a.num_q_heads && scores->stride(2) == 1 &&
-                    scores->size(2) >= block_table.size(1) * a.block_size &&
-                    lse->is_contiguous() && lse->numel() >= a.num_seqs * a.num_q_heads,
-                "scores must be fp32 [seqs, q_heads, >= table pages * block_size] with unit "
-                "last stride, lse fp32 contiguous [seqs, q_heads]");
-    TORCH_CHECK(scores->stride(1) == scores->size(2) && scores->stride(0) == a.num_q_heads * scores->size(2),
-                "scores must be contiguous");
-    a.scores = scores->data_ptr<float>();
-    a.scores_stride = scores->size(2);
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
+                    lse->numel() >= a.num_seqs * a.num_q_heads,
+                "lse must be fp32 contiguous with >= seqs * q_heads elements");
     a.lse = lse->data_ptr<float>();
   }
 
@@ -520,26 +440,6 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
     if (fp8) detail::dispatch_dim<__half, uint8_t>(a, stream);
     else detail::dispatch_dim<__half, __half>(a, stream);
   }
-}
-
-void page_mass(torch::Tensor& mass, const torch::Tensor& scores, const torch::Tensor& lse,
-               const torch::Tensor& block_table, const torch::Tensor& seq_lens,
-               int64_t num_kv_heads, int64_t block_size, double weight) {
-  TORCH_CHECK(mass.is_cuda() && mass.scalar_type() == at::kFloat && mass.is_contiguous(),
-              "mass must be a contiguous CUDA fp32 [num_blocks] tensor");
-  TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous() && lse.is_contiguous(),
-              "scores [seqs, q_heads, tokens] and lse [seqs, q_heads] must be contiguous");
-  const int num_seqs = scores.size(0), num_q_heads = scores.size(1);
-  TORCH_CHECK(num_q_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads");
-  if (num_seqs == 0) return;
-  const at::cuda::OptionalCUDAGuard guard(device_of(mass));
-  detail::page_mass_kernel<<<dim3(num_seqs, num_kv_heads), 128, 0,
-                             at::cuda::getCurrentCUDAStream()>>>(
-      scores.data_ptr<float>(), scores.size(2), lse.data_ptr<float>(),
-      block_table.data_ptr<int32_t>(), block_table.stride(0), seq_lens.data_ptr<int32_t>(),
-      num_q_heads, static_cast<int>(num_q_heads / num_kv_heads), static_cast<int>(block_size),
-      mass.data_ptr<float>(), static_cast<float>(weight));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace mikv

@@ -32,8 +32,6 @@ struct DecodeArgs {
   int block_size = 0, num_splits = 1;
   float scale_log2 = 0.f, k_scale = 1.f, v_scale = 1.f;
   LoLayout lo;
-  float* scores = nullptr;  // optional [seqs, q_heads, scores_stride]: log2-domain scores
-  int64_t scores_stride = 0;
   float* lse = nullptr;     // optional [seqs, q_heads]: log2 of each head's softmax sum
 };
 
@@ -45,13 +43,13 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
-                  int64_t lo_group, const std::optional<torch::Tensor>& scores,
-                  const std::optional<torch::Tensor>& lse);
+                  int64_t lo_group, const std::optional<torch::Tensor>& lse);
 
-// Adds each hi page's attention mass of the last paged_decode (its scores and lse) to `mass`.
-void page_mass(torch::Tensor& mass, const torch::Tensor& scores, const torch::Tensor& lse,
+// Adds each hi page's attention mass of one decode step to `mass[block]`, recomputing the
+// scores from the keys against the step's `lse` (csrc/page_mass.cu).
+void page_mass(torch::Tensor& mass, const torch::Tensor& query, const torch::Tensor& key_cache,
                const torch::Tensor& block_table, const torch::Tensor& seq_lens,
-               int64_t num_kv_heads, int64_t block_size, double weight);
+               const torch::Tensor& lse, double scale, double k_scale, double weight);
 
 // Demotes hi pages into lo slots in place (csrc/quantize.cu).
 void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,

@@ -48,15 +48,14 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                  value_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
                  num_splits: int = 1, layout: PageLayout | None = None,
-                 scores: torch.Tensor | None = None,
                  lse: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query token per sequence over its hi and lo pages.
 
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
     (any strides but the last; fp8 caches as uint8 or float8_e4m3fn with k/v_scale);
     block_table: [seqs, pages] int32, block ids for hi pages and `mikv_vllm.layout.encode_lo` codes for
-    lo pages; seq_lens: [seqs] int32. With `scores` (fp32 [seqs, q_heads, pages * block_size])
-    and `lse` (fp32 [seqs, q_heads]) it also leaves what `page_mass` needs."""
+    lo pages; seq_lens: [seqs] int32. With `lse` (fp32 [seqs, q_heads]) it also leaves each
+    head's softmax normaliser (log2 domain), which `page_mass` needs."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
                          f"{tuple(query.shape)} and {tuple(key_cache.shape)}")
@@ -70,21 +69,25 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     load_kernels()
     torch.ops.mikv.paged_decode(out, query, key_cache, value_cache, block_table, seq_lens,
                                 float(scale), float(k_scale), float(v_scale), int(num_splits),
-                                *_lo_args(layout, query.shape[-1]), scores, lse)
+                                *_lo_args(layout, query.shape[-1]), lse)
     return out
 
 
-def page_mass(mass: torch.Tensor, scores: torch.Tensor, lse: torch.Tensor,
-              block_table: torch.Tensor, seq_lens: torch.Tensor, num_kv_heads: int,
-              block_size: int, weight: float = 1.0) -> torch.Tensor:
-    """Add each hi page's attention mass from the last `paged_decode(..., scores, lse)` into
-    `mass[block]` (fp32 [num_blocks]): summed over the page's tokens, averaged over the query
-    heads of a KV head, times `weight` (e.g. 1 / (kv_heads * layers) to average those)."""
-    if scores.dim() != 3 or mass.dtype != torch.float32:
-        raise ValueError("page_mass: scores must be [seqs, q_heads, tokens], mass fp32")
+def page_mass(mass: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+              block_table: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor,
+              scale: float, k_scale: float = 1.0, weight: float = 1.0) -> torch.Tensor:
+    """Add each hi page's attention mass of one decode step into `mass[block]` (fp32, one entry
+    per cache block): the page's softmax probabilities summed over its tokens, averaged over the
+    query heads of a KV head, times `weight`. `lse` comes from `paged_decode(..., lse=lse)` on
+    the same query and cache; the scores are recomputed from the keys (lo pages are skipped)."""
+    if mass.dtype != torch.float32 or mass.dim() != 1 or mass.numel() < key_cache.shape[0]:
+        raise ValueError("page_mass: mass must be fp32 [num_blocks]")
+    if query.dim() != 3 or key_cache.dim() != 4 or query.shape[-1] != key_cache.shape[-1]:
+        raise ValueError(f"page_mass: query {tuple(query.shape)} does not fit cache "
+                         f"{tuple(key_cache.shape)}")
     load_kernels()
-    torch.ops.mikv.page_mass(mass, scores, lse, block_table, seq_lens, int(num_kv_heads),
-                             int(block_size), float(weight))
+    torch.ops.mikv.page_mass(mass, query, key_cache, block_table, seq_lens, lse, float(scale),
+                             float(k_scale), float(weight))
     return mass
 
 

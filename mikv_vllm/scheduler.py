@@ -7,8 +7,8 @@ demotable pages go lo until they do. The moves ride to the workers on the step's
 `SchedulerOutput` (attribute `mikv_demotions`), minus those of requests vLLM preempted or
 finished in the same step (their packs are already back in the pool).
 
-Not yet selected by `--kv-cache-dtype mikv`: the worker half (`mikv_vllm.worker`) has not run on
-a GPU yet, and a scheduler that frees blocks the workers still read would corrupt attention."""
+Pages are ranked by the attention mass the workers measure (`mikv_vllm.importance`), which
+arrives every few steps on the model runner's output as one number per physical block."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +17,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.demotion import Demotion, PageDemoter
+from mikv_vllm.importance import BLOCK_MASS_ATTR, request_page_mass
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.policy import DemotionPolicy
 
@@ -64,8 +65,23 @@ class MikvSchedulerMixin:
         setattr(output, DEMOTIONS_ATTR, [m for m in moves if m.req_id not in gone])
         return output
 
+    def update_from_output(self, scheduler_output, model_runner_output):
+        block_mass = getattr(model_runner_output, BLOCK_MASS_ATTR, None)
+        if block_mass is not None:
+            self.report_block_mass(torch.as_tensor(block_mass))
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def report_block_mass(self, block_mass: torch.Tensor) -> None:
+        """Fold a worker report (mass per physical block) into every running request's ranking."""
+        req_to_blocks = self.demoter.manager.req_to_blocks
+        for r in self.running:
+            blocks = req_to_blocks.get(r.request_id)
+            if blocks:
+                self.report_page_mass(r.request_id, request_page_mass(
+                    block_mass, [b.block_id for b in blocks]))
+
     def report_page_mass(self, req_id: str, step_mass: torch.Tensor) -> None:
-        """Fold one step's per-page attention mass (from the workers) into the ranking."""
+        """Fold one report's per-page attention mass into the request's ranking."""
         acc = self.page_mass.get(req_id, torch.zeros(0))
         self.page_mass[req_id] = self.mikv_policy.accumulate(acc, step_mass)
 

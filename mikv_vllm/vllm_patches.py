@@ -86,6 +86,7 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
         (engine_args.kv_cache_dtype, engine_args.attention_backend,
          engine_args.additional_config) = saved
     layout = check_model_and_device(vllm_config, cfg)
+    select_scheduler_and_worker(vllm_config)
     logger.info("mikv: hi pages %s, %s", cfg.hi_dtype, layout.describe())
     better = _better_block_size(layout)
     if better is not None:
@@ -93,6 +94,34 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
                     "(more capacity; 2-bit keys then share scales over more tokens)",
                     better.block_size, better.pack_factor, layout.pack_factor)
     return vllm_config
+
+
+GPU_WORKER = "vllm.v1.worker.gpu_worker.Worker"
+MIKV_WORKER = "mikv_vllm.worker.MikvWorker"
+
+
+def select_scheduler_and_worker(vllm_config) -> None:
+    """Demotion lives in a Scheduler subclass (matching vLLM's async scheduling choice) and a
+    GPU Worker subclass; a user's own choice of either cannot be combined with them."""
+    sched, parallel = vllm_config.scheduler_config, vllm_config.parallel_config
+    if sched.scheduler_cls is not None:
+        raise MikvConfigError(
+            f"mikv: --kv-cache-dtype mikv brings its own scheduler; remove --scheduler-cls "
+            f"{sched.scheduler_cls!r}")
+    if parallel.worker_cls.startswith("vllm.") and parallel.worker_cls != GPU_WORKER:
+        raise MikvConfigError(
+            f"mikv: needs an NVIDIA GPU (CUDA); this vLLM platform runs {parallel.worker_cls}")
+    if parallel.worker_cls not in ("auto", GPU_WORKER, MIKV_WORKER):
+        raise MikvConfigError(
+            f"mikv: --kv-cache-dtype mikv brings its own GPU worker; remove --worker-cls "
+            f"{parallel.worker_cls!r}")
+    if parallel.pipeline_parallel_size > 1:
+        raise MikvConfigError("mikv: pipeline parallelism is not supported (tensor parallelism "
+                              "is); use --pipeline-parallel-size 1")
+    from mikv_vllm.scheduler import MikvAsyncScheduler, MikvScheduler
+
+    sched.scheduler_cls = MikvAsyncScheduler if sched.async_scheduling else MikvScheduler
+    parallel.worker_cls = MIKV_WORKER
 
 
 def _better_block_size(layout: PageLayout) -> PageLayout | None:

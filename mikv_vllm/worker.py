@@ -1,10 +1,11 @@
-"""The worker side of demotion: a vLLM GPU Worker subclass (`ParallelConfig.worker_cls`) that,
-before each step's forward, quantizes the pages the scheduler demoted into their pack slots in
-every attention layer and points the pages' block-table entries at those slots.
+"""The worker side of mikv: a vLLM GPU Worker subclass (`ParallelConfig.worker_cls`).
 
-Same CUDA stream, before the forward: the first point where a block the scheduler freed can be
+Before each step's forward it quantizes the pages the scheduler demoted into their pack slots in
+every attention layer and points the pages' block-table entries at those slots: same CUDA
+stream, before the forward, the first point where a block the scheduler freed can be
 rewritten, also under async scheduling. Every TP rank receives the same SchedulerOutput, so
-every rank moves the same pages of its own KV heads."""
+every rank moves the same pages of its own KV heads. It also owns the importance meter
+(`mikv_vllm.importance`) and sends its reports back on the step's output."""
 from __future__ import annotations
 
 import functools
@@ -15,30 +16,76 @@ from vllm.v1.worker.gpu_worker import Worker
 from mikv_vllm import ops
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.config import MikvConfig
+from mikv_vllm.importance import PageMassMeter, attach, sampled_layers
 from mikv_vllm.layout import cache_layout
 from mikv_vllm.scheduler import DEMOTIONS_ATTR
 
 
 class MikvWorker(Worker):
+    mass_meter: PageMassMeter | None = None
+    _report_due = False
+
     @functools.cached_property
     def mikv_config(self) -> MikvConfig:
         return MikvConfig.from_additional_config(self.vllm_config.additional_config)
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        if not self.use_v2_model_runner:
+            raise RuntimeError("mikv: needs vLLM's V2 model runner (unset "
+                               "VLLM_USE_V2_MODEL_RUNNER=0)")
+        super().initialize_from_config(kv_cache_config)
+        self._attach_mass_meter(kv_cache_config.num_blocks)
+
+    def _attention_layers(self) -> list:
+        """The model's attention layers in depth order."""
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        layers = get_layers_from_vllm_config(self.vllm_config, Attention)
+        return [layers[n] for n in sorted(layers, key=extract_layer_index)]
+
+    def _attach_mass_meter(self, num_blocks: int) -> None:
+        layers = self._attention_layers()
+        chosen = sampled_layers(len(layers))
+        model, parallel = self.vllm_config.model_config, self.vllm_config.parallel_config
+        self.mass_meter = PageMassMeter(
+            num_blocks=num_blocks, max_num_seqs=self.vllm_config.scheduler_config.max_num_seqs,
+            num_q_heads=model.get_num_attention_heads(parallel),
+            num_kv_heads=model.get_num_kv_heads(parallel), num_sampled_layers=len(chosen),
+            tp_size=parallel.tensor_parallel_size, device=self.device)
+        for i in chosen:
+            layers[i].impl.mass_meter = self.mass_meter
 
     def execute_model(self, scheduler_output):
         moves = getattr(scheduler_output, DEMOTIONS_ATTR, None)
         if moves:
             self.apply_demotions(moves)
+        if self.mass_meter is not None and scheduler_output.total_num_scheduled_tokens:
+            self._report_due |= self.mass_meter.step()
         return super().execute_model(scheduler_output)
 
-    def apply_demotions(self, moves) -> None:
-        from vllm.config import get_layers_from_vllm_config
-        from vllm.model_executor.layers.attention import Attention
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        if self._report_due and output is not None:
+            self._report_due = False
+            output = attach(output, self.mass_meter.take(self._tp_all_reduce()))
+        return output
 
+    def _tp_all_reduce(self):
+        if self.vllm_config.parallel_config.tensor_parallel_size == 1:
+            return None
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group().device_group
+        return lambda t: torch.distributed.all_reduce(t, group=group)
+
+    def apply_demotions(self, moves) -> None:
         device = self.device
         src = torch.tensor([m.src_block for m in moves], dtype=torch.int32).to(device)
         dst = torch.tensor([m.dst_code for m in moves], dtype=torch.int32).to(device)
         cfg = self.mikv_config
-        for layer in get_layers_from_vllm_config(self.vllm_config, Attention).values():
+        for layer in self._attention_layers():
             key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
             layout = cache_layout(key_cache, cfg.lo_bits, cfg.value_group_size)
             ops.quantize_pages(key_cache, value_cache, src, dst, layout,
@@ -48,4 +95,4 @@ class MikvWorker(Worker):
         for m in moves:
             row = runner.req_states.req_id_to_index.get(m.req_id)
             if row is not None:  # staged writes land after this step's request updates
-                table.stage_write(row, m.page, [-(1 + m.dst_code)])
+                table.stage_write(row, m.page, [-(1 + m.dst_code)])  # encode_lo

@@ -24,6 +24,7 @@ if not HAS_CUDA:
 
 GPU_SKIP_REASON = "needs an NVIDIA GPU and the built mikv CUDA kernels"
 FIXTURES = Path(__file__).parent / "fixtures"
+GPU_WORKER = "vllm.v1.worker.gpu_worker.Worker"  # what vLLM picks on a CUDA machine
 
 
 def pytest_configure(config):
@@ -63,9 +64,12 @@ def serve_parser():
 
 @pytest.fixture
 def parse_serve(serve_parser, tiny_llama):
-    """parse_serve(*argv, model=tiny_llama) -> the argparse Namespace `vllm serve` would get."""
+    """parse_serve(*argv, model=tiny_llama) -> the argparse Namespace `vllm serve` would get on a
+    GPU machine: this CPU machine's vLLM platform would pick its CPU worker, so the GPU worker is
+    named unless argv names one."""
     def parse(*argv: str, model: str | None = None):
-        return serve_parser.parse_args(["--model", model or tiny_llama, *argv])
+        worker = [] if "--worker-cls" in argv else ["--worker-cls", GPU_WORKER]
+        return serve_parser.parse_args(["--model", model or tiny_llama, *worker, *argv])
     return parse
 
 

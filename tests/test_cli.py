@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import GPU_WORKER
 from mikv_vllm.config import MikvConfig, MikvConfigError
 
 DEFAULT_KNOBS = MikvConfig().as_dict()
@@ -59,6 +60,38 @@ def test_mikv_becomes_bf16_cache_and_custom_backend(serve_engine_config):
     assert cfg.attention_config.backend == AttentionBackendEnum.CUSTOM
     assert cfg.additional_config["mikv"] == DEFAULT_KNOBS
     assert cfg.model_config.dtype == torch.bfloat16
+
+
+def test_mikv_selects_its_scheduler_and_worker(serve_engine_config):
+    from mikv_vllm.vllm_patches import select_scheduler_and_worker
+
+    _, cfg = serve_engine_config(*mikv_args())
+    # vLLM's CPU platform turns async scheduling off; on CUDA it is on by default.
+    assert cfg.scheduler_config.get_scheduler_cls().__name__ == "MikvScheduler"
+    assert cfg.parallel_config.worker_cls == "mikv_vllm.worker.MikvWorker"
+    cfg.scheduler_config.scheduler_cls, cfg.scheduler_config.async_scheduling = None, True
+    select_scheduler_and_worker(cfg)
+    assert cfg.scheduler_config.get_scheduler_cls().__name__ == "MikvAsyncScheduler"
+
+
+def test_stock_dtype_keeps_vllm_scheduler_and_worker(serve_engine_config):
+    _, cfg = serve_engine_config("--kv-cache-dtype", "fp8")
+    assert cfg.scheduler_config.scheduler_cls is None
+    assert cfg.parallel_config.worker_cls == GPU_WORKER
+
+
+@pytest.mark.parametrize("argv,match", [
+    pytest.param(["--scheduler-cls", "vllm.v1.core.sched.scheduler.Scheduler"],
+                 r"brings its own scheduler; remove --scheduler-cls", id="scheduler-cls"),
+    pytest.param(["--worker-cls", "my.Worker"], r"brings its own GPU worker; remove --worker-cls",
+                 id="worker-cls"),
+    pytest.param(["--worker-cls", "vllm.v1.worker.cpu_worker.CPUWorker"],
+                 r"needs an NVIDIA GPU \(CUDA\)", id="cpu-platform"),
+])
+def test_scheduler_and_worker_conflicts(serve_engine_config, argv, match):
+    with pytest.raises(MikvConfigError, match=match) as excinfo:
+        serve_engine_config(*mikv_args(), *argv)
+    assert_one_line_error(excinfo)
 
 
 def test_hi_dtype_fp8_becomes_fp8_cache(serve_engine_config):
@@ -134,7 +167,7 @@ def test_engine_args_path_of_llm(tiny_llama):
     these keywords and calls create_engine_config; no parser involved."""
     from vllm.engine.arg_utils import EngineArgs
 
-    engine_args = EngineArgs(model=tiny_llama, kv_cache_dtype="mikv",
+    engine_args = EngineArgs(model=tiny_llama, kv_cache_dtype="mikv", worker_cls=GPU_WORKER,
                              additional_config={"mikv": {"recent_pages": 2}})
     cfg = engine_args.create_engine_config()
     assert cfg.cache_config.cache_dtype == "auto"
@@ -220,7 +253,7 @@ def test_knobs_without_mikv_dtype(serve_engine_config, dtype):
 def test_bad_knobs_through_engine_args(tiny_llama):
     from vllm.engine.arg_utils import EngineArgs
 
-    engine_args = EngineArgs(model=tiny_llama, kv_cache_dtype="mikv",
+    engine_args = EngineArgs(model=tiny_llama, kv_cache_dtype="mikv", worker_cls=GPU_WORKER,
                              additional_config={"mikv": {"lo_bits": 8}})
     with pytest.raises(MikvConfigError, match=r"lo_bits must be 2 or 4, got 8"):
         engine_args.create_engine_config()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import GPU_WORKER
 from mikv_vllm.attention.metadata import MikvAttentionMetadata, MikvMetadataBuilder
 
 LAYER = "model.layers.0.self_attn.attn"
@@ -13,7 +14,7 @@ LAYER = "model.layers.0.self_attn.attn"
 def vllm_config(tiny_llama):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=tiny_llama, kv_cache_dtype="mikv",
+    return EngineArgs(model=tiny_llama, kv_cache_dtype="mikv", worker_cls=GPU_WORKER,
                       block_size=16).create_engine_config()
 
 

@@ -2,8 +2,11 @@
 update_from_output), on CPU with real vLLM 0.26 objects: demotion comes before preemption."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
+import pytest
+import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.hashing import sha256
@@ -12,7 +15,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from conftest import one_layer_kv_cache_config
+from conftest import GPU_WORKER, one_layer_kv_cache_config
 from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvScheduler
 
 BLOCK = 16
@@ -22,7 +25,7 @@ HASHER = get_request_block_hasher(BLOCK, sha256)
 
 def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None) -> MikvScheduler:
     args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True,
-                      block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
+                      worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
                       additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
     vllm_config = args.create_engine_config()
     kv_config = one_layer_kv_cache_config(num_blocks, BLOCK, num_kv_heads=2, head_size=64)
@@ -103,3 +106,39 @@ def test_abort_mid_demotion_returns_everything(tiny_llama):
         "vllm.v1.request", fromlist=["RequestStatus"]).RequestStatus.FINISHED_ABORTED)
     assert sched.demoter.num_pack_blocks() == 0
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 200 - 1
+
+
+def test_importance_reports_rank_pages(tiny_llama):
+    """A worker report (mass per physical block, on the step's ModelRunnerOutput) reaches the
+    request's ranking; the budget then demotes the pages that got no attention first."""
+    from mikv_vllm.importance import BLOCK_MASS_ATTR
+
+    rng = random.Random(3)
+    sched = make_scheduler(tiny_llama, num_blocks=400, knobs={"sink_pages": 1, "recent_pages": 2})
+    sched.add_request(request("a", 320, 100, rng))  # 20 pages
+    step(sched)                                       # prefill
+    blocks = [b.block_id for b in sched.demoter.manager.req_to_blocks["a"]]
+    hot = {3, 7, 11}
+    block_mass = torch.zeros(400)
+    block_mass[[blocks[p] for p in hot]] = 0.3
+    out = sched.schedule()
+    runner_out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0},
+                                   sampled_token_ids=[[5]])
+    setattr(runner_out, BLOCK_MASS_ATTR, block_mass.numpy())
+    sched.update_from_output(out, runner_out)
+    mass = sched.page_mass["a"]
+    assert mass[sorted(hot)].tolist() == pytest.approx([0.3] * 3)
+    assert float(mass.sum()) == pytest.approx(0.9)
+    # A budget of 4 hi pages of 21 keeps sink + 2 recent + 1 more: the 15 cold demotable pages
+    # go first, then 2 of the 3 hot ones.
+    sched.mikv_policy = dataclasses.replace(sched.mikv_policy, hi_budget=0.2)
+    demoted = {m.page for m in getattr(step(sched), DEMOTIONS_ATTR)}
+    assert len(demoted) == 17 and len(hot - demoted) == 1, sorted(demoted)
+
+
+def test_block_mass_of_lo_and_null_pages_is_zero():
+    from mikv_vllm.importance import request_page_mass
+
+    block_mass = torch.arange(10, dtype=torch.float32)
+    assert request_page_mass(block_mass, [4, 0, 9]).tolist() == [4.0, 0.0, 9.0]
+    assert request_page_mass(block_mass, []).numel() == 0

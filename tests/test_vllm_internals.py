@@ -5,6 +5,7 @@ depends on it (mikv_vllm/vllm_patches.py, plugin.py, attention/)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import re
 import typing
@@ -55,8 +56,6 @@ def test_engine_args_create_engine_config_exists():
 
 
 def test_engine_args_fields_mikv_rewrites():
-    import dataclasses
-
     from vllm.engine.arg_utils import EngineArgs
 
     names = {f.name for f in dataclasses.fields(EngineArgs)}
@@ -361,3 +360,46 @@ def test_gpu_worker_execute_model_takes_the_scheduler_output():
 
     assert _param_names(Worker.execute_model)[1:2] == ["scheduler_output"], (
         "Worker.execute_model(scheduler_output) changed: MikvWorker wraps it")
+
+
+def test_gpu_worker_hooks_of_mikv_worker():
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert _param_names(Worker.sample_tokens)[1:2] == ["grammar_output"], (
+        "Worker.sample_tokens(grammar_output) changed: MikvWorker attaches importance reports")
+    assert _param_names(Worker.initialize_from_config)[1:2] == ["kv_cache_config"], (
+        "Worker.initialize_from_config(kv_cache_config) changed: MikvWorker sizes its meter")
+    assert "self.use_v2_model_runner" in inspect.getsource(Worker.__init__), (
+        "Worker.use_v2_model_runner moved: MikvWorker requires the V2 runner")
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    assert extract_layer_index("model.layers.12.self_attn.attn") == 12
+
+
+def test_model_runner_output_carries_an_extra_attribute():
+    """The importance report rides on ModelRunnerOutput as an attribute: it must survive the
+    pickling of the multiprocessing executor, and the scheduler hook must keep its signature."""
+    import pickle
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+
+    out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
+    out.mikv_block_mass = [1.0]
+    assert pickle.loads(pickle.dumps(out)).mikv_block_mass == [1.0], (
+        "ModelRunnerOutput no longer keeps extra attributes (slots?): importance reports are lost")
+    assert _param_names(Scheduler.update_from_output)[1:3] == [
+        "scheduler_output", "model_runner_output"], (
+        "Scheduler.update_from_output changed: MikvScheduler reads importance reports there")
+    assert AsyncModelRunnerOutput.__abstractmethods__ == {"get_output"}
+
+
+def test_executors_resolve_worker_cls_and_scheduler_cls():
+    from vllm.config import ParallelConfig, SchedulerConfig
+
+    assert "worker_cls" in {f.name for f in dataclasses.fields(ParallelConfig)}
+    assert "scheduler_cls" in {f.name for f in dataclasses.fields(SchedulerConfig)}
+    assert "resolve_obj_by_qualname" in inspect.getsource(SchedulerConfig.get_scheduler_cls)
+    cuda = _vllm_file("platforms/cuda.py").read_text()
+    assert '"vllm.v1.worker.gpu_worker.Worker"' in cuda, (
+        "the CUDA platform's default worker moved: vllm_patches replaces exactly that class")

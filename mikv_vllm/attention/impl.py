@@ -9,6 +9,7 @@ from mikv_vllm import ops
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.attention.metadata import MikvAttentionMetadata
 from mikv_vllm.config import MikvConfig
+from mikv_vllm.importance import PageMassMeter
 from mikv_vllm.layout import PageLayout, cache_layout
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -43,6 +44,8 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         self.fa_version = get_flash_attn_version(head_size=head_size)
         self.mikv = _mikv_config()
         self.layout: PageLayout | None = None  # built at the first forward, from the cache
+        # Set by the mikv worker on the layers that measure page importance.
+        self.mass_meter: PageMassMeter | None = None
         ops.load_kernels()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -64,10 +67,15 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             self.layout = cache_layout(key_cache, self.mikv.lo_bits, self.mikv.value_group_size)
         nd = md.num_decodes
         if nd:
+            meter = self.mass_meter
             ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
                              md.decode_block_table, md.decode_seq_lens, self.scale,
                              layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
-                             self.layout)
+                             self.layout, lse=None if meter is None else meter.lse[:nd])
+            if meter is not None:
+                ops.page_mass(meter.mass, query[:nd], key_cache, md.decode_block_table,
+                              md.decode_seq_lens, meter.lse[:nd], self.scale,
+                              layer._k_scale_float, meter.weight)
         if md.num_prefill_tokens:
             self._prefill(layer, query[nd:md.num_actual_tokens], key_cache, value_cache,
                           output[nd:md.num_actual_tokens], md)

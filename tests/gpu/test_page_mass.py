@@ -1,4 +1,5 @@
-"""Per-page attention mass from the decode kernel (GPU only), against the torch reference."""
+"""Per-page attention mass (decode kernel lse + page_mass over the keys, GPU only) against the
+torch reference."""
 from __future__ import annotations
 
 import math
@@ -42,12 +43,11 @@ def test_page_mass_matches_reference(splits, group, head_dim):
     table_d, lens_d = table.cuda(), lens.to(torch.int32).cuda()
     q = torch.randn(seqs, heads * group, head_dim, generator=gen).to(torch.bfloat16).cuda()
     scale = 1 / math.sqrt(head_dim)
-    scores = torch.full((seqs, heads * group, table.shape[1] * bs), float("nan"), device="cuda")
     lse = torch.full((seqs, heads * group), float("nan"), device="cuda")
     out = torch.empty_like(q)
-    ops.paged_decode(out, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout, scores, lse)
+    ops.paged_decode(out, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout, lse)
     mass = torch.zeros(num_blocks, device="cuda")
-    ops.page_mass(mass, scores, lse, table_d, lens_d, heads, bs, weight=1.0 / heads)
+    ops.page_mass(mass, q, k, table_d, lens_d, lse, scale, weight=1.0 / heads)
 
     want = torch.zeros(num_blocks)
     k_all, v_all = reference.cache_to_float(k).cpu(), reference.cache_to_float(v).cpu()

@@ -1,0 +1,96 @@
+"""The importance signal: how much attention each hi page receives, measured on the GPU during
+decode and handed to the scheduler, which ranks pages by it (H2O at page granularity).
+
+Measured on a few sampled layers only: there `paged_decode` leaves each head's softmax
+normaliser and `page_mass` re-reads those layers' keys to add every hi page's probability mass
+into one fp32 entry per physical block. Indexing by block id needs no row -> request map on the
+GPU and works inside CUDA graphs; the scheduler knows which request owns which block. Every
+`REPORT_EVERY` steps the worker sums the buffer over tensor-parallel ranks, copies it to the
+host without stalling the stream and zeroes it; the copy rides to the scheduler on the step's
+ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.v1.outputs import AsyncModelRunnerOutput
+
+REPORT_EVERY = 8           # decode steps between reports to the scheduler
+BLOCK_MASS_ATTR = "mikv_block_mass"
+
+
+def sampled_layers(num_layers: int) -> list[int]:
+    """The layers that measure page mass: at a third and two thirds of the depth. Two layers of
+    32 cost about 1/32 of the step's KV bytes (their keys read once more)."""
+    return sorted({num_layers // 3, (2 * num_layers) // 3})
+
+
+class PageMassMeter:
+    """Worker-side buffers of the importance signal, shared by the sampled layers."""
+
+    def __init__(self, num_blocks: int, max_num_seqs: int, num_q_heads: int,
+                 num_kv_heads: int, num_sampled_layers: int, tp_size: int,
+                 device: torch.device) -> None:
+        self.mass = torch.zeros(num_blocks, dtype=torch.float32, device=device)
+        self.lse = torch.zeros(max_num_seqs, num_q_heads, dtype=torch.float32, device=device)
+        # Average over every KV head of the model (all ranks) and the sampled layers, so one
+        # step's masses of a request sum to at most 1.
+        self.weight = 1.0 / (num_kv_heads * tp_size * num_sampled_layers)
+        self.steps = 0
+
+    def step(self) -> bool:
+        """Count one forward; True when this step's output should carry a report."""
+        self.steps += 1
+        return self.steps % REPORT_EVERY == 0
+
+    def take(self, all_reduce=None) -> "PendingMass":
+        """Start the device-to-host copy of the accumulated mass and restart accumulation."""
+        if all_reduce is not None:
+            all_reduce(self.mass)
+        host = torch.empty(self.mass.shape, dtype=self.mass.dtype, pin_memory=True)
+        host.copy_(self.mass, non_blocking=True)
+        self.mass.zero_()
+        done = torch.cuda.Event()
+        done.record()
+        return PendingMass(host, done)
+
+
+class PendingMass:
+    """A block-mass report whose copy may still be in flight."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event) -> None:
+        self.host, self.done = host, done
+
+    def result(self) -> np.ndarray:
+        self.done.synchronize()
+        return self.host.numpy()
+
+
+class AsyncOutputWithMass(AsyncModelRunnerOutput):
+    """An async step output that adds the report once the output is ready."""
+
+    def __init__(self, inner: AsyncModelRunnerOutput, pending: PendingMass) -> None:
+        self.inner, self.pending = inner, pending
+
+    def get_output(self):
+        output = self.inner.get_output()
+        setattr(output, BLOCK_MASS_ATTR, self.pending.result())
+        return output
+
+
+def attach(output, pending: PendingMass):
+    """Make `output` (a ModelRunnerOutput, or an async one) carry the report to the scheduler."""
+    if isinstance(output, AsyncModelRunnerOutput):
+        return AsyncOutputWithMass(output, pending)
+    if output is not None:
+        setattr(output, BLOCK_MASS_ATTR, pending.result())
+    return output
+
+
+def request_page_mass(block_mass: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """One request's per-page mass from a block-indexed report (null/lo pages read block 0,
+    which no hi page uses, so they get 0)."""
+    if not block_ids:
+        return block_mass.new_zeros(0)
+    out = block_mass[torch.tensor(block_ids, dtype=torch.long)]
+    out[torch.tensor(block_ids) == 0] = 0.0
+    return out
