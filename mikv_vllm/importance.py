@@ -27,11 +27,11 @@ def sampled_layers(num_layers: int) -> list[int]:
 class PageMassMeter:
     """Worker-side buffers of the importance signal, shared by the sampled layers."""
 
-    def __init__(self, num_blocks: int, max_num_seqs: int, num_q_heads: int,
+    def __init__(self, num_blocks: int, max_rows: int, num_q_heads: int,
                  num_kv_heads: int, num_sampled_layers: int, tp_size: int,
                  device: torch.device) -> None:
         self.mass = torch.zeros(num_blocks, dtype=torch.float32, device=device)
-        self.lse = torch.zeros(max_num_seqs, num_q_heads, dtype=torch.float32, device=device)
+        self.lse = torch.zeros(max_rows, num_q_heads, dtype=torch.float32, device=device)
         # Average over every KV head of the model (all ranks) and the sampled layers, so one
         # step's masses of a request sum to at most 1.
         self.weight = 1.0 / (num_kv_heads * tp_size * num_sampled_layers)

@@ -12,6 +12,7 @@ arrives every few steps on the model runner's output as one number per physical 
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -20,8 +21,10 @@ from mikv_vllm.demotion import Demotion, PageDemoter
 from mikv_vllm.importance import BLOCK_MASS_ATTR, request_page_mass
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.policy import DemotionPolicy
+from mikv_vllm.stats import PageStatsRecorder
 
 DEMOTIONS_ATTR = "mikv_demotions"
+logger = init_logger("vllm.mikv")
 
 
 def layout_of_spec(spec, cfg: MikvConfig) -> PageLayout:
@@ -46,8 +49,15 @@ class MikvSchedulerMixin:
         self.mikv_layout = layout_of_spec(groups[0].kv_cache_spec, cfg)
         self.mikv_policy = DemotionPolicy.from_config(cfg)
         self.demoter = PageDemoter(self.kv_cache_manager, self.mikv_layout)
+        self.page_stats = PageStatsRecorder(self.mikv_layout.hi_page_bytes,
+                                            self.mikv_layout.lo_page_bytes)
         self.page_mass: dict[str, torch.Tensor] = {}
         self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
+        blocks, bs, n = self.kv_cache_config.num_blocks, self.mikv_layout.block_size, \
+            self.mikv_layout.pack_factor
+        logger.info("mikv: KV capacity %d blocks x %d tokens = %d tokens with every page hi, up "
+                    "to %d with every demotable page lo (%d lo pages per block)",
+                    blocks, bs, blocks * bs, blocks * bs * n, n)
         free = self.kv_cache_manager.free
 
         def free_with_packs(request) -> None:
@@ -58,12 +68,19 @@ class MikvSchedulerMixin:
         self.kv_cache_manager.free = free_with_packs
 
     def schedule(self, *args, **kwargs):
-        moves = self.plan_demotions()
+        moves, pressure_moves = self.plan_demotions()
         output = super().schedule(*args, **kwargs)
         gone = set(getattr(output, "preempted_req_ids", None) or ()) | set(
             output.finished_req_ids)
         setattr(output, DEMOTIONS_ATTR, [m for m in moves if m.req_id not in gone])
+        self.page_stats.observe(self, output, self.demoter, len(moves), pressure_moves)
         return output
+
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:  # read by mikv_vllm.metrics (field added by vllm_patches)
+            stats.mikv = self.page_stats.stats.as_dict()
+        return stats
 
     def update_from_output(self, scheduler_output, model_runner_output):
         block_mass = getattr(model_runner_output, BLOCK_MASS_ATTR, None)
@@ -85,17 +102,19 @@ class MikvSchedulerMixin:
         acc = self.page_mass.get(req_id, torch.zeros(0))
         self.page_mass[req_id] = self.mikv_policy.accumulate(acc, step_mass)
 
-    def plan_demotions(self) -> list[Demotion]:
+    def plan_demotions(self) -> tuple[list[Demotion], int]:
+        """This step's moves, and how many of them memory pressure asked for."""
         bs = self.mikv_layout.block_size
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
         moves: list[Demotion] = []
         for r in decoding:  # 1. the per-request hi budget
             moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
                 *self._ranking(r), r.num_computed_tokens, bs))
-        # 2. memory pressure: room for every running request's next page, plus a watermark.
-        need = sum(1 for r in self.running if r.num_computed_tokens % bs == 0)
-        short = need + self.watermark_blocks - self.kv_cache_manager.block_pool.get_num_free_blocks()
+        # 2. memory pressure: room for this step's pages plus a watermark.
+        short = (self._blocks_wanted() + self.watermark_blocks
+                 - self.kv_cache_manager.block_pool.get_num_free_blocks())
         n = self.mikv_layout.pack_factor
+        budget_moves = len(moves)
         for r in sorted(decoding, key=lambda r: -r.num_computed_tokens):  # longest first
             if short <= 0:
                 break
@@ -105,7 +124,20 @@ class MikvSchedulerMixin:
             done = self.demoter.demote(r.request_id, pages)
             short -= len(done) - -(-len(done) // n)
             moves += done
-        return moves
+        return moves, len(moves) - budget_moves
+
+    def _blocks_wanted(self) -> int:
+        """Blocks this step may allocate: each decode's next page, each prefill's next chunk,
+        and the first chunk of the next waiting request (so that admission does not stall
+        while cold pages could make room)."""
+        bs, chunk = self.mikv_layout.block_size, self.max_num_scheduled_tokens
+        want = 0
+        for r in self.running:
+            todo = r.num_prompt_tokens - r.num_computed_tokens
+            want += -(-min(todo, chunk) // bs) if todo > 0 else int(r.num_computed_tokens % bs == 0)
+        if self.waiting and len(self.running) < self.max_num_running_reqs:
+            want += -(-min(self.waiting.peek_request().num_prompt_tokens, chunk) // bs)
+        return want
 
     def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor]:
         pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)

@@ -28,6 +28,7 @@ def apply() -> None:
     """Patch vLLM once per process; calling again is a no-op."""
     from vllm.engine.arg_utils import EngineArgs
 
+    add_scheduler_stats_field()
     if getattr(EngineArgs.create_engine_config, _PATCHED_MARK, False):
         return
     original_add_cli_args = EngineArgs.add_cli_args
@@ -45,6 +46,29 @@ def apply() -> None:
         setattr(patched, _PATCHED_MARK, True)
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.create_engine_config = create_engine_config
+
+
+STATS_FIELD = "mikv"
+
+
+def add_scheduler_stats_field() -> None:
+    """Give vLLM's SchedulerStats a `mikv` field (dict or None) so that the scheduler's page
+    counters travel with vLLM's own stats from the engine core to the API server's stat loggers
+    (msgspec sends declared dataclass fields only). Done in place, in every process, before
+    vLLM encodes or decodes its first stats."""
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    if STATS_FIELD in SchedulerStats.__dataclass_fields__:
+        return
+
+    @dataclasses.dataclass
+    class _Field:  # a well-formed dataclass Field to graft on
+        mikv: dict[str, int] | None = None
+
+    field = _Field.__dataclass_fields__[STATS_FIELD]
+    SchedulerStats.__dataclass_fields__[STATS_FIELD] = field
+    SchedulerStats.__annotations__[STATS_FIELD] = field.type
+    setattr(SchedulerStats, STATS_FIELD, None)  # the default; __init__ is left as it is
 
 
 def _add_cli_args(original, parser):

@@ -49,8 +49,10 @@ class MikvWorker(Worker):
         layers = self._attention_layers()
         chosen = sampled_layers(len(layers))
         model, parallel = self.vllm_config.model_config, self.vllm_config.parallel_config
+        sched = self.vllm_config.scheduler_config
         self.mass_meter = PageMassMeter(
-            num_blocks=num_blocks, max_num_seqs=self.vllm_config.scheduler_config.max_num_seqs,
+            # decode rows of a step, CUDA-graph padding included
+            num_blocks=num_blocks, max_rows=max(sched.max_num_seqs, sched.max_num_batched_tokens),
             num_q_heads=model.get_num_attention_heads(parallel),
             num_kv_heads=model.get_num_kv_heads(parallel), num_sampled_layers=len(chosen),
             tp_size=parallel.tensor_parallel_size, device=self.device)

@@ -23,7 +23,8 @@ init_none_hash(sha256)
 HASHER = get_request_block_hasher(BLOCK, sha256)
 
 
-def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None) -> MikvScheduler:
+def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None,
+                   log_stats: bool = False) -> MikvScheduler:
     args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True,
                       worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
                       additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
@@ -31,7 +32,7 @@ def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None) -> Mi
     kv_config = one_layer_kv_cache_config(num_blocks, BLOCK, num_kv_heads=2, head_size=64)
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     return MikvScheduler(vllm_config, kv_config, StructuredOutputManager(vllm_config),
-                         block_size=BLOCK)
+                         block_size=BLOCK, log_stats=log_stats)
 
 
 def request(rid: str, prompt_len: int, max_tokens: int, rng: random.Random) -> Request:
@@ -56,7 +57,7 @@ def step(sched: MikvScheduler):
 
 def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     rng = random.Random(0)
-    sched = make_scheduler(tiny_llama, num_blocks=120)
+    sched = make_scheduler(tiny_llama, num_blocks=120, log_stats=True)
     n = sched.mikv_layout.pack_factor
     assert n >= 2
     for i in range(4):
@@ -69,8 +70,15 @@ def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
         moves += getattr(out, DEMOTIONS_ATTR)
         preempted += len(getattr(out, "preempted_req_ids", None) or ())
         finished |= set(out.finished_req_ids)
+        if sched.demoter.num_lo_pages():
+            lo_seen = sched.make_stats().mikv  # what vLLM's stat loggers receive
     assert finished == {f"r{i}" for i in range(4)}
     assert moves, "no page was demoted"
+    assert lo_seen["lo_pages"] > 0 and lo_seen["pack_blocks"] > 0
+    assert lo_seen["demotions_total"] == lo_seen["pressure_demotions_total"] > 0
+    assert lo_seen["max_resident_tokens"] > (120 - 1) * BLOCK  # more than the hi pool holds
+    final = sched.make_stats().mikv
+    assert final["demotions_total"] == len(moves) and final["preemptions_total"] == 0
     assert preempted == 0, f"{preempted} preemptions despite demotion"
     assert sched.demoter.num_pack_blocks() == 0
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 120 - 1

@@ -1,0 +1,74 @@
+"""What the mikv scheduler reports about its pages: one dict per step on vLLM's SchedulerStats
+(field `mikv`, for the Prometheus logger in `mikv_vllm.metrics`) and a throttled log line
+(`mikv stats: {...}`) that benchmarks parse. The same counters describe any vLLM scheduler
+(`observe` needs no demoter), so a benchmark can log them for the stock dtypes too."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.mikv")
+LOG_PREFIX = "mikv stats: "
+LOG_EVERY_S = 2.0
+
+
+@dataclass
+class PageStats:
+    resident_tokens: int = 0       # tokens whose K/V is in the cache now (running requests)
+    max_resident_tokens: int = 0
+    hi_pages: int = 0              # blocks holding one hi page each
+    lo_pages: int = 0
+    pack_blocks: int = 0           # blocks holding lo pages
+    demotions_total: int = 0
+    pressure_demotions_total: int = 0  # pages demoted because free blocks ran short
+    preemptions_total: int = 0
+    bytes_saved: int = 0           # per layer and rank: lo pages x (hi page - lo page bytes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PageStatsRecorder:
+    """Updates a PageStats after every `schedule()` and logs it at most every LOG_EVERY_S."""
+
+    def __init__(self, hi_page_bytes: int = 0, lo_page_bytes: int = 0) -> None:
+        self.stats = PageStats()
+        self.saved_per_page = max(0, hi_page_bytes - lo_page_bytes)
+        self._last_log = 0.0
+        self._busy = False
+
+    def observe(self, scheduler, output, demoter=None, new_moves: int = 0,
+                pressure_moves: int = 0) -> None:
+        s = self.stats
+        s.resident_tokens = sum(r.num_computed_tokens for r in scheduler.running)
+        s.max_resident_tokens = max(s.max_resident_tokens, s.resident_tokens)
+        s.preemptions_total += len(getattr(output, "preempted_req_ids", None) or ())
+        pool = scheduler.kv_cache_manager.block_pool
+        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is the null block
+        if demoter is not None:
+            s.lo_pages, s.pack_blocks = demoter.num_lo_pages(), demoter.num_pack_blocks()
+            s.demotions_total += new_moves
+            s.pressure_demotions_total += pressure_moves
+        s.hi_pages = used - s.pack_blocks
+        s.bytes_saved = s.lo_pages * self.saved_per_page
+        now = time.monotonic()
+        went_idle = self._busy and not scheduler.running
+        self._busy = bool(scheduler.running)
+        if went_idle or now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            self.log()
+
+    def log(self) -> None:
+        logger.info("%s%s", LOG_PREFIX, json.dumps(self.stats.as_dict()))
+
+
+def last_logged(text: str) -> dict | None:
+    """The last `mikv stats` dict in a log text (for benchmarks)."""
+    at = text.rfind(LOG_PREFIX)
+    if at < 0:
+        return None
+    line = text[at + len(LOG_PREFIX):].split("\n", 1)[0]
+    return json.loads(line)
