@@ -1,7 +1,11 @@
 """Side-by-side end-to-end run: one fresh engine per kv-cache dtype, same workload, same call.
 
-Writes per-dtype logs and a summary JSON with KV capacity (from vLLM's own "GPU KV cache size"
-log line), throughput, ratios to `auto`, and the greedy token match of each dtype vs `auto`."""
+Writes per-dtype logs and a summary JSON with KV capacity (vLLM's own "GPU KV cache size" log
+line: the hi pool), the most tokens resident at once and the preemptions (the `mikv stats` log
+line, which the mikv scheduler and, for stock dtypes, benchmarks/residency_probe.py write),
+throughput, ratios to `auto`, and the greedy token match of each dtype vs `auto`. Rows are also
+appended to e2e_capacity.json ({kv, workload, kv_tokens, wall_s, gen_tok_s, total_tok_s,
+preemptions, p50_ms, p99_ms}; latencies come from e2e_serve_sweep.py)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +17,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from mikv_vllm.stats import last_logged  # noqa: E402
+
 KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 
 
@@ -23,12 +30,17 @@ def kv_tokens_in_log(text: str) -> int | None:
 
 
 def run_one(kv: str, args, out_dir: str) -> dict:
-    result_path = os.path.join(out_dir, f"e2e_{kv}.json")
-    log_path = os.path.join(out_dir, f"e2e_{kv}.log")
+    tag = f"{kv}_{args.tag}" if args.tag else kv
+    result_path = os.path.join(out_dir, f"e2e_{tag}.json")
+    log_path = os.path.join(out_dir, f"e2e_{tag}.log")
     cmd = [sys.executable, os.path.join(HERE, "e2e_llm.py"), "--model", args.model, "--kv", kv,
            "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
            "--output-len", str(args.output_len), "--max-model-len", str(args.max_model_len),
-           "--out", result_path]
+           "--probe-prompts", str(args.probe_prompts), "--out", result_path]
+    if kv == "mikv" and args.mikv_knobs:
+        cmd += ["--knobs", args.mikv_knobs]
+    if args.block_size:
+        cmd += ["--block-size", str(args.block_size)]
     t0 = time.time()
     with open(log_path, "w") as log:
         try:
@@ -38,12 +50,21 @@ def run_one(kv: str, args, out_dir: str) -> dict:
             rc = "timeout"
     text = open(log_path).read()
     row = {"kv": kv, "rc": rc, "process_s": round(time.time() - t0, 1)}
-    row["kv_tokens"] = kv_tokens_in_log(text)
+    row.update(log_counters(text))
     if rc == 0 and os.path.exists(result_path):
         row.update(json.load(open(result_path)))
     else:
         row["error_tail"] = text[-3000:]
     return row
+
+
+def log_counters(text: str) -> dict:
+    """Capacity, residency and preemptions read from one engine's log."""
+    stats = last_logged(text) or {}
+    return {"kv_capacity_tokens": kv_tokens_in_log(text),
+            "kv_tokens": stats.get("max_resident_tokens"),
+            "preemptions": stats.get("preemptions_total"),
+            "lo_pages_end": stats.get("lo_pages"), "demotions": stats.get("demotions_total")}
 
 
 def token_match(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -63,18 +84,33 @@ def summarize(rows: list[dict]) -> list[dict]:
         if base and "total_tok_s" in r:
             r["total_vs_auto"] = r["total_tok_s"] / base["total_tok_s"]
             r["gen_vs_auto"] = r["gen_tok_s"] / base["gen_tok_s"]
-            if r.get("kv_tokens") and base.get("kv_tokens"):
-                r["kv_tokens_vs_auto"] = r["kv_tokens"] / base["kv_tokens"]
+            for key in ("kv_tokens", "kv_capacity_tokens"):
+                if r.get(key) and base.get(key):
+                    r[f"{key}_vs_auto"] = r[key] / base[key]
             r["greedy_vs_auto"] = token_match(base["probe_tokens"], r["probe_tokens"])
     return [{k: v for k, v in r.items() if k != "probe_tokens"} for r in rows]
 
 
-def load_row(kv: str, out_dir: str) -> dict:
+def load_row(kv: str, args) -> dict:
     """A row rebuilt from the files run_one left behind (for --summarize-only)."""
-    text = open(os.path.join(out_dir, f"e2e_{kv}.log")).read()
-    row = {"kv": kv, "rc": 0, "kv_tokens": kv_tokens_in_log(text)}
-    row.update(json.load(open(os.path.join(out_dir, f"e2e_{kv}.json"))))
+    tag = f"{kv}_{args.tag}" if args.tag else kv
+    text = open(os.path.join(args.out_dir, f"e2e_{tag}.log")).read()
+    row = {"kv": kv, "rc": 0, **log_counters(text)}
+    row.update(json.load(open(os.path.join(args.out_dir, f"e2e_{tag}.json"))))
     return row
+
+
+CAPACITY_KEYS = ("kv", "workload", "kv_tokens", "kv_capacity_tokens", "wall_s", "gen_tok_s",
+                 "total_tok_s", "preemptions", "p50_ms", "p99_ms", "knobs", "block_size")
+
+
+def append_capacity_rows(rows: list[dict], path: str) -> None:
+    """Add this run's rows to e2e_capacity.json (rows of the same kv and workload replaced)."""
+    old = json.load(open(path)) if os.path.exists(path) else []
+    new = [{k: r.get(k) for k in CAPACITY_KEYS} for r in rows if "total_tok_s" in r]
+    keys = {(r["kv"], r["workload"], r["knobs"]) for r in new}
+    old = [r for r in old if (r["kv"], r["workload"], r.get("knobs")) not in keys]
+    json.dump(old + new, open(path, "w"), indent=1)
 
 
 def main() -> None:
@@ -87,16 +123,22 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="e.g. 33280 for 64 x (32K + 512)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per dtype")
+    p.add_argument("--probe-prompts", type=int, default=16, help="greedy-match prompts")
+    p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv run")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--tag", default="", help="suffix of this run's file names")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     p.add_argument("--summarize-only", action="store_true",
                    help="rebuild e2e_summary.json from the per-dtype files in --out-dir")
     args = p.parse_args()
     if args.summarize_only:
-        rows = [load_row(kv, args.out_dir) for kv in args.kv]
+        rows = [load_row(kv, args) for kv in args.kv]
     else:
         rows = [run_one(kv, args, args.out_dir) for kv in args.kv]
     rows = summarize(rows)
-    json.dump(rows, open(os.path.join(args.out_dir, "e2e_summary.json"), "w"), indent=1)
+    name = f"e2e_summary_{args.tag}.json" if args.tag else "e2e_summary.json"
+    json.dump(rows, open(os.path.join(args.out_dir, name), "w"), indent=1)
+    append_capacity_rows(rows, os.path.join(args.out_dir, "e2e_capacity.json"))
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if k != "error_tail"}))
         if "error_tail" in r:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> None:
@@ -21,15 +25,26 @@ def main() -> None:
     p.add_argument("--probe-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--knobs", default=None, help="mikv knobs as JSON, e.g. '{\"hi_budget\": 0.1}'")
+    p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    extra = {}
+    if a.kv == "mikv":
+        extra["additional_config"] = {"mikv": json.loads(a.knobs or "{}")}
+    else:  # the same resident-token and preemption log line as mikv's scheduler
+        sys.path.insert(0, HERE)
+        os.environ["PYTHONPATH"] = HERE + os.pathsep + os.environ.get("PYTHONPATH", "")
+        extra["scheduler_cls"] = "residency_probe.ProbeAsyncScheduler"
+    if a.block_size:
+        extra["block_size"] = a.block_size
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=a.model, load_format="dummy", skip_tokenizer_init=True,
               kv_cache_dtype=a.kv, gpu_memory_utilization=a.gpu_memory_utilization,
-              max_model_len=a.max_model_len, seed=0)
+              max_model_len=a.max_model_len, seed=0, **extra)
     vocab = 32000
     rng = random.Random(1234)
     probe = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in
@@ -37,7 +52,7 @@ def main() -> None:
              for _ in range(a.probe_prompts)]
     greedy = SamplingParams(temperature=0.0, max_tokens=a.probe_tokens, ignore_eos=True,
                             detokenize=False)
-    probe_out = [list(o.outputs[0].token_ids) for o in llm.generate(probe, greedy)]
+    probe_out = [list(o.outputs[0].token_ids) for o in llm.generate(probe, greedy)] if probe else []
 
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in range(a.input_len)])
                for _ in range(a.num_prompts)]
@@ -48,7 +63,8 @@ def main() -> None:
     wall = time.perf_counter() - t0
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     total = gen + sum(len(o.prompt_token_ids) for o in outs)
-    json.dump({"kv": a.kv, "workload": f"{a.num_prompts}x({a.input_len}+{a.output_len})",
+    json.dump({"kv": a.kv, "knobs": a.knobs, "block_size": a.block_size,
+               "workload": f"{a.num_prompts}x({a.input_len}+{a.output_len})",
                "wall_s": wall, "gen_tok_s": gen / wall, "total_tok_s": total / wall,
                "probe_tokens": probe_out}, open(a.out, "w"))
 

@@ -16,7 +16,8 @@ import sys
 import time
 import urllib.request
 
-from e2e_compare import kv_tokens_in_log  # this folder is on sys.path when run as a script
+# this folder is on sys.path when run as a script
+from e2e_compare import append_capacity_rows, log_counters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
@@ -48,15 +49,18 @@ def sweep_one(kv: str, a) -> list[dict]:
     url = f"http://127.0.0.1:{a.port}"
     log_path = os.path.join(a.out_dir, f"serve_{kv}.log")
     log = open(log_path, "w")
+    extra = ["--scheduler-cls", "residency_probe.ProbeAsyncScheduler"]  # same counters as mikv
+    if kv == "mikv":
+        extra = ["--additional-config", json.dumps({"mikv": json.loads(a.mikv_knobs or "{}")})]
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen(
         CLI + ["serve", a.model, "--tokenizer", a.tokenizer, "--load-format", "dummy",
                "--kv-cache-dtype", kv, "--port", str(a.port), "--max-model-len",
-               str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", "0.9"],
-        stdout=log, stderr=subprocess.STDOUT)
+               str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", "0.9", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
     rows = []
     try:
         wait_healthy(url, server, a.start_timeout)
-        kv_tokens = kv_tokens_in_log(open(log_path).read())
         for rate in a.rates:
             name = f"bench_{kv}_rate{rate}.json"
             before = preemptions(url) or 0.0
@@ -69,10 +73,11 @@ def sweep_one(kv: str, a) -> list[dict]:
                 "--save-result", "--result-dir", a.out_dir, "--result-filename", name],
                 check=True, timeout=a.bench_timeout, stdout=log, stderr=subprocess.STDOUT)
             r = json.load(open(os.path.join(a.out_dir, name)))
+            time.sleep(2.5)  # one more `mikv stats` line after the run went idle
             rows.append({
                 "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
-                                      f"at {rate} req/s",
-                "kv_tokens": kv_tokens,
+                                      f"at {rate} req/s", "knobs": a.mikv_knobs if kv == "mikv" else None,
+                **log_counters(open(log_path).read()),  # kv_tokens: most resident so far
                 "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
                 "total_tok_s": r.get("total_token_throughput"),
                 "preemptions": (preemptions(url) or 0.0) - before,
@@ -101,10 +106,12 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8200)
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--bench-timeout", type=float, default=600)
+    p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv server")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     a = p.parse_args()
     rows = [row for kv in a.kv for row in sweep_one(kv, a)]
     json.dump(rows, open(os.path.join(a.out_dir, "e2e_serve_summary.json"), "w"), indent=1)
+    append_capacity_rows(rows, os.path.join(a.out_dir, "e2e_capacity.json"))
 
 
 if __name__ == "__main__":

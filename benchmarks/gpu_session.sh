@@ -11,7 +11,8 @@
 # kernelbench  decode kernel timings vs FlashAttention bf16/fp8 (benchmarks/kernel_decode.py)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B: capacity, throughput, greedy match
-#         (benchmarks/e2e_serve_sweep.py: the same through `vllm serve` at several arrival rates)
+#         (E2E_ARGS); e2e_a / e2e_b: issue 4's workloads a and b for every kv dtype; demote:
+#         demotion forced on; sweep: arrival rates through `vllm serve` (e2e_serve_sweep.py)
 #
 # Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), as
 # done on 2026-11-23, one device call per line (the 4 GGUF pieces and the vLLM parts are made
@@ -73,7 +74,25 @@ stage_kernelbench() {
 }
 
 stage_e2e() {
-  python3 benchmarks/e2e_compare.py --out-dir "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -30
+  python3 benchmarks/e2e_compare.py --out-dir "$OUT" ${E2E_ARGS:-} 2>&1 | tee -a "$OUT/e2e.log" | tail -30
+}
+
+KV_ALL="auto fp8 int4_per_token_head mikv"
+# (a) 256 x (2048 + 256), issue 4's workload a, every kv dtype.
+stage_e2e_a() {
+  E2E_ARGS="--kv $KV_ALL --tag a --timeout 280 ${E2E_A_ARGS:-}" stage_e2e
+}
+# (b) long prompts: N x (32K + 512); N=64 in the issue, fewer where the call's 10 minutes end.
+stage_e2e_b() {
+  E2E_ARGS="--kv ${E2E_B_KV:-$KV_ALL} --tag b --num-prompts ${E2E_B_N:-64} --input-len 32768 --output-len 512 --max-model-len 33344 --probe-prompts 0 --timeout ${E2E_B_TIMEOUT:-280} ${E2E_B_ARGS:-}" stage_e2e
+}
+# Demotion forced on (tiny hi budget): every request completes; greedy tokens vs auto.
+stage_demote() {
+  E2E_ARGS="--kv auto mikv --tag forced --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs {\"hi_budget\":0.1} --timeout 200" stage_e2e
+}
+# (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
+stage_sweep() {
+  python3 benchmarks/e2e_serve_sweep.py --tokenizer "$TOK" --out-dir "$OUT" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" | tail -30
 }
 
 for s in ${*:-setup kernels serve e2e}; do

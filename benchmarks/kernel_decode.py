@@ -17,6 +17,7 @@ import os
 import torch
 
 from mikv_vllm import ops
+from mikv_vllm.importance import sampled_layers
 from mikv_vllm.layout import PageLayout
 
 KV_HEADS = 8
