@@ -1,11 +1,16 @@
-// Paged decode attention over hi-precision KV pages (bf16/fp16 or fp8-e4m3), split-K.
+// Paged decode attention over a request's mixed pages, split-K: hi pages (bf16/fp16 or
+// fp8-e4m3) and lo pages (2/4-bit codes with fp16 scale/zero, mikv_vllm/quant.py's format,
+// named by negative block-table entries), in one pass.
 //
 // One CTA owns (sequence, KV head, chunk of up to MAX_G query heads of that KV head, split):
 // every K/V row of the KV head is read once for all its query heads (GQA). Lanes are grouped
 // so that each group of D/8 lanes holds one token row (8 elements, a 16-byte load for bf16);
-// each group keeps kUnroll rows in flight before using them. Softmax is online, in fp32,
-// base 2 (log2(e) is folded into the scale). With several splits the CTAs write unnormalised
-// partials and mikv_decode_reduce combines them.
+// each group keeps kUnroll rows in flight before using them. A warp's rows of a step lie in one
+// page, so hi/lo is decided once per warp and step, and a lo page's per-channel key scales are
+// loaded once per step, not per row. Softmax is online, in fp32, base 2 (log2(e) is folded
+// into the scale). With several splits the CTAs write unnormalised partials and
+// decode_reduce_kernel combines them; it also leaves each head's log-sum-exp when asked (the
+// importance signal, csrc/page_mass.cu).
 #include <torch/all.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +18,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -26,18 +32,6 @@ namespace detail {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;  // rows per lane group in flight
-
-// 8 packed codes (2 or 4 bits each, element 0 in the low bits) -> code * scale + zero, with
-// (scale, zero) pairs read from sz[e * sz_step] (step 1: one pair per channel, 0: one pair).
-__device__ __forceinline__ void lo_dequant8(uint32_t codes, int bits, const __half2* sz,
-                                            int sz_step, float* f) {
-  const uint32_t mask = (1u << bits) - 1u;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const float2 p = __half22float2(sz[e * sz_step]);
-    f[e] = static_cast<float>((codes >> (e * bits)) & mask) * p.x + p.y;
-  }
-}
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
@@ -113,58 +107,74 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   const int64_t head_off = kvh * kv_stride_head + sl * kElems;
   constexpr int kRowsPerStep = kWarps * SUBS * kUnroll;
 
+  // Each step, warp w owns the slab of kUnroll * SUBS consecutive rows starting at
+  // base + w * kUnroll * SUBS (lane group `sub` takes rows sub, sub + SUBS, ...). The slab size
+  // (1024 / D rows) divides every supported block size and splits start on page boundaries, so
+  // a slab lies in one page: one table lookup per slab, and hi/lo is uniform across the warp.
+  constexpr int kSlab = kUnroll * SUBS;
   for (int base = t_begin; base < t_end; base += kRowsPerStep) {
+    const int slab = base + warp * kSlab;
+    const int entry = slab < t_end ? bt[slab / block_size] : 0;
+    const bool is_lo = entry < 0;
     vec_t kr[kUnroll], vr[kUnroll];
     bool valid[kUnroll];
-    int64_t lo_page[kUnroll];  // byte offset of a lo page from lo.base; -1 for a hi row
-    int lo_row[kUnroll];
+    // Lo slabs: the page's key (scale, zero) of this lane's 8 channels, loaded once per slab
+    // with 1 / k_scale folded in (hi keys carry k_scale, lo keys are stored unscaled), and each
+    // row's value (scale, zero) of this lane's channel group.
+    float ksc[kElems], kz[kElems];
+    float2 vsz[kUnroll];
+    const uint8_t* page = nullptr;
+    if (is_lo) {
+      const int code = -entry - 1;  // entry = -(1 + pack_block * N + slot)
+      page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
+             static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
+      const __half2* kp = reinterpret_cast<const __half2*>(page + lo.k_params) + kvh * D + sl * kElems;
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) {
+        const float2 p = __half22float2(kp[e]);
+        ksc[e] = p.x * inv_k_scale;
+        kz[e] = p.y * inv_k_scale;
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + (warp * kUnroll + u) * SUBS + sub;
+      const int t = slab + u * SUBS + sub;
       valid[u] = t < t_end;
-      lo_page[u] = -1;
-      if (valid[u]) {
-        const int entry = bt[t / block_size];
-        if (entry >= 0) {
-          const int64_t off =
-              entry * kv_stride_block + (t % block_size) * kv_stride_tok + head_off;
-          kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
-          vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
+      if (!valid[u]) continue;
+      const int row = t % block_size;
+      if (!is_lo) {
+        const int64_t off = entry * kv_stride_block + row * kv_stride_tok + head_off;
+        kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
+        vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
+      } else {
+        const int lo_row = kvh * block_size + row;
+        const int64_t code_off = (static_cast<int64_t>(lo_row) * D + sl * kElems) * lo.bits / 8;
+        uint32_t* kc = reinterpret_cast<uint32_t*>(&kr[u]);
+        uint32_t* vc = reinterpret_cast<uint32_t*>(&vr[u]);
+        if (lo.bits == 2) {
+          kc[0] = *reinterpret_cast<const uint16_t*>(page + code_off);
+          vc[0] = *reinterpret_cast<const uint16_t*>(page + lo.v_codes + code_off);
         } else {
-          // A lo page: entry = -(1 + pack_block * N + slot); keep its packed codes only.
-          const int code = -entry - 1;
-          lo_page[u] = static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
-                       static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
-          lo_row[u] = kvh * block_size + t % block_size;
-          const int64_t code_off =
-              (static_cast<int64_t>(lo_row[u]) * D + sl * kElems) * lo.bits / 8;
-          const uint8_t* page = lo.base + lo_page[u];
-          uint32_t* kc = reinterpret_cast<uint32_t*>(&kr[u]);
-          uint32_t* vc = reinterpret_cast<uint32_t*>(&vr[u]);
-          if (lo.bits == 2) {
-            kc[0] = *reinterpret_cast<const uint16_t*>(page + code_off);
-            vc[0] = *reinterpret_cast<const uint16_t*>(page + lo.v_codes + code_off);
-          } else {
-            kc[0] = *reinterpret_cast<const uint32_t*>(page + code_off);
-            vc[0] = *reinterpret_cast<const uint32_t*>(page + lo.v_codes + code_off);
-          }
+          kc[0] = *reinterpret_cast<const uint32_t*>(page + code_off);
+          vc[0] = *reinterpret_cast<const uint32_t*>(page + lo.v_codes + code_off);
         }
+        // Values: (scale, zero) per (row, channel group), fp16 pairs [H, B, D / g, 2].
+        vsz[u] = __half22float2(*(reinterpret_cast<const __half2*>(page + lo.v_params) +
+                                  lo_row * (D / lo.group) + sl * kElems / lo.group));
       }
     }
     float s[kUnroll][MAX_G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[kElems];
-      if (lo_page[u] < 0) {
+      if (!is_lo) {
         to_float8(kr[u], kf, static_cast<const kv_t*>(nullptr));
       } else {
-        // Keys: (scale, zero) per channel of the page, fp16 pairs [H, D, 2].
-        const __half2* sz = reinterpret_cast<const __half2*>(lo.base + lo_page[u] + lo.k_params) +
-                            kvh * D + sl * kElems;
-        lo_dequant8(reinterpret_cast<const uint32_t*>(&kr[u])[0], lo.bits, sz, 1, kf);
-        // hi keys carry k_scale (fp8); lo keys are stored unscaled.
+        const uint32_t codes = reinterpret_cast<const uint32_t*>(&kr[u])[0];
+        const uint32_t mask = (1u << lo.bits) - 1u;
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) kf[e] *= inv_k_scale;
+        for (int e = 0; e < kElems; ++e)
+          kf[e] = static_cast<float>((codes >> (e * lo.bits)) & mask) * ksc[e] + kz[e];
       }
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
@@ -191,15 +201,15 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     for (int u = 0; u < kUnroll; ++u) {
       if (!valid[u]) continue;
       float vf[kElems];
-      if (lo_page[u] < 0) {
+      if (!is_lo) {
         to_float8(vr[u], vf, static_cast<const kv_t*>(nullptr));
       } else {
-        // Values: (scale, zero) per (row, channel group), fp16 pairs [H, B, D / g, 2].
-        const __half2* sz = reinterpret_cast<const __half2*>(lo.base + lo_page[u] + lo.v_params) +
-                            lo_row[u] * (D / lo.group) + sl * kElems / lo.group;
-        lo_dequant8(reinterpret_cast<const uint32_t*>(&vr[u])[0], lo.bits, sz, 0, vf);
+        const uint32_t codes = reinterpret_cast<const uint32_t*>(&vr[u])[0];
+        const uint32_t mask = (1u << lo.bits) - 1u;
+        const float sc = vsz[u].x * inv_v_scale, z = vsz[u].y * inv_v_scale;
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) vf[e] *= inv_v_scale;
+        for (int e = 0; e < kElems; ++e)
+          vf[e] = static_cast<float>((codes >> (e * lo.bits)) & mask) * sc + z;
       }
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
@@ -396,6 +406,9 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   TORCH_CHECK(block_table.size(0) >= a.num_seqs && seq_lens.size(0) >= a.num_seqs,
               "block_table/seq_lens have fewer rows than query");
   a.group = a.num_q_heads / a.num_kv_heads;
+  TORCH_CHECK(a.head_dim >= 64 && a.block_size % (1024 / a.head_dim) == 0,
+              "block_size ", a.block_size, " must be a multiple of ", 1024 / std::max<int>(a.head_dim, 1),
+              " (a warp's row slab must stay inside one page)");
   if (a.num_seqs == 0) return;
   a.num_splits = static_cast<int>(num_splits);
   a.q = query.data_ptr();

@@ -92,9 +92,16 @@ class MikvWorker(Worker):
             layout = cache_layout(key_cache, cfg.lo_bits, cfg.value_group_size)
             ops.quantize_pages(key_cache, value_cache, src, dst, layout,
                                layer._k_scale_float, layer._v_scale_float)
+        # Point the pages' entries at their lo slots. Written straight into the runner's GPU
+        # table (its staged writes take at most one write per table row and step, and only
+        # append new pages or fill rows of new requests, never these old pages); stream order
+        # puts this before the step's table gather.
         runner = self.model_runner
-        table = runner.block_tables.block_tables[0]
-        for m in moves:
-            row = runner.req_states.req_id_to_index.get(m.req_id)
-            if row is not None:  # staged writes land after this step's request updates
-                table.stage_write(row, m.page, [-(1 + m.dst_code)])  # encode_lo
+        index = runner.req_states.req_id_to_index
+        kept = [m for m in moves if m.req_id in index]
+        if kept:
+            table = runner.block_tables.block_tables[0].gpu
+            rows = torch.tensor([index[m.req_id] for m in kept], dtype=torch.long)
+            pages = torch.tensor([m.page for m in kept], dtype=torch.long)
+            codes = torch.tensor([-(1 + m.dst_code) for m in kept], dtype=table.dtype)  # encode_lo
+            table[rows.to(device), pages.to(device)] = codes.to(device)

@@ -339,20 +339,27 @@ def test_scheduler_frees_through_kv_cache_manager_free():
         "SchedulerOutput.preempted_req_ids moved: MikvScheduler drops moves of preempted requests")
 
 
-def test_v2_runner_block_table_staging():
+def test_v2_runner_block_table_is_a_gpu_tensor_with_appends():
+    """MikvWorker writes demoted pages' entries straight into the V2 runner's GPU block table:
+    that needs the table on `.gpu`, rows found through RequestState.req_id_to_index, and the
+    runner's own writes limited to appending pages (or filling a new request's row)."""
     from vllm.v1.worker.gpu.block_table import BlockTables
     from vllm.v1.worker.gpu.buffer_utils import StagedWriteTensor
     from vllm.v1.worker.gpu.states import RequestState
 
-    assert _param_names(StagedWriteTensor.stage_write)[1:] == ["index", "start", "x"], (
-        "StagedWriteTensor.stage_write changed: MikvWorker rewrites demoted pages' entries")
-    assert "self.block_tables" in inspect.getsource(BlockTables.__init__)
+    assert "self.gpu = " in inspect.getsource(StagedWriteTensor.__init__), (
+        "StagedWriteTensor.gpu moved: MikvWorker writes demoted pages' entries into it")
+    assert "self.block_tables.append(block_table)" in inspect.getsource(BlockTables.__init__)
+    append = inspect.getsource(BlockTables.append_block_ids)
+    assert "start = self.num_blocks.np[i, req_index] if not overwrite else 0" in append, (
+        "BlockTables.append_block_ids no longer appends after a request's last page: it could "
+        "overwrite entries MikvWorker pointed at lo slots")
+    assert "self.block_table_ptrs" in inspect.getsource(BlockTables.gather_block_tables)
+    assert "[b.gpu for b in self.block_tables]" in inspect.getsource(
+        BlockTables.init_block_table_layout_tensors), (
+        "the V2 runner's step table is no longer gathered from the .gpu tables")
     assert "self.req_id_to_index" in inspect.getsource(RequestState.__init__), (
         "RequestState.req_id_to_index moved: MikvWorker maps request ids to table rows")
-    runner = _vllm_file("v1/worker/gpu/model_runner.py").read_text()
-    assert runner.index("self.update_requests(scheduler_output)") < runner.index(
-        "self.block_tables.apply_staged_writes()"), (
-        "the V2 runner no longer applies staged block-table writes after update_requests")
 
 
 def test_gpu_worker_execute_model_takes_the_scheduler_output():
