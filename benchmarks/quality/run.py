@@ -69,6 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--recent-pages", type=int, default=2)
+    ap.add_argument("--sink-pages", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is much faster on "
                     "a busy 2-core box: small ops thrash OpenMP; run jobs side by side instead)")
@@ -88,14 +89,15 @@ def main(argv=None) -> dict:
         methods = ([parse_method(m) for m in a.methods] if a.methods
                    else standard_methods(tuple(a.budgets)))
     plot = a.plot or a.out.rsplit(".", 1)[0] + ".png"
-    meta = dict(block_size=a.block_size, sink_pages=1, recent_pages=a.recent_pages,
+    meta = dict(block_size=a.block_size, sink_pages=a.sink_pages, recent_pages=a.recent_pages,
                 prefill=a.prefill, chunk=a.chunk, seed=a.seed)
     res = Results(a.out, plot, a.append, meta)
     t0 = time.time()
     model, tok = models.load(a.model, attn_implementation=kvsim.ATTN_IMPL)
     print(f"loaded {a.model} in {time.time() - t0:.0f}s; "
           f"{kvsim.layout_of(model, a.block_size).describe()}", flush=True)
-    common = dict(block_size=a.block_size, recent_pages=a.recent_pages)
+    common = dict(block_size=a.block_size, recent_pages=a.recent_pages,
+                  sink_pages=a.sink_pages)
     for task, over in jobs:
         o = {**vars(a), **over}
         if task == "perplexity":

@@ -5,8 +5,8 @@ DemotionPolicy from accumulated page mass.
 Timeline (what vLLM does): prefill runs at full precision and records the outlier-balancing
 statistics; every later forward is a decode step (one token, or a small chunk in perplexity
 runs). During a step each layer reads the stored view and adds its per-page attention mass
-(reference.page_mass over the query heads, summed over layers); after the step the mean over
-layers is accumulated with decay and the policy demotes pages over budget, so mass from steps
+(reference.page_mass over the query heads, summed over the layers the GPU samples, see
+mikv_vllm.importance); after the step their mean is accumulated with decay and the policy demotes pages over budget, so mass from steps
 < t decides what step t reads (the kernel emits mass, the scheduler acts at the next step).
 A demoted page is replaced by its quantize_page -> dequantize_page round trip, computed once."""
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, DynamicCache
 
+from mikv_vllm.importance import sampled_layers
 from mikv_vllm.eval.methods import (Method, hi_cost, hi_roundtrip, lo_cost, make_policy)
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.quant import dequantize_page, quantize_page
@@ -118,6 +119,7 @@ class KVSim:
         self.pre = pre
         self.cache = copy.deepcopy(pre.cache)
         self.n_layers = len(self.cache.layers)
+        self.mass_layers = set(sampled_layers(self.n_layers))  # the layers the GPU measures
         self.k = [hi_roundtrip(method, l.keys[0].float()) for l in self.cache.layers]
         self.v = [hi_roundtrip(method, l.values[0].float()) for l in self.cache.layers]
         self.keep = torch.ones(self.k[0].shape[1], dtype=torch.bool)
@@ -138,6 +140,8 @@ class KVSim:
             self.keep = torch.cat([self.keep, torch.ones(t - self.keep.numel(), dtype=torch.bool)])
         keep = None if bool(self.keep.all()) else self.keep
         out, probs = _attend(q, self.k[layer], self.v[layer], scaling, keep)
+        if layer not in self.mass_layers:
+            return out
         # mean over the step's queries, then page_mass averages over the query heads (equal
         # groups per KV head, so this is the mean over the heads of each KV head, then KV heads)
         m = page_mass(probs.mean(1), self.bs)
@@ -181,7 +185,7 @@ class KVSim:
     def end_step(self):
         if self.policy is None or self.step_mass is None:
             return
-        self.acc = self.policy.accumulate(self.acc, self.step_mass / self.n_layers)
+        self.acc = self.policy.accumulate(self.acc, self.step_mass / len(self.mass_layers))
         n = self.cache.get_seq_length()
         self._grow(-(-n // self.bs))
         for p in self.policy.over_budget(self.acc, self.is_lo, n, self.bs):

@@ -73,7 +73,7 @@ def wiki_articles(min_chars: int = 2000) -> list[str]:
 
 def perplexity(model, tok, methods: list[Method], n_windows: int, window: int,
                prefill_len: int = 64, chunk: int = 32, block_size: int = 16,
-               recent_pages: int = 2, on_window=None) -> dict[str, dict]:
+               recent_pages: int = 2, sink_pages: int = 1, on_window=None) -> dict[str, dict]:
     """Per method label@budget: ppl with bootstrap CI over chunks, n = scored tokens.
 
     Window i is the first `window` tokens of the i-th long article; the first `prefill_len`
@@ -88,7 +88,8 @@ def perplexity(model, tok, methods: list[Method], n_windows: int, window: int,
         pre = prefill(model, ids[:prefill_len])
         for m in methods:
             key = f"{m.label}@{m.budget}"
-            sim = KVSim(model, m, pre, block_size, recent_pages=recent_pages)
+            sim = KVSim(model, m, pre, block_size, sink_pages=sink_pages,
+                        recent_pages=recent_pages)
             for s in range(prefill_len, len(ids) - 1, chunk):
                 e = min(s + chunk, len(ids) - 1)
                 logits = sim.step(ids[s:e])
@@ -176,6 +177,7 @@ def _answer_ok(task: str, text: str, answer: str) -> bool:
 
 def retrieval(model, tok, task: str, methods: list[Method], sizes: list[int], trials: int,
               seed: int = 0, max_new: int = 12, block_size: int = 16, recent_pages: int = 2,
+              sink_pages: int = 1,
               on_trial=None) -> dict[str, dict]:
     """Accuracy per (method, size) with Wilson CIs. Context prefilled at full precision; the
     question is decoded token by token (so the policy sees its attention), then greedy answer."""
@@ -190,7 +192,8 @@ def retrieval(model, tok, task: str, methods: list[Method], sizes: list[int], tr
             pre_ids, q_ids = _split_prompt(tok, ctx, q)
             pre = prefill(model, pre_ids, last_only=True)
             for m in methods:
-                sim = KVSim(model, m, pre, block_size, recent_pages=recent_pages)
+                sim = KVSim(model, m, pre, block_size, sink_pages=sink_pages,
+                        recent_pages=recent_pages)
                 for i in q_ids:
                     logits = sim.step([i], last_only=True)
                 out = []
