@@ -128,7 +128,7 @@ class MikvSchedulerMixin:
 
     def _blocks_wanted(self) -> int:
         """Blocks this step may allocate: each decode's next page, each prefill's next chunk,
-        and the first chunk of the next waiting request (so that admission does not stall
+        and what admitting the next waiting request takes (so that admission does not stall
         while cold pages could make room)."""
         bs, chunk = self.mikv_layout.block_size, self.max_num_scheduled_tokens
         want = 0
@@ -136,7 +136,11 @@ class MikvSchedulerMixin:
             todo = r.num_prompt_tokens - r.num_computed_tokens
             want += -(-min(todo, chunk) // bs) if todo > 0 else int(r.num_computed_tokens % bs == 0)
         if self.waiting and len(self.running) < self.max_num_running_reqs:
-            want += -(-min(self.waiting.peek_request().num_prompt_tokens, chunk) // bs)
+            # vLLM admits a request only if its whole prompt fits (scheduler_reserve_full_isl,
+            # on by default), plus its admission watermark.
+            head = self.waiting.peek_request().num_tokens
+            tokens = head if self.scheduler_reserve_full_isl else min(head, chunk)
+            want += -(-tokens // bs) + self.kv_cache_manager.watermark_blocks
         return want
 
     def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,9 +24,10 @@ HASHER = get_request_block_hasher(BLOCK, sha256)
 
 
 def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None,
-                   log_stats: bool = False) -> MikvScheduler:
+                   log_stats: bool = False, chunk: int = 2048) -> MikvScheduler:
     args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True,
-                      worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
+                      worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=16,
+                      max_num_batched_tokens=chunk,
                       additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
     vllm_config = args.create_engine_config()
     kv_config = one_layer_kv_cache_config(num_blocks, BLOCK, num_kv_heads=2, head_size=64)
@@ -150,3 +151,26 @@ def test_block_mass_of_lo_and_null_pages_is_zero():
     block_mass = torch.arange(10, dtype=torch.float32)
     assert request_page_mass(block_mass, [4, 0, 9]).tolist() == [4.0, 0.0, 9.0]
     assert request_page_mass(block_mass, []).numel() == 0
+
+
+def test_long_prompts_are_admitted_beyond_the_hi_pool(tiny_llama):
+    """vLLM admits a request only if its whole prompt fits (scheduler_reserve_full_isl): with
+    prompts longer than a prefill chunk and a pool for 3 of them, demotion must make room for
+    the next whole prompt, or mikv holds no more requests than bf16 would."""
+    rng = random.Random(4)
+    sched = make_scheduler(tiny_llama, num_blocks=200, log_stats=True, chunk=512)
+    assert sched.scheduler_reserve_full_isl
+    for i in range(6):
+        sched.add_request(request(f"r{i}", 1000, 200, rng))  # 63 pages each, 3 fit hi
+    most_running, preempted = 0, 0
+    for _ in range(2000):
+        if not sched.has_requests():
+            break
+        out = step(sched)
+        most_running = max(most_running, len(sched.running))
+        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+    assert not sched.has_requests()
+    assert most_running >= 5, most_running
+    assert preempted == 0
+    assert sched.make_stats().mikv["max_resident_tokens"] > 199 * BLOCK * 1.5
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 200 - 1

@@ -410,3 +410,17 @@ def test_executors_resolve_worker_cls_and_scheduler_cls():
     cuda = _vllm_file("platforms/cuda.py").read_text()
     assert '"vllm.v1.worker.gpu_worker.Worker"' in cuda, (
         "the CUDA platform's default worker moved: vllm_patches replaces exactly that class")
+
+
+def test_admission_gate_mikv_makes_room_for():
+    """MikvScheduler demotes ahead of vLLM's admission check, so it must know what that check
+    asks: the whole prompt when scheduler_reserve_full_isl is on, plus the manager's watermark."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.request_queue import RequestQueue
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert "self.scheduler_reserve_full_isl" in inspect.getsource(Scheduler.__init__)
+    assert "full_sequence_must_fit=self.scheduler_reserve_full_isl" in inspect.getsource(
+        Scheduler.schedule), "vLLM's admission gate changed: MikvScheduler._blocks_wanted"
+    assert "self.watermark_blocks" in inspect.getsource(KVCacheManager.__init__)
+    assert "peek_request" in RequestQueue.__abstractmethods__
