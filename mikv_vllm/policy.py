@@ -43,9 +43,16 @@ class DemotionPolicy:
     def coldest(self, mass: torch.Tensor, is_lo: torch.Tensor, num_tokens: int,
                 block_size: int, count: int) -> list[int]:
         """Up to `count` demotable hi pages, lowest accumulated mass first (ties: older first)."""
-        candidates = [p for p in self.demotable(num_tokens, block_size) if not is_lo[p]]
-        candidates.sort(key=lambda p: (float(mass[p]), p))
-        return candidates[:max(0, count)]
+        pages = self.demotable(num_tokens, block_size)
+        if count <= 0 or not pages:
+            return []
+        # Vectorised: this runs every step under memory pressure, over thousands of pages.
+        m = mass[pages.start:pages.stop].float().clone()
+        lo = is_lo[pages.start:pages.stop]
+        m[lo] = float("inf")
+        k = min(count, len(pages) - int(lo.sum()))
+        order = torch.sort(m, stable=True).indices[:k]  # stable: ties keep older pages first
+        return (order + pages.start).tolist()
 
     def over_budget(self, mass: torch.Tensor, is_lo: torch.Tensor, num_tokens: int,
                     block_size: int) -> list[int]:

@@ -107,9 +107,10 @@ class MikvSchedulerMixin:
         bs = self.mikv_layout.block_size
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
         moves: list[Demotion] = []
-        for r in decoding:  # 1. the per-request hi budget
-            moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
-                *self._ranking(r), r.num_computed_tokens, bs))
+        if self.mikv_policy.hi_budget is not None:
+            for r in decoding:  # 1. the per-request hi budget
+                moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
+                    *self._ranking(r), r.num_computed_tokens, bs))
         # 2. memory pressure: room for this step's pages plus a watermark.
         short = (self._blocks_wanted() + self.watermark_blocks
                  - self.kv_cache_manager.block_pool.get_num_free_blocks())
