@@ -17,12 +17,18 @@ import os
 import torch
 
 from mikv_vllm import ops
-from mikv_vllm.importance import sampled_layers
+from mikv_vllm.importance import REPORT_EVERY, sampled_layers
 from mikv_vllm.layout import PageLayout
 
 KV_HEADS = 8
 BLOCK = 16
 MAX_TOKENS = 4 << 20  # batch * ctx cap: one layer's bf16 cache stays under ~16 GB
+
+
+def step_overhead(layer_overhead: float, num_layers: int = 32) -> float:
+    """Page mass's share of a decode step of a `num_layers` model: it runs on
+    `sampled_layers(num_layers)` only, on one step out of REPORT_EVERY."""
+    return layer_overhead * len(sampled_layers(num_layers)) / num_layers / REPORT_EVERY
 
 
 def bench(fn) -> float:
@@ -103,9 +109,7 @@ def run(args) -> list[dict]:
                     us_mass = bench(with_mass)
                     rows[-1]["us_with_page_mass"] = us_mass
                     rows[-1]["page_mass_overhead_layer"] = us_mass / us - 1
-                    # Per step: only `sampled_layers(L)` of a model's L layers run page_mass.
-                    rows[-1]["page_mass_overhead_step_32_layers"] = (
-                        (us_mass / us - 1) * len(sampled_layers(32)) / 32)
+                    rows[-1]["page_mass_overhead_step"] = step_overhead(us_mass / us - 1)
                 if hi == 1.0:  # FlashAttention on the same all-hi cache
                     kf, vf = (k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)) \
                         if fp8_hi else (k, v)

@@ -1,20 +1,23 @@
 """The importance signal: how much attention each hi page receives, measured on the GPU during
 decode and handed to the scheduler, which ranks pages by it (H2O at page granularity).
 
-Measured on a few sampled layers only: there `paged_decode` leaves each head's softmax
-normaliser and `page_mass` re-reads those layers' keys to add every hi page's probability mass
-into one fp32 entry per physical block. Indexing by block id needs no row -> request map on the
-GPU and works inside CUDA graphs; the scheduler knows which request owns which block. Every
-`REPORT_EVERY` steps the worker sums the buffer over tensor-parallel ranks, copies it to the
-host without stalling the stream and zeroes it; the copy rides to the scheduler on the step's
-ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`)."""
+Sampled in depth and in time: on two layers, `paged_decode` leaves each head's softmax
+normaliser and `page_mass` re-reads that layer's keys to add every hi page's probability mass
+into one fp32 entry per physical block, on one decode step out of `REPORT_EVERY` (page_mass
+costs up to ~5x a layer's decode at small batch and long context on the H100, see
+benchmarks/results; sampled so, under 5% of a step). On the other steps the worker zeroes the
+lengths page_mass sees, through a device flag, so the captured CUDA graphs stay the same.
+Indexing by block id needs no row -> request map on the GPU; the scheduler knows which request
+owns which block. After a measured step the worker sums the buffer over tensor-parallel ranks,
+copies it to the host without stalling the stream and zeroes it; the copy rides to the
+scheduler on the step's ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from vllm.v1.outputs import AsyncModelRunnerOutput
 
-REPORT_EVERY = 8           # decode steps between reports to the scheduler
+REPORT_EVERY = 8           # steps between measured steps (one report each)
 BLOCK_MASS_ATTR = "mikv_block_mass"
 
 
@@ -35,12 +38,25 @@ class PageMassMeter:
         # Average over every KV head of the model (all ranks) and the sampled layers, so one
         # step's masses of a request sum to at most 1.
         self.weight = 1.0 / (num_kv_heads * tp_size * num_sampled_layers)
+        # 1 on measured steps, 0 otherwise: page_mass reads seq_lens * active.
+        self.active = torch.zeros(1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.steps = 0
+        self._active = False
 
     def step(self) -> bool:
-        """Count one forward; True when this step's output should carry a report."""
+        """Count one forward and arm (or disarm) the measurement for it; True when this step
+        is measured, i.e. its output should carry a report."""
         self.steps += 1
-        return self.steps % REPORT_EVERY == 0
+        measure = self.steps % REPORT_EVERY == 0
+        if measure != self._active:
+            self.active.fill_(int(measure))
+            self._active = measure
+        return measure
+
+    def lengths(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """The decode lengths page_mass should see this step (all 0 on unmeasured steps)."""
+        return torch.mul(seq_lens, self.active, out=self.seq_lens[:seq_lens.shape[0]])
 
     def take(self, all_reduce=None) -> "PendingMass":
         """Start the device-to-host copy of the accumulated mass and restart accumulation."""

@@ -74,7 +74,7 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
                              self.layout, lse=None if meter is None else meter.lse[:nd])
             if meter is not None:
                 ops.page_mass(meter.mass, query[:nd], key_cache, md.decode_block_table,
-                              md.decode_seq_lens, meter.lse[:nd], self.scale,
+                              meter.lengths(md.decode_seq_lens), meter.lse[:nd], self.scale,
                               layer._k_scale_float, meter.weight)
         if md.num_prefill_tokens:
             self._prefill(layer, query[nd:md.num_actual_tokens], key_cache, value_cache,
