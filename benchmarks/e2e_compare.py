@@ -41,6 +41,9 @@ def run_one(kv: str, args, out_dir: str) -> dict:
         cmd += ["--knobs", args.mikv_knobs]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
+    for flag in ("load_format", "dtype", "tokenizer", "probe_file", "probe_tokens"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     t0 = time.time()
     with open(log_path, "w") as log:
         try:
@@ -79,11 +82,12 @@ def token_match(a: list[list[int]], b: list[list[int]]) -> dict:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Ratios to `auto` and greedy token match vs `auto` for every dtype that ran."""
-    base = next((r for r in rows if r["kv"] == "auto" and "total_tok_s" in r), None)
+    base = next((r for r in rows if r["kv"] == "auto" and "probe_tokens" in r), None)
     for r in rows:
-        if base and "total_tok_s" in r:
-            r["total_vs_auto"] = r["total_tok_s"] / base["total_tok_s"]
-            r["gen_vs_auto"] = r["gen_tok_s"] / base["gen_tok_s"]
+        if base and "probe_tokens" in r:
+            if "total_tok_s" in r and "total_tok_s" in base:
+                r["total_vs_auto"] = r["total_tok_s"] / base["total_tok_s"]
+                r["gen_vs_auto"] = r["gen_tok_s"] / base["gen_tok_s"]
             for key in ("kv_tokens", "kv_capacity_tokens"):
                 if r.get(key) and base.get(key):
                     r[f"{key}_vs_auto"] = r[key] / base[key]
@@ -127,6 +131,11 @@ def main() -> None:
     p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv run")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--tag", default="", help="suffix of this run's file names")
+    p.add_argument("--load-format", default=None, help="e.g. auto for a real model")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--probe-file", default=None, help="JSON token-id prompts for the probe")
+    p.add_argument("--probe-tokens", type=int, default=None, help="greedy tokens per probe")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     p.add_argument("--summarize-only", action="store_true",
                    help="rebuild e2e_summary.json from the per-dtype files in --out-dir")

@@ -1,7 +1,10 @@
 """One engine, one kv-cache dtype: a greedy token probe, then offline throughput.
 
 Run once per dtype in a fresh process (e2e_compare.py does that) so that every dtype gets the
-whole GPU. Dummy weights of a real architecture: real shapes and timings, not real text."""
+whole GPU. Dummy weights of a real architecture give real shapes and timings, not real text;
+with `--load-format auto`, a real model (e.g. the SmolLM2 GGUF) and `--probe-file` (token ids
+of real text, made by benchmarks/models/prepare_smollm2.py) the probe compares real greedy
+continuations, and `--num-prompts 0` skips the throughput part."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +30,10 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--knobs", default=None, help="mikv knobs as JSON, e.g. '{\"hi_budget\": 0.1}'")
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--probe-file", default=None, help="JSON list of prompt token-id lists")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     extra = {}
@@ -38,22 +45,33 @@ def main() -> None:
         extra["scheduler_cls"] = "residency_probe.ProbeAsyncScheduler"
     if a.block_size:
         extra["block_size"] = a.block_size
+    if a.tokenizer:
+        extra["tokenizer"] = a.tokenizer
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=a.model, load_format="dummy", skip_tokenizer_init=True,
+    llm = LLM(model=a.model, load_format=a.load_format, skip_tokenizer_init=not a.tokenizer,
               kv_cache_dtype=a.kv, gpu_memory_utilization=a.gpu_memory_utilization,
-              max_model_len=a.max_model_len, seed=0, **extra)
+              max_model_len=a.max_model_len, dtype=a.dtype, seed=0, **extra)
     vocab = 32000
     rng = random.Random(1234)
-    probe = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in
-                                            range(rng.randrange(50, 1500))])
-             for _ in range(a.probe_prompts)]
+    if a.probe_file:
+        probe = [TokensPrompt(prompt_token_ids=ids)
+                 for ids in json.load(open(a.probe_file))[:a.probe_prompts]]
+    else:
+        probe = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in
+                                                range(rng.randrange(50, 1500))])
+                 for _ in range(a.probe_prompts)]
     greedy = SamplingParams(temperature=0.0, max_tokens=a.probe_tokens, ignore_eos=True,
                             detokenize=False)
     probe_out = [list(o.outputs[0].token_ids) for o in llm.generate(probe, greedy)] if probe else []
 
+    result = {"kv": a.kv, "knobs": a.knobs, "block_size": a.block_size,
+              "probe_tokens": probe_out}
+    if not a.num_prompts:
+        json.dump(result, open(a.out, "w"))
+        return
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in range(a.input_len)])
                for _ in range(a.num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True,
@@ -63,10 +81,9 @@ def main() -> None:
     wall = time.perf_counter() - t0
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     total = gen + sum(len(o.prompt_token_ids) for o in outs)
-    json.dump({"kv": a.kv, "knobs": a.knobs, "block_size": a.block_size,
-               "workload": f"{a.num_prompts}x({a.input_len}+{a.output_len})",
-               "wall_s": wall, "gen_tok_s": gen / wall, "total_tok_s": total / wall,
-               "probe_tokens": probe_out}, open(a.out, "w"))
+    result.update(workload=f"{a.num_prompts}x({a.input_len}+{a.output_len})", wall_s=wall,
+                  gen_tok_s=gen / wall, total_tok_s=total / wall)
+    json.dump(result, open(a.out, "w"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B: capacity, throughput, greedy match
 #         (E2E_ARGS); e2e_a / e2e_b: issue 4's workloads a and b for every kv dtype; demote:
-#         demotion forced on; sweep: arrival rates through `vllm serve` (e2e_serve_sweep.py)
+#         demotion forced on; greedy: the same with SmolLM2 on real text; sweep: arrival rates
+#         through `vllm serve` (e2e_serve_sweep.py)
 #
 # Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), as
 # done on 2026-11-23, one device call per line (the 4 GGUF pieces and the vLLM parts are made
@@ -97,6 +98,13 @@ stage_e2e_b() {
 stage_demote() {
   E2E_ARGS="--kv auto mikv --tag forced --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs {\"hi_budget\":0.1} --timeout 200" stage_e2e
 }
+# Real model, demotion forced on: SmolLM2 greedy continuations of 16 Wikipedia prompts (1536
+# tokens each, from .models/parts/probe_wiki.json) under mikv with hi_budget 0.1 vs auto.
+stage_greedy() {
+  [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: greedy stage skipped"; return; }
+  E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_forced --num-prompts 0 --probe-prompts 16 --probe-tokens 128 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs {\"hi_budget\":0.1}" stage_e2e
+}
+
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
 stage_sweep() {
   python3 benchmarks/e2e_serve_sweep.py --tokenizer "$TOK" --out-dir "$OUT" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" | tail -30

@@ -19,14 +19,24 @@ import torch
 from mikv_vllm.layout import PageLayout
 
 
-def _quantize_groups(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                     torch.Tensor]:
+def e4m3_up(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest float8-e4m3 value >= each (positive) scale, as fp32."""
+    s = scale.float().clamp(2.0 ** -9, 448.0)
+    q = s.to(torch.float8_e4m3fn)
+    bump = q.float() < s
+    return torch.where(bump, (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn), q).float()
+
+
+def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes and fp16 (scale, zero) of `x` with one group along `dim`."""
     levels = (1 << bits) - 1
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     # Floor at fp16's smallest normal: a constant group must not divide by zero.
-    scale = ((hi - lo) / levels).clamp_min(2.0 ** -14).half()
+    scale = ((hi - lo) / levels).clamp_min(2.0 ** -14)
+    # Rounded up, a coarser scale still spans the group (codes stay in range).
+    scale = (e4m3_up(scale) if e4m3_scales else scale).half()
     zero = lo.half()
     codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
     return codes, scale, zero
@@ -48,8 +58,11 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
-                  balance: torch.Tensor | None = None) -> torch.Tensor:
-    """One page's K and V [block_size, kv_heads, D] -> its lo page bytes [lo_page_bytes]."""
+                  balance: torch.Tensor | None = None, e4m3_scales: bool = False) -> torch.Tensor:
+    """One page's K and V [block_size, kv_heads, D] -> its lo page bytes [lo_page_bytes].
+
+    `e4m3_scales` is a measurement aid for the quality harness: scales rounded up to
+    float8-e4m3 values (still stored as fp16), to see what 1-byte scales would cost."""
     h, b, d, g, bits = (layout.num_kv_heads, layout.block_size, layout.head_size,
                         layout.value_group_size, layout.lo_bits)
     if k.shape != (b, h, d) or v.shape != (b, h, d):
@@ -59,9 +72,9 @@ def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
     vf = v.float().permute(1, 0, 2)
     if balance is not None:
         kf = kf * balance.float().reshape(h, 1, d)
-    k_codes, k_scale, k_zero = _quantize_groups(kf, bits, dim=1)             # over tokens
+    k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales)    # over tokens
     vg = vf.reshape(h, b, d // g, g)
-    v_codes, v_scale, v_zero = _quantize_groups(vg, bits, dim=3)             # over channels
+    v_codes, v_scale, v_zero = _quantize_groups(vg, bits, 3, e4m3_scales)    # over channels
     k_params = torch.stack([k_scale.reshape(h, d), k_zero.reshape(h, d)], dim=-1)
     v_params = torch.stack([v_scale.reshape(h, b, d // g), v_zero.reshape(h, b, d // g)], -1)
     out = torch.cat([

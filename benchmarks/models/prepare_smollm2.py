@@ -11,6 +11,7 @@ whole, so the Q4_1 blocks are copied byte for byte, nothing is re-quantized)."""
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import os
 import shutil
@@ -68,6 +69,19 @@ def tokenizer_dir(gguf_path: str, out: str) -> None:
     AutoConfig.from_pretrained(folder, gguf_file=name).save_pretrained(out)
 
 
+def probe_prompts(tok_dir: str, out: str, n: int = 16, tokens: int = 1536) -> None:
+    """Token ids of the first `tokens` tokens of n Wikipedia articles (the gensim excerpt the
+    quality harness uses): real-text prompts for the greedy comparison on the GPU."""
+    from transformers import AutoTokenizer
+
+    from mikv_vllm.eval.tasks import wiki_articles
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ids = [tok(a).input_ids[:tokens] for a in wiki_articles(min_chars=tokens * 6)[:n]]
+    with open(out, "w") as f:
+        json.dump(ids, f)
+
+
 def split(path: str, parts_dir: str) -> None:
     names = "abcd"
     with open(path, "rb") as f:
@@ -89,6 +103,7 @@ def main() -> None:
     tokenizer_dir(gguf_path, os.path.join(model_dir, "tok"))
     with tarfile.open(os.path.join(parts, "tok.tar.gz"), "w:gz") as tar:
         tar.add(os.path.join(model_dir, "tok"), arcname="tok")
+    probe_prompts(os.path.join(model_dir, "tok"), os.path.join(parts, "probe_wiki.json"))
     split(gguf_path, parts)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                     "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",

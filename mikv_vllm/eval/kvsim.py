@@ -127,7 +127,8 @@ class KVSim:
         self.acc = torch.zeros(0)
         self.step_mass = None
         self.ratios: list[float] = []                    # bytes vs bf16, per step
-        self.h, self.lc = hi_cost(method, self.layout.head_size), lo_cost(self.layout)
+        self.h = hi_cost(method, self.layout.head_size)
+        self.lc = lo_cost(self.layout, method.scale8)
 
     # -- inside the model forward --
     def attend(self, layer, q, k, v, scaling):
@@ -164,7 +165,8 @@ class KVSim:
             k = l.keys[0, :, rows].permute(1, 0, 2)
             v = l.values[0, :, rows].permute(1, 0, 2)
             b = self.pre.balance(i) if self.method.balance else None
-            dk, dv = dequantize_page(quantize_page(k, v, self.layout, b), self.layout, b)
+            page = quantize_page(k, v, self.layout, b, e4m3_scales=self.method.scale8)
+            dk, dv = dequantize_page(page, self.layout, b)
             self.k[i][:, rows] = dk.permute(1, 0, 2)
             self.v[i][:, rows] = dv.permute(1, 0, 2)
 
