@@ -76,7 +76,8 @@ def sweep_one(kv: str, a) -> list[dict]:
             time.sleep(2.5)  # one more `mikv stats` line after the run went idle
             rows.append({
                 "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
-                                      f"at {rate} req/s", "knobs": a.mikv_knobs if kv == "mikv" else None,
+                                      f"at {rate} req/s",
+                "knobs": a.mikv_knobs if kv == "mikv" else None,
                 **log_counters(open(log_path).read()),  # kv_tokens: most resident so far
                 "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
                 "total_tok_s": r.get("total_token_throughput"),

@@ -4,10 +4,12 @@ DemotionPolicy from accumulated page mass.
 
 Timeline (what vLLM does): prefill runs at full precision and records the outlier-balancing
 statistics; every later forward is a decode step (one token, or a small chunk in perplexity
-runs). During a step each layer reads the stored view and adds its per-page attention mass
-(reference.page_mass over the query heads, summed over the layers the GPU samples, see
-mikv_vllm.importance); after the step their mean is accumulated with decay and the policy demotes pages over budget, so mass from steps
-< t decides what step t reads (the kernel emits mass, the scheduler acts at the next step).
+runs). During a step each layer reads the stored view; the layers the GPU samples (see
+mikv_vllm.importance) add their per-page attention mass (reference.page_mass over the query
+heads); after the step their mean is accumulated with decay and the policy demotes pages over
+budget, so mass from steps < t decides what step t reads (the kernel emits mass, the scheduler
+acts at the next step). The GPU also samples in time (one step in REPORT_EVERY); the harness,
+whose steps are already chunks of tokens, measures every step.
 A demoted page is replaced by its quantize_page -> dequantize_page round trip, computed once."""
 from __future__ import annotations
 

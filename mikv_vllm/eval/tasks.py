@@ -193,7 +193,7 @@ def retrieval(model, tok, task: str, methods: list[Method], sizes: list[int], tr
             pre = prefill(model, pre_ids, last_only=True)
             for m in methods:
                 sim = KVSim(model, m, pre, block_size, sink_pages=sink_pages,
-                        recent_pages=recent_pages)
+                            recent_pages=recent_pages)
                 for i in q_ids:
                     logits = sim.step([i], last_only=True)
                 out = []
