@@ -2,28 +2,30 @@
 # The GPU pass of mikv-vllm, meant for one device call (after vLLM's runtime is unpacked to
 # /tmp/site, see ../shared/gpu/README.md). Logs and JSON land in $OUT.
 #
-#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup kernels serve e2e kernelbench
+#   bash benchmarks/gpu_session.sh [stage ...]
 #
 # setup   records the device and versions, installs the plugin (a wheel carried in .whl/, or an
 #         editable build), assembles the carried SmolLM2 GGUF (.models/parts/) if present
-# kernels GPU tests of the CUDA kernels against the torch reference (tests/gpu/test_*kernel*,
-#         test_lo_pages)
+# kernels GPU tests of the CUDA kernels against the torch reference; if they fail and
+#         .whl_fallback/ holds a last-known-good wheel, later stages use that one
 # kernelbench  decode kernel timings vs FlashAttention bf16/fp8 (benchmarks/kernel_decode.py)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
-# e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B: capacity, throughput, greedy match
-#         (E2E_ARGS); e2e_a / e2e_b: issue 4's workloads a and b for every kv dtype; demote:
-#         demotion forced on; greedy: the same with SmolLM2 on real text; sweep: arrival rates
+# e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
+#         4's workloads a and b for every kv dtype; demote: demotion forced on (dummy weights);
+#         greedy: demotion forced on with SmolLM2 on real text vs auto; sweep: arrival rates
 #         through `vllm serve` (e2e_serve_sweep.py)
 #
-# Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), as
-# done on 2026-11-23, one device call per line (the 4 GGUF pieces and the vLLM parts are made
-# by benchmarks/models/README.md's steps and ../shared/gpu/build_vllm_bundle.sh):
-#   1. carry .bundle0 (vLLM part 0) + .models/parts/gguf.part_a:  bash .bundle0/unpack.sh 2; cp part_a /tmp/models/
-#   2. carry .bundle1 (vLLM part 1) + .models/parts/gguf.part_b:  bash .bundle1/unpack.sh 2; cp part_b /tmp/models/
-#   3. carry .models/parts/gguf.part_c + .whl (mikv wheel):       cp part_c /tmp/models/; this script: setup kernels
-#   4. carry part_d, tok.tar.gz and the extra wheels (.models/parts/*.whl: gguf,
-#      vllm-gguf-plugin, compressed-tensors, loguru):               this script: setup serve
-#   5. no carry:                                                   this script: e2e (then kernelbench)
+# Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), one
+# device call per line, back to back (vLLM parts: ../shared/gpu/build_vllm_bundle.sh; SmolLM2
+# pieces, tokenizer, wheels and probe_wiki.json: benchmarks/models/prepare_smollm2.py):
+#   1. carry .bundle0 (vLLM part 0), .whl, .whl_fallback:      bash .bundle0/unpack.sh 2
+#   2. carry .bundle1 (vLLM part 1):   bash .bundle1/unpack.sh 2; this script: setup kernels kernelbench
+#   3. no carry:                       this script: e2e_a    (~9 min; e2e_b the same, one call each)
+#   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
+#   brings back a limited number of files per call).
+#   For SmolLM2 (serve, greedy) add, each within 30 s of the last call: carry
+#   .models/parts/gguf.part_a + part_b (mkdir -p /tmp/models; cp .models/parts/gguf.part_* /tmp/models/),
+#   then part_c, then part_d + tok.tar.gz + the *.whl + probe_wiki.json; then: setup serve greedy.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
