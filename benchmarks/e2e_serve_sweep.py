@@ -16,25 +16,13 @@ import sys
 import time
 import urllib.request
 
-# this folder is on sys.path when run as a script
+# this folder is on sys.path when run as a script; e2e_compare puts the checkout there too
 from e2e_compare import append_capacity_rows, log_counters
+from mikv_vllm.eval.server import running_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 PREEMPTIONS = re.compile(r"^vllm:num_preemptions_total\{[^}]*\} ([\d.e+]+)$", re.M)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            time.sleep(2)
-    raise RuntimeError("server did not become healthy")
 
 
 def preemptions(url: str) -> float | None:
@@ -45,53 +33,50 @@ def preemptions(url: str) -> float | None:
     return sum(float(m) for m in PREEMPTIONS.findall(text)) if PREEMPTIONS.search(text) else None
 
 
+def bench_one(kv: str, rate: str, url: str, server_log: str, a) -> dict:
+    """One `vllm bench serve` run at `rate` against the running server -> a capacity row."""
+    name = f"bench_{kv}_rate{rate}.json"
+    before = preemptions(url) or 0.0
+    with open(os.path.join(a.out_dir, f"bench_{kv}.log"), "a") as log:
+        subprocess.run(CLI + [
+            "bench", "serve", "--backend", "vllm", "--model", a.model, "--tokenizer",
+            a.tokenizer, "--port", str(a.port), "--dataset-name", "random",
+            "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+            "--num-prompts", str(a.num_prompts), "--request-rate", str(rate), "--ignore-eos",
+            "--percentile-metrics", "e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", a.out_dir, "--result-filename", name],
+            check=True, timeout=a.bench_timeout, stdout=log, stderr=subprocess.STDOUT)
+    r = json.load(open(os.path.join(a.out_dir, name)))
+    time.sleep(2.5)  # one more `mikv stats` line after the run went idle
+    return {
+        "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
+                              f"at {rate} req/s",
+        "knobs": a.mikv_knobs if kv == "mikv" else None,
+        **log_counters(open(server_log).read()),  # kv_tokens: most resident so far
+        "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
+        "total_tok_s": r.get("total_token_throughput"),
+        "preemptions": (preemptions(url) or 0.0) - before,
+        "p50_ms": r.get("p50_e2el_ms"), "p99_ms": r.get("p99_e2el_ms")}
+
+
 def sweep_one(kv: str, a) -> list[dict]:
     url = f"http://127.0.0.1:{a.port}"
     log_path = os.path.join(a.out_dir, f"serve_{kv}.log")
-    log = open(log_path, "w")
     extra = ["--scheduler-cls", "residency_probe.ProbeAsyncScheduler"]  # same counters as mikv
     if kv == "mikv":
         extra = ["--additional-config", json.dumps({"mikv": json.loads(a.mikv_knobs or "{}")})]
     env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    server = subprocess.Popen(
-        CLI + ["serve", a.model, "--tokenizer", a.tokenizer, "--load-format", "dummy",
-               "--kv-cache-dtype", kv, "--port", str(a.port), "--max-model-len",
-               str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", "0.9", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+    cmd = CLI + ["serve", a.model, "--tokenizer", a.tokenizer, "--load-format", "dummy",
+                 "--kv-cache-dtype", kv, "--port", str(a.port), "--max-model-len",
+                 str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", "0.9", *extra]
     rows = []
     try:
-        wait_healthy(url, server, a.start_timeout)
-        for rate in a.rates:
-            name = f"bench_{kv}_rate{rate}.json"
-            before = preemptions(url) or 0.0
-            subprocess.run(CLI + [
-                "bench", "serve", "--backend", "vllm", "--model", a.model, "--tokenizer",
-                a.tokenizer, "--port", str(a.port), "--dataset-name", "random",
-                "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-                "--num-prompts", str(a.num_prompts), "--request-rate", str(rate), "--ignore-eos",
-                "--percentile-metrics", "e2el", "--metric-percentiles", "50,99",
-                "--save-result", "--result-dir", a.out_dir, "--result-filename", name],
-                check=True, timeout=a.bench_timeout, stdout=log, stderr=subprocess.STDOUT)
-            r = json.load(open(os.path.join(a.out_dir, name)))
-            time.sleep(2.5)  # one more `mikv stats` line after the run went idle
-            rows.append({
-                "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
-                                      f"at {rate} req/s",
-                "knobs": a.mikv_knobs if kv == "mikv" else None,
-                **log_counters(open(log_path).read()),  # kv_tokens: most resident so far
-                "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
-                "total_tok_s": r.get("total_token_throughput"),
-                "preemptions": (preemptions(url) or 0.0) - before,
-                "p50_ms": r.get("p50_e2el_ms"), "p99_ms": r.get("p99_e2el_ms")})
-            print(json.dumps(rows[-1]), flush=True)
+        with running_server(cmd, log_path, url, a.start_timeout, env):
+            for rate in a.rates:
+                rows.append(bench_one(kv, rate, url, log_path, a))
+                print(json.dumps(rows[-1]), flush=True)
     except Exception as e:  # keep the other dtypes' rows
         rows.append({"kv": kv, "error": repr(e), "log_tail": open(log_path).read()[-2000:]})
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
     return rows
 
 

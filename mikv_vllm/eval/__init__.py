@@ -4,4 +4,5 @@ stores it (mikv hi/2-bit pages, eviction, fp8, int4, ...), driven by the plugin'
 
 Modules: `models` (offline real models), `methods` (what each method stores and its bytes),
 `kvsim` (the attention function and the per-step demotion loop), `tasks` (perplexity, line and
-key-value retrieval), `stats` (confidence intervals)."""
+key-value retrieval), `stats` (confidence intervals); `server` (a `vllm serve` subprocess for
+the GPU tests and serving benchmarks)."""

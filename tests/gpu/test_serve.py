@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
+
+from mikv_vllm.eval.server import running_server
 
 pytestmark = pytest.mark.gpu
 
@@ -41,30 +41,12 @@ def server(tmp_path_factory):
     if TOKENIZER:
         cmd += ["--tokenizer", TOKENIZER]
     cmd += os.environ.get("MIKV_SERVE_EXTRA_ARGS", "").split()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("vllm serve exited:\n" + log_path.read_text()[-4000:])
-            try:
-                urllib.request.urlopen(BASE + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(2)
-        else:
-            raise RuntimeError("vllm serve did not start:\n" + log_path.read_text()[-4000:])
-        yield log_path
+        with running_server(cmd, log_path, BASE):
+            yield log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         results = os.environ.get("MIKV_RESULTS_DIR")
-        if results:
-            log.flush()
+        if results and log_path.exists():
             with open(os.path.join(results, "serve.log"), "w") as f:
                 f.write(log_path.read_text()[-200_000:])
 
