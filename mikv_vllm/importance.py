@@ -108,6 +108,7 @@ def request_page_mass(block_mass: torch.Tensor, block_ids: list[int]) -> torch.T
     which no hi page uses, so they get 0)."""
     if not block_ids:
         return block_mass.new_zeros(0)
-    out = block_mass[torch.tensor(block_ids, dtype=torch.long)]
-    out[torch.tensor(block_ids) == 0] = 0.0
+    ids = torch.tensor(block_ids, dtype=torch.long)
+    out = block_mass[ids]
+    out[ids == 0] = 0.0
     return out

@@ -50,13 +50,14 @@ class MikvStatLogger(StatLoggerBase):
         metrics = _metrics()
         for name in ("hi_pages", "lo_pages", "pack_blocks", "resident_tokens", "bytes_saved"):
             metrics[name].labels(*self.labels).set(page_stats[name])
-        for name in ("demotions_total", "pressure_demotions_total"):
-            delta = page_stats[name] - self.last.get(name, 0)
-            if delta > 0:
-                metrics[name].labels(*self.labels).inc(delta)
+        delta = {name: page_stats[name] - self.last.get(name, 0)
+                 for name in ("demotions_total", "pressure_demotions_total")}
+        for name, d in delta.items():
+            if d > 0:
+                metrics[name].labels(*self.labels).inc(d)
         now = time.monotonic()
-        new = page_stats["demotions_total"] - self.last.get("demotions_total", 0)
-        metrics["demotion_rate"].labels(*self.labels).set(new / max(now - self.last_time, 1e-3))
+        metrics["demotion_rate"].labels(*self.labels).set(
+            delta["demotions_total"] / max(now - self.last_time, 1e-3))
         self.last, self.last_time = dict(page_stats), now
 
     def log_engine_initialized(self) -> None:

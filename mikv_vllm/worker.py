@@ -36,8 +36,10 @@ class MikvWorker(Worker):
         super().initialize_from_config(kv_cache_config)
         self._attach_mass_meter(kv_cache_config.num_blocks)
 
-    def _attention_layers(self) -> list:
-        """The model's attention layers in depth order."""
+    @functools.cached_property
+    def attention_layers(self) -> list:
+        """The model's attention layers in depth order (looked up once the model exists; every
+        step with demotions walks them)."""
         from vllm.config import get_layers_from_vllm_config
         from vllm.model_executor.layers.attention import Attention
         from vllm.model_executor.models.utils import extract_layer_index
@@ -46,7 +48,7 @@ class MikvWorker(Worker):
         return [layers[n] for n in sorted(layers, key=extract_layer_index)]
 
     def _attach_mass_meter(self, num_blocks: int) -> None:
-        layers = self._attention_layers()
+        layers = self.attention_layers
         chosen = sampled_layers(len(layers))
         model, parallel = self.vllm_config.model_config, self.vllm_config.parallel_config
         sched = self.vllm_config.scheduler_config
@@ -87,7 +89,7 @@ class MikvWorker(Worker):
         src = torch.tensor([m.src_block for m in moves], dtype=torch.int32).to(device)
         dst = torch.tensor([m.dst_code for m in moves], dtype=torch.int32).to(device)
         cfg = self.mikv_config
-        for layer in self._attention_layers():
+        for layer in self.attention_layers:
             key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
             layout = cache_layout(key_cache, cfg.lo_bits, cfg.value_group_size)
             ops.quantize_pages(key_cache, value_cache, src, dst, layout,
