@@ -3,12 +3,17 @@
 // named by negative block-table entries), in one pass.
 //
 // One CTA owns (sequence, KV head, chunk of up to MAX_G query heads of that KV head, split):
-// every K/V row of the KV head is read once for all its query heads (GQA). Lanes are grouped
-// so that each group of D/8 lanes holds one token row (8 elements, a 16-byte load for bf16);
-// each group keeps kUnroll rows in flight before using them. A warp's rows of a step lie in one
-// page, so hi/lo is decided once per warp and step, and a lo page's per-channel key scales are
-// loaded once per step, not per row. Softmax is online, in fp32, base 2 (log2(e) is folded
-// into the scale). With several splits the CTAs write unnormalised partials and
+// every K/V row of the KV head is read once for all its query heads (GQA), in two passes over
+// the split's pages, each with its own online softmax (fp32, base 2: log2(e) is folded into the
+// scale), merged at the end:
+// - hi pass: lanes grouped D/8 per token row (8 elements, a 16-byte load for bf16), kUnroll
+//   rows in flight per group; a warp's slab of rows lies in one page, so lo pages are skipped
+//   per slab.
+// - lo pass (lo_pass below): a warp takes whole lo pages, 16 tokens at a time, on tensor cores
+//   (mma.m16n8k16, fp16 in, fp32 accumulate): S^T = K Q^T with the tile's tokens as M and up to
+//   8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's codes and scales
+//   in fragment order (mikv_vllm/quant.py), so a lane reads them with 16-byte loads and turns
+//   2 codes into an fp16x2 operand with a shift, a mask and one fma. With several splits the CTAs write unnormalised partials and
 // decode_reduce_kernel combines them; it also leaves each head's log-sum-exp when asked (the
 // importance signal, csrc/page_mass.cu).
 #include <torch/all.h>
@@ -42,6 +47,220 @@ __device__ __forceinline__ float exp2_diff(float a, float b) {
   return a == -INFINITY ? 0.f : exp2f(a - b);
 }
 
+// ---- lo pass: tensor cores over 2/4-bit pages ----------------------------------------------
+
+__device__ __forceinline__ uint32_t h2_bits(__half2 x) { return *reinterpret_cast<uint32_t*>(&x); }
+__device__ __forceinline__ __half2 bits_h2(uint32_t x) { return *reinterpret_cast<__half2*>(&x); }
+
+// Pair i of a code word as fp16x2 (1 + code / 2^BITS each): the codes are masked straight into
+// the mantissa of 1.0, so no integer-to-float conversion is needed. `i` is a constant once the
+// callers' loops are unrolled, so the shift is an immediate.
+template <int BITS>
+__device__ __forceinline__ __half2 code_pair(uint32_t w, int i) {
+  constexpr int kMant = 10 - BITS;  // lowest mantissa bit the code lands on
+  constexpr uint32_t kMask = (((1u << BITS) - 1u) << kMant) * 0x00010001u;
+  const int shift = i * BITS - kMant;
+  const uint32_t x = shift >= 0 ? (w >> shift) : (w << -shift);
+  return bits_h2((x & kMask) | 0x3C003C00u);
+}
+
+// code * scale + zero from code_pair's 1 + code / 2^BITS: f * (2^BITS scale) + (zero - 2^BITS scale).
+template <int BITS>
+__device__ __forceinline__ uint32_t dequant_pair(__half2 f, uint32_t scale, uint32_t zero) {
+  const __half2 m = __float2half2_rn(static_cast<float>(1 << BITS));
+  const __half2 sc = bits_h2(scale);
+  return h2_bits(__hfma2(f, __hmul2(sc, m), __hfma2(sc, __hneg2(m), bits_h2(zero))));
+}
+
+template <int LW>
+__device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[LW]) {
+  if constexpr (LW == 2) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p);
+    w[0] = x.x;
+    w[1] = x.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < LW / 4; ++i) {
+      const uint4 x = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = x.x;
+      w[4 * i + 1] = x.y;
+      w[4 * i + 2] = x.z;
+      w[4 * i + 3] = x.w;
+    }
+  }
+}
+
+// D[16 x 8] += A[16 x 16] B[16 x 8], fp16 in, fp32 accumulate (sm_80+).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One warp's share of the lo pages in [p_begin, p_end), merged into the warp's slot of hi-pass
+// results (sm_ml / sm_acc, in the hi path's units: values / v_scale). Lane L = 4g + j holds the
+// scores of tokens {g, g + 8} x heads {2j, 2j + 1} of a tile and the outputs of channels
+// {16n + g, 16n + g + 8} x the same heads; the fragment layouts are mma.m16n8k16's.
+template <int BITS, typename q_t, int D, int MAX_G>
+__device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t q_stride_head,
+                                        int ng, const int32_t* __restrict__ bt, int p_begin,
+                                        int p_end, int t_end, int block_size, int kvh,
+                                        float scale_log2, float inv_v_scale, const LoLayout& lo,
+                                        float (&sm_ml)[MAX_G][2], float (&sm_acc)[MAX_G][D],
+                                        __half (&sm_p)[8][16]) {
+  constexpr int KC = D / 16;             // 16-channel chunks: k-steps of S, m-tiles of O
+  constexpr int LW = D * BITS / 64;      // code words per lane per tile (K and V each)
+  constexpr int PPW = 16 / BITS;         // code pairs per word
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, j = lane % 4;
+  const int tiles = block_size / 16, groups = D / lo.group;
+
+  // Q^T as the B operand of S^T = K Q^T: channels 16c + 2j + {0, 1} (+8) of head g.
+  uint32_t qb[KC][2];
+#pragma unroll
+  for (int c = 0; c < KC; ++c) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int ch = 16 * c + 2 * j + 8 * half;
+      float x0 = 0.f, x1 = 0.f;
+      if (g < ng) {
+        x0 = to_float(q_heads[g * q_stride_head + ch]) * scale_log2;
+        x1 = to_float(q_heads[g * q_stride_head + ch + 1]) * scale_log2;
+      }
+      qb[c][half] = h2_bits(__floats2half2_rn(x0, x1));
+    }
+  }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[KC][4];
+#pragma unroll
+  for (int n = 0; n < KC; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  int next_entry = p_begin + warp < p_end ? bt[p_begin + warp] : 0;  // one page ahead
+  for (int p = p_begin + warp; p < p_end; p += kWarps) {
+    const int entry = next_entry;
+    next_entry = p + kWarps < p_end ? bt[p + kWarps] : 0;
+    if (entry >= 0) continue;  // a hi page: the hi pass read it
+    const int code = -entry - 1;
+    const uint8_t* page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
+                          static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
+    const uint8_t* k_params = page + lo.k_params + (kvh * 4 + j) * KC * 16;
+    for (int tile = 0; tile < tiles; ++tile) {
+      const int tok0 = p * block_size + tile * 16;
+      if (tok0 >= t_end) break;
+      const int run = (kvh * tiles + tile) * 32 + lane;
+      uint32_t kw[LW], vw[LW];
+      load_words<LW>(page + run * LW * 4, kw);
+      load_words<LW>(page + lo.v_codes + run * LW * 4, vw);
+      // Values' (scale, zero) of tokens 2j + {0, 1} (+8), per 16-channel m-tile n (its group's
+      // run): issued with the codes, before the softmax's warp syncs, where D allows the registers.
+      const uint8_t* v_params = page + lo.v_params + ((kvh * tiles + tile) * groups * 4 + j) * 16;
+      constexpr bool kEarlyParams = D <= 128;
+      uint4 vp_early[kEarlyParams ? KC : 1];
+      if constexpr (kEarlyParams) {
+#pragma unroll
+        for (int n = 0; n < KC; ++n)
+          vp_early[n] = *reinterpret_cast<const uint4*>(v_params + (16 * n / lo.group) * 64);
+      }
+
+      // S^T[tokens x heads] = K Q^T, K dequantized to fp16 per chunk.
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int c = 0; c < KC; ++c) {
+        const uint4 kp = reinterpret_cast<const uint4*>(k_params)[c];  // scale +0, +8; zero +0, +8
+        uint32_t a[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int pair = c * 4 + r, half = r >> 1;
+          a[r] = dequant_pair<BITS>(code_pair<BITS>(kw[pair / PPW], pair % PPW),
+                                    half ? kp.y : kp.x, half ? kp.w : kp.z);
+        }
+        mma_16816(s, a, qb[c][0], qb[c][1]);
+      }
+
+      // Online softmax; s[e], s[e + 2] are head 2j + e at tokens g, g + 8.
+      const bool tok_lo = tok0 + g < t_end, tok_hi = tok0 + g + 8 < t_end;
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool head = 2 * j + e < ng;
+        const float s0 = head && tok_lo ? s[e] : -INFINITY;
+        const float s1 = head && tok_hi ? s[e + 2] : -INFINITY;
+        float mx = fmaxf(s0, s1);
+#pragma unroll
+        for (int o = 4; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float mn = fmaxf(m[e], mx);
+        const float alpha = exp2_diff(m[e], mn);
+        pr[e] = s0 == -INFINITY ? 0.f : exp2f(s0 - mn);
+        pr[e + 2] = s1 == -INFINITY ? 0.f : exp2f(s1 - mn);
+        l[e] = l[e] * alpha + pr[e] + pr[e + 2];
+#pragma unroll
+        for (int n = 0; n < KC; ++n) {
+          acc[n][e] *= alpha;
+          acc[n][e + 2] *= alpha;
+        }
+        m[e] = mn;
+      }
+      // P^T as the B operand of O^T += V^T P^T: tokens 2j + {0, 1} (+8) of head g.
+      __syncwarp();
+      sm_p[2 * j][g] = __float2half_rn(pr[0]);
+      sm_p[2 * j + 1][g] = __float2half_rn(pr[1]);
+      sm_p[2 * j][g + 8] = __float2half_rn(pr[2]);
+      sm_p[2 * j + 1][g + 8] = __float2half_rn(pr[3]);
+      __syncwarp();
+      const uint32_t pb0 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j]);
+      const uint32_t pb1 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j + 8]);
+
+#pragma unroll
+      for (int n = 0; n < KC; ++n) {
+        uint4 vp;
+        if constexpr (kEarlyParams) vp = vp_early[n];
+        else vp = *reinterpret_cast<const uint4*>(v_params + (16 * n / lo.group) * 64);
+        uint32_t a[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int pair = n * 4 + r, half = r >> 1;
+          a[r] = dequant_pair<BITS>(code_pair<BITS>(vw[pair / PPW], pair % PPW),
+                                    half ? vp.y : vp.x, half ? vp.w : vp.z);
+        }
+        mma_16816(acc[n], a, pb0, pb1);
+      }
+    }
+  }
+
+  // Sum the lanes' partial l over tokens, then merge into the hi pass's slot.
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int o = 4; o < 32; o *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], o);
+  __syncwarp();
+  float mh[2], lh[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int h = 2 * j + e;
+    mh[e] = h < ng ? sm_ml[h][0] : -INFINITY;
+    lh[e] = h < ng ? sm_ml[h][1] : 0.f;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int h = 2 * j + e;
+    if (h >= ng) continue;
+    const float mx = fmaxf(mh[e], m[e]);
+    const float a = exp2_diff(mh[e], mx), b = exp2_diff(m[e], mx);
+#pragma unroll
+    for (int n = 0; n < KC; ++n) {
+      float* row = sm_acc[h] + 16 * n + g;
+      row[0] = row[0] * a + acc[n][e] * b * inv_v_scale;
+      row[8] = row[8] * a + acc[n][e + 2] * b * inv_v_scale;
+    }
+    if (g == 0) {
+      sm_ml[h][0] = mx;
+      sm_ml[h][1] = lh[e] * a + l[e] * b;
+    }
+  }
+}
+
 template <typename q_t, typename kv_t, int D, int MAX_G>
 __global__ void __launch_bounds__(kThreads)
 paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_stride_head,
@@ -73,8 +292,8 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
 
   // Each sequence's pages are cut into gridDim.z equal ranges from its own length, so the
   // grid depends on the batch shape only (CUDA-graph replays see new lengths).
-  // Lo pages hold real values; the hi path multiplies by k_scale/v_scale later, so undo it.
-  const float inv_k_scale = 1.f / k_scale, inv_v_scale = 1.f / v_scale;
+  // Lo pages hold real values; the hi path's results are in cache units (times v_scale later).
+  const float inv_v_scale = 1.f / v_scale;
   const int seq_len = seq_lens[seq];
   const int num_pages = (seq_len + block_size - 1) / block_size;
   const int tok_per_split = (num_pages + num_splits - 1) / num_splits * block_size;
@@ -115,67 +334,23 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   for (int base = t_begin; base < t_end; base += kRowsPerStep) {
     const int slab = base + warp * kSlab;
     const int entry = slab < t_end ? bt[slab / block_size] : 0;
-    const bool is_lo = entry < 0;
+    if (entry < 0) continue;  // a lo page: lo_pass reads it (warp-uniform: a slab is in one page)
     vec_t kr[kUnroll], vr[kUnroll];
     bool valid[kUnroll];
-    // Lo slabs: the page's key (scale, zero) of this lane's 8 channels, loaded once per slab
-    // with 1 / k_scale folded in (hi keys carry k_scale, lo keys are stored unscaled), and each
-    // row's value (scale, zero) of this lane's channel group.
-    float ksc[kElems], kz[kElems];
-    float2 vsz[kUnroll];
-    const uint8_t* page = nullptr;
-    if (is_lo) {
-      const int code = -entry - 1;  // entry = -(1 + pack_block * N + slot)
-      page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
-             static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
-      const __half2* kp = reinterpret_cast<const __half2*>(page + lo.k_params) + kvh * D + sl * kElems;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        const float2 p = __half22float2(kp[e]);
-        ksc[e] = p.x * inv_k_scale;
-        kz[e] = p.y * inv_k_scale;
-      }
-    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = slab + u * SUBS + sub;
       valid[u] = t < t_end;
       if (!valid[u]) continue;
-      const int row = t % block_size;
-      if (!is_lo) {
-        const int64_t off = entry * kv_stride_block + row * kv_stride_tok + head_off;
-        kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
-        vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
-      } else {
-        const int lo_row = kvh * block_size + row;
-        const int64_t code_off = (static_cast<int64_t>(lo_row) * D + sl * kElems) * lo.bits / 8;
-        uint32_t* kc = reinterpret_cast<uint32_t*>(&kr[u]);
-        uint32_t* vc = reinterpret_cast<uint32_t*>(&vr[u]);
-        if (lo.bits == 2) {
-          kc[0] = *reinterpret_cast<const uint16_t*>(page + code_off);
-          vc[0] = *reinterpret_cast<const uint16_t*>(page + lo.v_codes + code_off);
-        } else {
-          kc[0] = *reinterpret_cast<const uint32_t*>(page + code_off);
-          vc[0] = *reinterpret_cast<const uint32_t*>(page + lo.v_codes + code_off);
-        }
-        // Values: (scale, zero) per (row, channel group), fp16 pairs [H, B, D / g, 2].
-        vsz[u] = __half22float2(*(reinterpret_cast<const __half2*>(page + lo.v_params) +
-                                  lo_row * (D / lo.group) + sl * kElems / lo.group));
-      }
+      const int64_t off = entry * kv_stride_block + (t % block_size) * kv_stride_tok + head_off;
+      kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
+      vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
     }
     float s[kUnroll][MAX_G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[kElems];
-      if (!is_lo) {
-        to_float8(kr[u], kf, static_cast<const kv_t*>(nullptr));
-      } else {
-        const uint32_t codes = reinterpret_cast<const uint32_t*>(&kr[u])[0];
-        const uint32_t mask = (1u << lo.bits) - 1u;
-#pragma unroll
-        for (int e = 0; e < kElems; ++e)
-          kf[e] = static_cast<float>((codes >> (e * lo.bits)) & mask) * ksc[e] + kz[e];
-      }
+      to_float8(kr[u], kf, static_cast<const kv_t*>(nullptr));
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
         float d = 0.f;
@@ -201,16 +376,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     for (int u = 0; u < kUnroll; ++u) {
       if (!valid[u]) continue;
       float vf[kElems];
-      if (!is_lo) {
-        to_float8(vr[u], vf, static_cast<const kv_t*>(nullptr));
-      } else {
-        const uint32_t codes = reinterpret_cast<const uint32_t*>(&vr[u])[0];
-        const uint32_t mask = (1u << lo.bits) - 1u;
-        const float sc = vsz[u].x * inv_v_scale, z = vsz[u].y * inv_v_scale;
-#pragma unroll
-        for (int e = 0; e < kElems; ++e)
-          vf[e] = static_cast<float>((codes >> (e * lo.bits)) & mask) * sc + z;
-      }
+      to_float8(vr[u], vf, static_cast<const kv_t*>(nullptr));
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
         const float p = exp2f(s[u][g] - m[g]);
@@ -254,6 +420,16 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
       for (int e = 0; e < kElems; ++e) sm_acc[warp][g][sl * kElems + e] = acc[g][e];
     }
   }
+  __syncwarp();
+  __shared__ __half sm_p[kWarps][8][16];
+  const q_t* q_heads = q + seq * q_stride_tok + h0 * q_stride_head;
+  const int p_begin = t_begin / block_size, p_end = (t_end + block_size - 1) / block_size;
+  if (lo.bits == 2)
+    lo_pass<2, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
+                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp]);
+  else
+    lo_pass<4, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
+                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp]);
   __syncthreads();
 
   for (int i = threadIdx.x; i < ng * D; i += kThreads) {

@@ -1,8 +1,8 @@
 // Demote hi pages to lo slots in place: the CUDA twin of mikv_vllm/quant.py:quantize_page.
 //
 // One CTA per (page, KV head). It stages the head's K rows of the page in shared memory as
-// fp32, writes one (scale, zero) pair per channel and the token-major packed codes, then does
-// the same for V with one pair per (token, channel group). Scale and zero are rounded to fp16
+// fp32, writes one (scale, zero) pair per channel and the packed codes (in the decode kernel's
+// fragment order), then does the same for V with one pair per (token, channel group). Scale and zero are rounded to fp16
 // before the codes are computed, with IEEE division and round-half-even, so codes match the
 // torch reference bit for bit (up to fp32 ties).
 #include <torch/all.h>
@@ -42,15 +42,43 @@ __device__ __forceinline__ uint32_t quant_code(float x, __half2 sz, int levels) 
   return static_cast<uint32_t>(fminf(fmaxf(c, 0.f), static_cast<float>(levels)));
 }
 
-// Packs codes[t * D + d] (one byte each in shared memory) token-major into `dst`.
-__device__ void pack_codes(const uint8_t* codes, uint8_t* dst, int rows, int D, int bits) {
-  const int per_byte = 8 / bits;
-  const int bytes = rows * D / per_byte;
-  for (int i = threadIdx.x; i < bytes; i += blockDim.x) {
-    uint32_t b = 0;
-    for (int j = 0; j < per_byte; ++j) b |= static_cast<uint32_t>(codes[i * per_byte + j]) << (j * bits);
-    dst[i] = static_cast<uint8_t>(b);
+// Writes codes[t * D + d] (one byte each in shared memory) of one KV head in the lo format's
+// fragment order (mikv_vllm/quant.py): per 16-token tile, lane L's run of D * bits / 64 words;
+// word w of a run holds pairs w * P .. w * P + P - 1 (P = 16 / bits), first elements in the
+// low half, second elements in the high half.
+__device__ void pack_fragment_codes(const uint8_t* codes, uint32_t* dst, int rows, int D,
+                                    int bits, bool keys) {
+  const int per_word = 16 / bits;
+  const int lane_words = D * bits / 64;
+  const int words = rows * D * bits / 32;
+  for (int wi = threadIdx.x; wi < words; wi += blockDim.x) {
+    const int run = wi / lane_words, w = wi % lane_words;
+    const int tile = run / 32, lane = run % 32, g = lane / 4, j = lane % 4;
+    uint32_t word = 0;
+    for (int i = 0; i < per_word; ++i) {
+      const int pair = w * per_word + i, chunk = pair / 4, r = pair % 4;
+      for (int e = 0; e < 2; ++e) {
+        int t, d;
+        if (keys) {
+          t = 16 * tile + g + 8 * (r & 1);
+          d = 16 * chunk + 2 * j + 8 * (r >> 1) + e;
+        } else {
+          d = 16 * chunk + g + 8 * (r & 1);
+          t = 16 * tile + 2 * j + 8 * (r >> 1) + e;
+        }
+        word |= static_cast<uint32_t>(codes[t * D + d]) << (16 * e + i * bits);
+      }
+    }
+    dst[wi] = word;
   }
+}
+
+// Index (fp16 units) of a scale (kind 0) or zero (kind 1) in a head's params, laid out
+// [runs, 2 (kind), 2 (+0 | +8), 2 (e)], for position `x` (channel or token) of a 16-wide tile;
+// `run` counts the 16-byte runs: [j][chunk] for keys, [tile][group][j] for values (quant.py).
+__device__ __forceinline__ int param_index(int run, int kind, int x) {
+  const int r = x % 16, half = r / 8, e = r % 2;
+  return ((run * 2 + kind) * 2 + half) * 2 + e;
 }
 
 template <typename kv_t>
@@ -70,7 +98,7 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
                  static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
   const int levels = (1 << lo.bits) - 1;
   const int n = block_size * D;
-  const int row_bytes = D * lo.bits / 8;
+  const int64_t section = static_cast<int64_t>(block_size) * D * lo.bits / 8;  // one head's codes
 
   // Keys: one (scale, zero) per channel over the page's tokens.
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -78,7 +106,7 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
     tile[i] = load_float(k_cache + src * stride_block + t * stride_tok + h * stride_head + d) * k_scale;
   }
   __syncthreads();
-  __half2* k_params = reinterpret_cast<__half2*>(dst + lo.k_params) + h * D;
+  __half* k_params = reinterpret_cast<__half*>(dst + lo.k_params) + h * D * 2;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float mn = tile[d], mx = tile[d];
     for (int t = 1; t < block_size; ++t) {
@@ -86,11 +114,14 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
       mx = fmaxf(mx, tile[t * D + d]);
     }
     const __half2 sz = group_params(mn, mx, levels);
-    k_params[d] = sz;
+    const int run = (d % 16 % 8 / 2) * (D / 16) + d / 16;  // [j][chunk]
+    k_params[param_index(run, 0, d)] = __low2half(sz);
+    k_params[param_index(run, 1, d)] = __high2half(sz);
     for (int t = 0; t < block_size; ++t) codes[t * D + d] = quant_code(tile[t * D + d], sz, levels);
   }
   __syncthreads();
-  pack_codes(codes, dst + static_cast<int64_t>(h) * block_size * row_bytes, block_size, D, lo.bits);
+  pack_fragment_codes(codes, reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(h) * section),
+                      block_size, D, lo.bits, true);
   __syncthreads();
 
   // Values: one (scale, zero) per (token, group of `lo.group` channels).
@@ -100,7 +131,7 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
   }
   __syncthreads();
   const int groups = D / lo.group;
-  __half2* v_params = reinterpret_cast<__half2*>(dst + lo.v_params) + h * block_size * groups;
+  __half* v_params = reinterpret_cast<__half*>(dst + lo.v_params) + h * block_size * groups * 2;
   for (int i = threadIdx.x; i < block_size * groups; i += blockDim.x) {
     const float* x = tile + (i / groups) * D + (i % groups) * lo.group;
     uint8_t* c = codes + (i / groups) * D + (i % groups) * lo.group;
@@ -110,12 +141,14 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
       mx = fmaxf(mx, x[j]);
     }
     const __half2 sz = group_params(mn, mx, levels);
-    v_params[i] = sz;
+    const int t = i / groups, run = ((t / 16) * groups + i % groups) * 4 + t % 16 % 8 / 2;
+    v_params[param_index(run, 0, t)] = __low2half(sz);
+    v_params[param_index(run, 1, t)] = __high2half(sz);
     for (int j = 0; j < lo.group; ++j) c[j] = quant_code(x[j], sz, levels);
   }
   __syncthreads();
-  pack_codes(codes, dst + lo.v_codes + static_cast<int64_t>(h) * block_size * row_bytes, block_size,
-             D, lo.bits);
+  pack_fragment_codes(codes, reinterpret_cast<uint32_t*>(dst + lo.v_codes + static_cast<int64_t>(h) * section),
+                      block_size, D, lo.bits, false);
 }
 
 }  // namespace detail

@@ -30,6 +30,10 @@ class PageLayout:
     value_group_size: int = 64
 
     def __post_init__(self):
+        # The lo format is laid out in 16 x 16 tensor-core tiles (mikv_vllm/quant.py).
+        for name in ("block_size", "head_size", "value_group_size"):
+            if getattr(self, name) % 16:
+                raise ValueError(f"{name} {getattr(self, name)} must be a multiple of 16")
         if self.head_size % self.value_group_size:
             raise ValueError(
                 f"value_group_size {self.value_group_size} must divide head_size {self.head_size}")

@@ -2,17 +2,30 @@
 page (one vLLM block of one layer: all KV heads, K and V).
 
 Keys are grouped per channel over the page's tokens (key outliers live in channels, as KIVI and
-KVQuant observed); values are grouped per token over `value_group_size` channels. Codes are
-packed token-major like hi rows, so a decode kernel reads a lo row where it would read a hi row.
+KVQuant observed); values are grouped per token over `value_group_size` channels.
+
+Everything is stored in the order the decode kernel's tensor-core fragments want it
+(csrc/paged_decode.cu, mma.m16n8k16): per 16-token tile of a KV head, lane L of a warp finds
+all of its codes in one contiguous run of D * bits / 16 bytes (a 16-byte load at D = 128,
+2-bit) and its scales in 16-byte runs, so a lo page is read with wide loads and no shuffles.
+With g = L // 4 and j = L % 4, lane L's codes are pairs (two elements of one fp16x2 register):
+    K, pair (chunk c, r):  token 16T + g + 8 (r & 1),  channels 16c + 2j + 8 (r >> 1) + {0, 1}
+    V, pair (tile n, r):   channel 16n + g + 8 (r & 1), tokens 16T + 2j + 8 (r >> 1) + {0, 1}
+A 32-bit word holds 16 / bits pairs: first elements in its low half, second elements in its
+high half, pair i at bit i * bits of each half.
 
 Byte layout of a lo page (offsets: `PageLayout.lo_offsets`), all little-endian:
-    K codes  [H, B, D * bits / 8]   element d of a row in byte d // (8 / bits), low bits first
-    V codes  [H, B, D * bits / 8]
-    K params [H, D, 2] fp16         (scale, zero): k = code * scale + zero
-    V params [H, B, D / g, 2] fp16
+    K codes  [H, B / 16, 32 lanes, D * bits / 16]
+    V codes  [H, B / 16, 32 lanes, D * bits / 16]
+    K params [H, 4 (j), D / 16 (c), 2 (scale, zero), 2 (+0 | +8 channels), 2] fp16:
+             k = code * scale + zero, per channel 16c + 2j + {0, 8} + {0, 1}
+    V params [H, B / 16, D / g, 4 (j), 2 (scale, zero), 2 (+0 | +8 tokens), 2] fp16:
+             per token 16T + 2j + {0, 8} + {0, 1} and channel group
 With MiKV outlier balancing, K is multiplied per (head, channel) by `balance` before
 quantization, and dequantized K is divided by it again (the kernel divides Q instead)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -57,6 +70,64 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], -1)
 
 
+def _lane_pairs(b: int, d: int) -> tuple[torch.Tensor, ...]:
+    """Tile, lane g / j, chunk and register index r of every code pair, broadcastable to
+    [B / 16, 32, D / 16, 4, 2 (element)]."""
+    tile = torch.arange(b // 16).reshape(-1, 1, 1, 1, 1)
+    lane = torch.arange(32).reshape(1, -1, 1, 1, 1)
+    chunk = torch.arange(d // 16).reshape(1, 1, -1, 1, 1)
+    r = torch.arange(4).reshape(1, 1, 1, -1, 1)
+    e = torch.arange(2).reshape(1, 1, 1, 1, -1)
+    return tile, lane // 4, lane % 4, chunk, r, e
+
+
+@functools.cache
+def code_order(kind: str, b: int, d: int, bits: int) -> torch.Tensor:
+    """Flat index t * D + c of the code at each position of a head's packed code stream
+    (before `_pack`), for K (`kind` "k") or V codes."""
+    tile, g, j, chunk, r, e = _lane_pairs(b, d)
+    if kind == "k":
+        tok, ch = 16 * tile + g + 8 * (r & 1), 16 * chunk + 2 * j + 8 * (r >> 1) + e
+    else:
+        ch, tok = 16 * chunk + g + 8 * (r & 1), 16 * tile + 2 * j + 8 * (r >> 1) + e
+    pairs_per_word = 16 // bits
+    idx = (tok * d + ch).reshape(b // 16, 32, -1, pairs_per_word, 2)
+    return idx.transpose(-1, -2).reshape(-1)  # per word: first elements, then second elements
+
+
+@functools.cache
+def _k_param_channels(d: int) -> torch.Tensor:
+    """Channel of each K (scale, zero) slot, [4 (j), D / 16, 2 (+0 | +8), 2]."""
+    j = torch.arange(4).reshape(-1, 1, 1, 1)
+    chunk = torch.arange(d // 16).reshape(1, -1, 1, 1)
+    half = torch.arange(2).reshape(1, 1, -1, 1)
+    e = torch.arange(2).reshape(1, 1, 1, -1)
+    return 16 * chunk + 2 * j + 8 * half + e
+
+
+@functools.cache
+def _v_param_tokens(b: int) -> torch.Tensor:
+    """Token of each V (scale, zero) slot, [B / 16, 4 (j), 2 (+0 | +8), 2]."""
+    tile = torch.arange(b // 16).reshape(-1, 1, 1, 1)
+    j = torch.arange(4).reshape(1, -1, 1, 1)
+    half = torch.arange(2).reshape(1, 1, -1, 1)
+    e = torch.arange(2).reshape(1, 1, 1, -1)
+    return 16 * tile + 2 * j + 8 * half + e
+
+
+def _pack_codes(codes: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
+    """[H, B, D] codes -> the page section's bytes in fragment order."""
+    h, b, d = codes.shape
+    return _pack(codes.reshape(h, b * d)[:, code_order(kind, b, d, bits)], bits).reshape(-1)
+
+
+def _unpack_codes(packed: torch.Tensor, kind: str, h: int, b: int, d: int, bits: int
+                  ) -> torch.Tensor:
+    out = torch.empty(h, b * d, dtype=torch.int32, device=packed.device)
+    out[:, code_order(kind, b, d, bits).to(packed.device)] = _unpack(packed.reshape(h, -1), bits)
+    return out.reshape(h, b, d)
+
+
 def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
                   balance: torch.Tensor | None = None, e4m3_scales: bool = False) -> torch.Tensor:
     """One page's K and V [block_size, kv_heads, D] -> its lo page bytes [lo_page_bytes].
@@ -75,11 +146,15 @@ def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
     k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales)    # over tokens
     vg = vf.reshape(h, b, d // g, g)
     v_codes, v_scale, v_zero = _quantize_groups(vg, bits, 3, e4m3_scales)    # over channels
-    k_params = torch.stack([k_scale.reshape(h, d), k_zero.reshape(h, d)], dim=-1)
-    v_params = torch.stack([v_scale.reshape(h, b, d // g), v_zero.reshape(h, b, d // g)], -1)
+    # K params [H, 2, D] -> [H, 4, D / 16, 2, 2, 2]
+    k_params = torch.stack([k_scale.reshape(h, d), k_zero.reshape(h, d)], dim=1)
+    k_params = k_params[:, :, _k_param_channels(d)].permute(0, 2, 3, 1, 4, 5)
+    # V params [H, 2, D / g, B] -> [H, B / 16, D / g, 4, 2, 2, 2]
+    v_params = torch.stack([v_scale.reshape(h, b, d // g), v_zero.reshape(h, b, d // g)], dim=1)
+    v_params = v_params.transpose(2, 3)[:, :, :, _v_param_tokens(b)].permute(0, 3, 2, 4, 1, 5, 6)
     out = torch.cat([
-        _pack(k_codes, bits).reshape(-1),
-        _pack(v_codes.reshape(h, b, d), bits).reshape(-1),
+        _pack_codes(k_codes, "k", bits),
+        _pack_codes(v_codes.reshape(h, b, d), "v", bits),
         k_params.contiguous().view(torch.uint8).reshape(-1),
         v_params.contiguous().view(torch.uint8).reshape(-1),
     ])
@@ -93,14 +168,19 @@ def dequantize_page(page: torch.Tensor, layout: PageLayout,
     h, b, d, g, bits = (layout.num_kv_heads, layout.block_size, layout.head_size,
                         layout.value_group_size, layout.lo_bits)
     o = layout.lo_offsets
-    row = d * bits // 8
-    k_codes = _unpack(page[o.k_codes:o.v_codes].reshape(h, b, row), bits).float()
-    v_codes = _unpack(page[o.v_codes:o.k_params].reshape(h, b, row), bits).float()
-    k_params = page[o.k_params:o.v_params].contiguous().view(torch.float16).reshape(h, 1, d, 2)
-    v_params = page[o.v_params:o.end].contiguous().view(torch.float16).reshape(h, b, d // g, 1, 2)
-    k = k_codes * k_params[..., 0].float() + k_params[..., 1].float()
-    v = (v_codes.reshape(h, b, d // g, g) * v_params[..., 0].float()
-         + v_params[..., 1].float()).reshape(h, b, d)
+    k_codes = _unpack_codes(page[o.k_codes:o.v_codes], "k", h, b, d, bits).float()
+    v_codes = _unpack_codes(page[o.v_codes:o.k_params], "v", h, b, d, bits).float()
+    kp = page[o.k_params:o.v_params].contiguous().view(torch.float16).reshape(h, 4, d // 16, 2, 2, 2)
+    k_params = torch.empty(h, 2, d, dtype=torch.float16, device=page.device)
+    k_params[:, :, _k_param_channels(d).to(page.device)] = kp.permute(0, 3, 1, 2, 4, 5)
+    vp = page[o.v_params:o.end].contiguous().view(torch.float16).reshape(
+        h, b // 16, d // g, 4, 2, 2, 2)
+    v_params = torch.empty(h, 2, d // g, b, dtype=torch.float16, device=page.device)
+    v_params[:, :, :, _v_param_tokens(b).to(page.device)] = vp.permute(0, 4, 2, 1, 3, 5, 6)
+    k = k_codes * k_params[:, 0:1].float() + k_params[:, 1:2].float()
+    vs = v_params.transpose(2, 3).float()  # [H, 2, B, D / g]
+    v = (v_codes.reshape(h, b, d // g, g) * vs[:, 0, ..., None]
+         + vs[:, 1, ..., None]).reshape(h, b, d)
     if balance is not None:
         k = k / balance.float().reshape(h, 1, d)
     return k.permute(1, 0, 2), v.permute(1, 0, 2)

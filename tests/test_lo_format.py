@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mikv_vllm import reference
+from mikv_vllm import quant, reference
 from mikv_vllm.layout import PageLayout, encode_lo
 from mikv_vllm.quant import (_pack, _unpack, dequantize_page, quantization_error_bound,
                              quantize_page)
@@ -137,3 +137,46 @@ def test_e4m3_scales_round_up_and_keep_the_error_bounded():
     assert ((dk - k).abs() <= k_step * 0.5625 + 1e-3).all()
     v_step = (v.amax(-1, keepdim=True) - v.amin(-1, keepdim=True)) / 3
     assert ((dv - v).abs() <= v_step * 0.5625 + 1e-3).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_codes_and_params_sit_where_the_kernel_fragments_read_them(bits):
+    """One nonzero code / parameter at a chosen (token, channel): its bits land in lane
+    4g + j's run, pair and half as the quant.py docstring (and csrc/paged_decode.cu) say."""
+    lay = layout(bits=bits, block_size=32, heads=2, head_dim=64, group=32)
+    h, b, d = lay.num_kv_heads, lay.block_size, lay.head_size
+    o = lay.lo_offsets
+    lane_bytes, pairs_per_word = d * bits // 16, 16 // bits
+    # K: head 1, tile 1, g = 3, j = 2, chunk 2, r = 3 (token +8, channels +8), element 1.
+    k_codes = torch.zeros(h, b, d, dtype=torch.uint8)
+    k_codes[1, 16 + 3 + 8, 16 * 2 + 2 * 2 + 8 + 1] = 1
+    packed = quant._pack_codes(k_codes, "k", bits)
+    word, i = divmod(2 * 4 + 3, pairs_per_word)
+    run = (1 * (b // 16) + 1) * 32 + 4 * 3 + 2       # (head 1, tile 1, lane 14)
+    base = run * lane_bytes + 4 * word
+    value = int.from_bytes(bytes(packed[base:base + 4].tolist()), "little")
+    assert value == 1 << (16 + i * bits) and int(packed.ne(0).sum()) == 1
+    # V: head 0, tile 0, g = 5, j = 1, m-tile 3, r = 2 (tokens +8), element 0.
+    v_codes = torch.zeros(h, b, d, dtype=torch.uint8)
+    v_codes[0, 2 * 1 + 8, 16 * 3 + 5] = 1
+    packed = quant._pack_codes(v_codes, "v", bits)
+    word, i = divmod(3 * 4 + 2, pairs_per_word)
+    base = (4 * 5 + 1) * lane_bytes + 4 * word
+    assert int.from_bytes(bytes(packed[base:base + 4].tolist()), "little") == 1 << (i * bits)
+    # Params: decode a page whose K / V params are all distinct and check the positions.
+    page = torch.zeros(lay.lo_page_bytes, dtype=torch.uint8)
+    kp = torch.arange(h * d * 2, dtype=torch.float16)
+    page[o.k_params:o.v_params] = kp.view(torch.uint8)
+    k, _ = quant.dequantize_page(page, lay)           # codes 0: k = zero
+    # zero of (head 1, channel 16c + 2j + 8 half + e) at [1, j, c, 1, half, e]
+    jj, c, half, e = 3, 1, 1, 0
+    flat = ((((1 * 4 + jj) * (d // 16) + c) * 2 + 1) * 2 + half) * 2 + e
+    assert k[0, 1, 16 * c + 2 * jj + 8 * half + e] == kp[flat]
+    vp = torch.arange(h * b * (d // 32) * 2, dtype=torch.float16)
+    page.zero_()
+    page[o.v_params:o.end] = vp.view(torch.uint8)
+    _, v = quant.dequantize_page(page, lay)
+    # zero of (head 0, token 16T + 2j + 8 half + e, group 1) at [0, T, 1, j, 1, half, e]
+    t_, jj, half, e = 1, 2, 0, 1
+    flat = (((((t_ * (d // 32) + 1) * 4 + jj) * 2 + 1) * 2 + half) * 2 + e)
+    assert v[16 * t_ + 2 * jj + 8 * half + e, 0, 40] == vp[flat]

@@ -77,8 +77,17 @@ CASES = list(itertools.product(
 
 @pytest.mark.parametrize("fp8,bits,hi_fraction,gqa_dim", CASES)
 def test_mixed_decode_matches_reference(fp8, bits, hi_fraction, gqa_dim):
-    group, head_dim = gqa_dim
-    block_size, heads, num_seqs = 16, 2, 4
+    check_mixed_decode(fp8, bits, hi_fraction, *gqa_dim, block_size=16)
+
+
+@pytest.mark.parametrize("bits,group,head_dim", [(2, 4, 128), (4, 16, 128), (2, 2, 64)])
+def test_mixed_decode_with_two_tiles_per_page(bits, group, head_dim):
+    """Block 32: a lo page is two 16-token tensor-core tiles; GQA 16 runs in two head chunks."""
+    check_mixed_decode(False, bits, 0.25, group, head_dim, block_size=32)
+
+
+def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size):
+    heads, num_seqs = 2, 4
     gen = torch.Generator().manual_seed(int(hi_fraction * 100) + bits + group + fp8)
     layout = layout_of(block_size, heads, head_dim, fp8, bits, 64 if head_dim >= 64 else 32)
     n = layout.pack_factor
