@@ -12,8 +12,9 @@
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
 #         4's workloads a and b for every kv dtype; demote: demotion forced on (dummy weights);
-#         greedy: demotion forced on with SmolLM2 on real text vs auto; sweep: arrival rates
-#         through `vllm serve` (e2e_serve_sweep.py)
+#         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
+#         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
+#         (e2e_serve_sweep.py)
 #
 # Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), one
 # device call per line, back to back (vLLM parts: ../shared/gpu/build_vllm_bundle.sh; SmolLM2
@@ -22,7 +23,8 @@
 #   2. carry .bundle1 (vLLM part 1):   bash .bundle1/unpack.sh 2; this script: setup kernels kernelbench
 #   3. no carry:                       this script: e2e_a    (~9 min; e2e_b the same, one call each)
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
-#   brings back a limited number of files per call).
+#   brings back a limited number of files per call). A carried path lasts one call only: carry
+#   .whl_fallback again in the call that needs it.
 #   For SmolLM2 (serve, greedy) add, each within 30 s of the last call: carry
 #   .models/parts/gguf.part_a + part_b (mkdir -p /tmp/models; cp .models/parts/gguf.part_* /tmp/models/),
 #   then part_c, then part_d + tok.tar.gz + the *.whl + probe_wiki.json; then: setup serve greedy.
@@ -105,6 +107,15 @@ stage_demote() {
 stage_greedy() {
   [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: greedy stage skipped"; return; }
   E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_forced --num-prompts 0 --probe-prompts 16 --probe-tokens 128 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs {\"hi_budget\":0.1}" stage_e2e
+}
+
+# The same with MIKV_VERIFY_DEMOTIONS=1 (mikv_vllm/verify.py): the worker checks each demoted
+# page's pack slot against its source and, on later steps, that slots and table entries stayed
+# put (GPU syncs every step: a debugging run, not a measurement). Look for "mikv verify" lines.
+stage_verify() {
+  [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: verify stage skipped"; return; }
+  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_verify --num-prompts 0 --probe-prompts 4 --probe-tokens 32 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs {\"hi_budget\":0.1}" stage_e2e
+  grep -h "mikv verify" "$OUT"/e2e_mikv_smollm2_verify.log | head -40 | tee "$OUT/verify.log"
 }
 
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).

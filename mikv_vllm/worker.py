@@ -19,11 +19,13 @@ from mikv_vllm.config import MikvConfig
 from mikv_vllm.importance import PageMassMeter, attach, sampled_layers
 from mikv_vllm.layout import cache_layout
 from mikv_vllm.scheduler import DEMOTIONS_ATTR
+from mikv_vllm.verify import DemotionVerifier, enabled as verify_enabled
 
 
 class MikvWorker(Worker):
     mass_meter: PageMassMeter | None = None
     _report_due = False
+    verifier: DemotionVerifier | None = None
 
     @functools.cached_property
     def mikv_config(self) -> MikvConfig:
@@ -35,6 +37,8 @@ class MikvWorker(Worker):
                                "VLLM_USE_V2_MODEL_RUNNER=0)")
         super().initialize_from_config(kv_cache_config)
         self._attach_mass_meter(kv_cache_config.num_blocks)
+        if verify_enabled():
+            self.verifier = DemotionVerifier()
 
     @functools.cached_property
     def attention_layers(self) -> list:
@@ -63,6 +67,11 @@ class MikvWorker(Worker):
 
     def execute_model(self, scheduler_output):
         moves = getattr(scheduler_output, DEMOTIONS_ATTR, None)
+        if self.verifier is not None and self.verifier.live:
+            layer = self.attention_layers[0]
+            self.verifier.check_live(layer, self._layout(layer),
+                                     self.model_runner.block_tables.block_tables[0].gpu,
+                                     scheduler_output.finished_req_ids)
         if moves:
             self.apply_demotions(moves)
         if self.mass_meter is not None and scheduler_output.total_num_scheduled_tokens:
@@ -88,11 +97,11 @@ class MikvWorker(Worker):
         device = self.device
         src = torch.tensor([m.src_block for m in moves], dtype=torch.int32).to(device)
         dst = torch.tensor([m.dst_code for m in moves], dtype=torch.int32).to(device)
-        cfg = self.mikv_config
+        if self.verifier is not None:
+            self.verifier.save_sources(self.attention_layers[0], src)
         for layer in self.attention_layers:
             key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
-            layout = cache_layout(key_cache, cfg.lo_bits, cfg.value_group_size)
-            ops.quantize_pages(key_cache, value_cache, src, dst, layout,
+            ops.quantize_pages(key_cache, value_cache, src, dst, self._layout(layer),
                                layer._k_scale_float, layer._v_scale_float)
         # Point the pages' entries at their lo slots. Written straight into the runner's GPU
         # table (its staged writes take at most one write per table row and step, and only
@@ -107,3 +116,12 @@ class MikvWorker(Worker):
             pages = torch.tensor([m.page for m in kept], dtype=torch.long)
             codes = torch.tensor([-(1 + m.dst_code) for m in kept], dtype=table.dtype)  # encode_lo
             table[rows.to(device), pages.to(device)] = codes.to(device)
+        if self.verifier is not None:
+            layer = self.attention_layers[0]
+            self.verifier.check_moves(layer, self._layout(layer), moves,
+                                      {m.req_id: index[m.req_id] for m in kept})
+
+    def _layout(self, layer):
+        key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
+        return cache_layout(key_cache, self.mikv_config.lo_bits,
+                            self.mikv_config.value_group_size)

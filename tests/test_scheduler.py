@@ -16,7 +16,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from conftest import GPU_WORKER, one_layer_kv_cache_config
-from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvScheduler
+from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvAsyncScheduler, MikvScheduler
 
 BLOCK = 16
 init_none_hash(sha256)
@@ -24,16 +24,16 @@ HASHER = get_request_block_hasher(BLOCK, sha256)
 
 
 def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None,
-                   log_stats: bool = False, chunk: int = 2048) -> MikvScheduler:
+                   log_stats: bool = False, chunk: int = 2048, cls=MikvScheduler):
     args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True,
                       worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=16,
-                      max_num_batched_tokens=chunk,
+                      max_num_batched_tokens=chunk, async_scheduling=cls is MikvAsyncScheduler,
                       additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
     vllm_config = args.create_engine_config()
     kv_config = one_layer_kv_cache_config(num_blocks, BLOCK, num_kv_heads=2, head_size=64)
     vllm_config.cache_config.num_gpu_blocks = num_blocks
-    return MikvScheduler(vllm_config, kv_config, StructuredOutputManager(vllm_config),
-                         block_size=BLOCK, log_stats=log_stats)
+    return cls(vllm_config, kv_config, StructuredOutputManager(vllm_config),
+               block_size=BLOCK, log_stats=log_stats)
 
 
 def request(rid: str, prompt_len: int, max_tokens: int, rng: random.Random) -> Request:
@@ -42,7 +42,9 @@ def request(rid: str, prompt_len: int, max_tokens: int, rng: random.Random) -> R
                    block_hasher=HASHER)
 
 
-def step(sched: MikvScheduler):
+def schedule(sched: MikvScheduler):
+    """One schedule() and the runner output its step will produce (a token for each request
+    past its prompt)."""
     out = sched.schedule()
     ids = list(out.num_scheduled_tokens)
     sampled = []
@@ -50,8 +52,12 @@ def step(sched: MikvScheduler):
         req = sched.requests[rid]
         done_prefill = req.num_computed_tokens >= req.num_prompt_tokens  # after schedule()
         sampled.append([5] if done_prefill else [])
-    runner_out = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                   sampled_token_ids=sampled)
+    return out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                  sampled_token_ids=sampled)
+
+
+def step(sched: MikvScheduler):
+    out, runner_out = schedule(sched)
     sched.update_from_output(out, runner_out)
     return out
 

@@ -1,0 +1,86 @@
+"""A debugging aid for the worker side of demotion (MIKV_VERIFY_DEMOTIONS=1; it synchronizes
+the GPU every step, never use it to measure).
+
+For the first attention layer it checks, on the device, that (1) every demoted page's pack slot
+dequantizes (torch reference, mikv_vllm.quant) to its source page within the format's error,
+(2) the layer's decode path reads lo pages with the layout the worker writes, and (3) on every
+later step, the block-table entries of the demoted pages still name their slots and the slots'
+bytes are unchanged. One log line per step with demotions, one per broken page."""
+from __future__ import annotations
+
+import os
+
+import torch
+from vllm.logger import init_logger
+
+from mikv_vllm.attention.backend import split_kv_cache
+from mikv_vllm.layout import PageLayout
+from mikv_vllm.quant import dequantize_page
+
+logger = init_logger("vllm.mikv")
+ENV = "MIKV_VERIFY_DEMOTIONS"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "0") not in ("", "0")
+
+
+class DemotionVerifier:
+    def __init__(self) -> None:
+        # (req_id, page) -> (table row, block-table entry, byte sum of the slot)
+        self.live: dict[tuple[str, int], tuple[int, int, int]] = {}
+        self.sources: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def _slot_bytes(layer, layout: PageLayout, dst_code: int) -> torch.Tensor:
+        key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
+        raw = torch.empty(0, dtype=torch.uint8, device=key_cache.device).set_(
+            key_cache.untyped_storage())
+        block_bytes = key_cache.stride(0) * key_cache.element_size()
+        start = (key_cache.storage_offset() * key_cache.element_size()
+                 + dst_code // layout.pack_factor * block_bytes
+                 + dst_code % layout.pack_factor * layout.lo_page_bytes)
+        return raw[start:start + layout.lo_page_bytes]
+
+    def check_live(self, layer, layout: PageLayout, table: torch.Tensor, finished) -> None:
+        """Step start: the earlier demotions of live requests are still in place."""
+        for key in [k for k in self.live if k[0] in finished]:
+            del self.live[key]
+        bad = 0
+        for (req_id, page), (row, entry, checksum) in self.live.items():
+            now_entry = int(table[row, page])
+            now_sum = int(self._slot_bytes(layer, layout, -entry - 1).sum())
+            if now_entry != entry or now_sum != checksum:
+                bad += 1
+                logger.warning("mikv verify: %s page %d: table entry %d (want %d), slot bytes "
+                               "sum %d (was %d)", req_id, page, now_entry, entry, now_sum,
+                               checksum)
+        if bad:
+            logger.warning("mikv verify: %d of %d demoted pages changed since their demotion",
+                           bad, len(self.live))
+
+    def save_sources(self, layer, src: torch.Tensor) -> None:
+        key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
+        self.sources = (key_cache[src.long()].float() * layer._k_scale_float,
+                        value_cache[src.long()].float() * layer._v_scale_float)
+
+    def check_moves(self, layer, layout: PageLayout, moves, rows: dict[str, int]) -> None:
+        """After quantize + table write: each slot round-trips to its saved source."""
+        k_src, v_src = self.sources
+        worst_k = worst_v = 0.0
+        for i, m in enumerate(moves):
+            k, v = dequantize_page(self._slot_bytes(layer, layout, m.dst_code), layout)
+            span_k = (k_src[i].amax(0) - k_src[i].amin(0)).clamp_min(1e-6)   # per channel
+            worst_k = max(worst_k, float(((k - k_src[i]).abs() / span_k).max()))
+            span_v = (v_src[i].amax(-1, keepdim=True) - v_src[i].amin(-1, keepdim=True))
+            worst_v = max(worst_v, float(((v - v_src[i]).abs() / span_v.clamp_min(1e-6)).max()))
+            if m.req_id in rows:
+                self.live[(m.req_id, m.page)] = (rows[m.req_id], -(1 + m.dst_code), int(
+                    self._slot_bytes(layer, layout, m.dst_code).sum()))
+        decode_layout = getattr(getattr(layer, "impl", None), "layout", None)
+        if decode_layout is not None and decode_layout != layout:
+            logger.warning("mikv verify: the decode path reads lo pages as %s, the worker "
+                           "writes them as %s", decode_layout, layout)
+        level = logger.info if max(worst_k, worst_v) < 0.6 else logger.warning
+        level("mikv verify: %d moves, worst error / group range: K %.3f, V %.3f (2-bit bound "
+              "~0.17 + fp16 rounding)", len(moves), worst_k, worst_v)

@@ -1,0 +1,83 @@
+"""What the workers would read after each step: the scheduler's demotions replayed on a model of
+the V2 runner's block table and the KV memory (one tag per page), with vLLM's own scheduler
+outputs, synchronous and asynchronous. Every page a request attends to must still hold that
+request's data, wherever it lives (hi block or pack slot), and no cache write may land on a lo
+page or a pack."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvAsyncScheduler, MikvScheduler
+from test_scheduler import BLOCK, make_scheduler, request, schedule
+
+
+class PagedMemory:
+    """A worker's view: block-table rows per request, hi blocks and pack slots -> page tag."""
+
+    def __init__(self, pack_factor: int):
+        self.n = pack_factor
+        self.rows: dict[str, list[int]] = {}
+        self.hi: dict[int, tuple[str, int]] = {}
+        self.packs: dict[tuple[int, int], tuple[str, int]] = {}
+
+    def execute(self, out) -> None:
+        """One step in MikvWorker / GPUModelRunner order."""
+        for m in getattr(out, DEMOTIONS_ATTR):            # apply_demotions, before the forward
+            assert self.hi.get(m.src_block) == (m.req_id, m.page), f"{m}: source holds " \
+                f"{self.hi.get(m.src_block)}"
+            assert self.rows[m.req_id][m.page] == m.src_block
+            self.packs[divmod(m.dst_code, self.n)] = (m.req_id, m.page)
+            self.rows[m.req_id][m.page] = -(1 + m.dst_code)
+        gone = set(out.finished_req_ids) | set(getattr(out, "preempted_req_ids", None) or ())
+        for rid in gone:                                   # their blocks and packs are free
+            self.rows.pop(rid, None)
+        for key in [k for k, tag in self.packs.items() if tag[0] in gone]:
+            del self.packs[key]
+        for new in out.scheduled_new_reqs:                 # rows of new requests
+            self.rows[new.req_id] = list(new.block_ids[0])
+        cached = out.scheduled_cached_reqs
+        for rid, ids in zip(cached.req_ids, cached.new_block_ids):
+            if rid in cached.resumed_req_ids:
+                self.rows[rid] = list(ids[0])
+            elif ids is not None:
+                self.rows[rid] += list(ids[0])
+        computed = {new.req_id: new.num_computed_tokens for new in out.scheduled_new_reqs}
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        for rid, k in out.num_scheduled_tokens.items():   # the forward
+            row, first, end = self.rows[rid], computed[rid], computed[rid] + k
+            for page in range(first // BLOCK, -(-end // BLOCK)):      # cache writes
+                block = row[page]
+                assert block >= 0, f"{rid} writes its page {page}, which is lo"
+                for slot in range(self.n):
+                    assert (block, slot) not in self.packs, f"{rid} overwrites a pack"
+                self.hi[block] = (rid, page)
+            for page in range(-(-end // BLOCK)):                       # attention reads
+                e = row[page]
+                got = self.hi.get(e) if e >= 0 else self.packs.get(divmod(-e - 1, self.n))
+                assert got == (rid, page), f"{rid} page {page} (entry {e}) reads {got}"
+
+
+@pytest.mark.parametrize("cls", [MikvScheduler, MikvAsyncScheduler])
+@pytest.mark.parametrize("knobs,num_blocks", [({"hi_budget": 0.1}, 2000), ({}, 150)])
+def test_every_page_reads_its_own_data(tiny_llama, cls, knobs, num_blocks):
+    rng = random.Random(5)
+    sched = make_scheduler(tiny_llama, num_blocks, knobs, chunk=1024, cls=cls)
+    mem = PagedMemory(sched.mikv_layout.pack_factor)
+    for i in range(8):
+        sched.add_request(request(f"r{i}", rng.randrange(300, 700), rng.randrange(50, 300), rng))
+    pending, demoted = None, 0
+    for _ in range(3000):  # the engine's order: step N + 1 is scheduled before N's output
+        if not sched.has_requests() and pending is None:
+            break
+        out, runner_out = schedule(sched)
+        demoted += len(getattr(out, DEMOTIONS_ATTR))
+        mem.execute(out)
+        if cls is MikvScheduler:
+            sched.update_from_output(out, runner_out)
+            continue
+        if pending is not None:
+            sched.update_from_output(*pending)
+        pending = (out, runner_out) if out.num_scheduled_tokens else None
+    assert not sched.has_requests() and demoted > 0
