@@ -72,6 +72,21 @@ __device__ __forceinline__ uint32_t dequant_pair(__half2 f, uint32_t scale, uint
   return h2_bits(__hfma2(f, __hmul2(sc, m), __hfma2(sc, __hneg2(m), bits_h2(zero))));
 }
 
+// The A operand (4 fp16x2 registers) of 16-channel chunk (keys) or m-tile (values) `c` from a
+// lane's code words and its 16-byte run of (scale, zero) pairs: registers 0, 1 use the pairs of
+// the run's first half (.x scale, .z zero), registers 2, 3 those of its second (.y, .w).
+template <int BITS, int LW>
+__device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, uint4 params,
+                                           uint32_t (&a)[4]) {
+  constexpr int PPW = 16 / BITS;  // code pairs per word
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int pair = c * 4 + r;
+    a[r] = dequant_pair<BITS>(code_pair<BITS>(words[pair / PPW], pair % PPW),
+                              r < 2 ? params.x : params.y, r < 2 ? params.z : params.w);
+  }
+}
+
 template <int LW>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[LW]) {
   if constexpr (LW == 2) {
@@ -113,7 +128,6 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
                                         __half (&sm_p)[8][16]) {
   constexpr int KC = D / 16;             // 16-channel chunks: k-steps of S, m-tiles of O
   constexpr int LW = D * BITS / 64;      // code words per lane per tile (K and V each)
-  constexpr int PPW = 16 / BITS;         // code pairs per word
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, j = lane % 4;
   const int tiles = block_size / 16, groups = D / lo.group;
 
@@ -167,14 +181,8 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
       float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int c = 0; c < KC; ++c) {
-        const uint4 kp = reinterpret_cast<const uint4*>(k_params)[c];  // scale +0, +8; zero +0, +8
         uint32_t a[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int pair = c * 4 + r, half = r >> 1;
-          a[r] = dequant_pair<BITS>(code_pair<BITS>(kw[pair / PPW], pair % PPW),
-                                    half ? kp.y : kp.x, half ? kp.w : kp.z);
-        }
+        a_fragment<BITS>(kw, c, reinterpret_cast<const uint4*>(k_params)[c], a);
         mma_16816(s, a, qb[c][0], qb[c][1]);
       }
 
@@ -217,12 +225,7 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
         if constexpr (kEarlyParams) vp = vp_early[n];
         else vp = *reinterpret_cast<const uint4*>(v_params + (16 * n / lo.group) * 64);
         uint32_t a[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int pair = n * 4 + r, half = r >> 1;
-          a[r] = dequant_pair<BITS>(code_pair<BITS>(vw[pair / PPW], pair % PPW),
-                                    half ? vp.y : vp.x, half ? vp.w : vp.z);
-        }
+        a_fragment<BITS>(vw, n, vp, a);
         mma_16816(acc[n], a, pb0, pb1);
       }
     }

@@ -5,10 +5,12 @@ A pack is one ordinary vLLM block holding N lo pages (N = `PageLayout.pack_facto
 N pages takes one pack block and gives N hi blocks back: N - 1 blocks net. The page's entry in
 the request's block list becomes vLLM's null block (as the sliding-window manager does for
 blocks it drops), and the move (source block -> pack slot) is handed to the workers, which
-quantize before the step's forward; a block freed here can only be reused by cache writes of a
-later forward, so the order holds under async scheduling too. Pack blocks of a step are all taken
-before any source is freed, so no pack is a source of the same step. Packs belong to their
-request and go back to the pool when it finishes, is aborted or preempted."""
+quantize all of a step's moves in one launch before the step's forward. So no block may be a
+source and a pack of the same step: sources are freed only once the step's demotions are all
+planned (`free_sources`), after every pack of the step was taken (vLLM's pool hands a freed,
+unhashed block out first). A freed source can then only be rewritten by cache writes of a later
+forward, so the order holds under async scheduling too. Packs belong to their request and go
+back to the pool when it finishes, is aborted or preempted."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ class PageDemoter:
                              f"{layout.hi_page_bytes} B block")
         self.requests: dict[str, RequestPacks] = {}
         self.total_demoted = 0
+        self._sources: list = []  # this step's demoted hi blocks, freed by free_sources()
 
     def is_lo(self, req_id: str, page: int) -> bool:
         state = self.requests.get(req_id)
@@ -90,9 +93,9 @@ class PageDemoter:
         pages = pages[:open_slots + need * n]
         if not pages:
             return []
-        new_packs = self.block_pool.get_new_blocks(need)  # 1. every pack first
+        new_packs = self.block_pool.get_new_blocks(need)
         blocks = self.manager.req_to_blocks[req_id]
-        moves, sources = [], []
+        moves = []
         for p in pages:
             if not state.packs or state.used_slots == n:
                 state.packs.append(new_packs.pop(0))
@@ -101,14 +104,18 @@ class PageDemoter:
             state.used_slots += 1
             state.lo_pages[p] = code
             moves.append(Demotion(req_id, p, blocks[p].block_id, code))
-            sources.append(blocks[p])
+            self._sources.append(blocks[p])
             blocks[p] = self.block_pool.null_block
-        # 2. then the sources: out of the prefix cache (their hi copy is about to be reused)
-        #    and back to the pool.
-        self.block_pool.evict_blocks({b.block_id for b in sources})
-        self.block_pool.free_blocks(sources)
         self.total_demoted += len(moves)
         return moves
+
+    def free_sources(self) -> int:
+        """End of a step's planning: the demoted pages' hi blocks leave the prefix cache (their
+        hi copy is about to be reused) and go back to the pool. Returns how many."""
+        sources, self._sources = self._sources, []
+        self.block_pool.evict_blocks({b.block_id for b in sources})
+        self.block_pool.free_blocks(sources)
+        return len(sources)
 
     def release(self, req_id: str) -> None:
         """Give a finished, aborted or preempted request's packs back to the pool."""

@@ -125,6 +125,7 @@ class MikvSchedulerMixin:
             done = self.demoter.demote(r.request_id, pages)
             short -= len(done) - -(-len(done) // n)
             moves += done
+        self.demoter.free_sources()  # only now: no pack of this step may be a source of it
         return moves, len(moves) - budget_moves
 
     def _blocks_wanted(self) -> int:

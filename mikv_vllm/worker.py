@@ -94,6 +94,11 @@ class MikvWorker(Worker):
         return lambda t: torch.distributed.all_reduce(t, group=group)
 
     def apply_demotions(self, moves) -> None:
+        n = self._layout(self.attention_layers[0]).pack_factor
+        clash = {m.src_block for m in moves} & {m.dst_code // n for m in moves}
+        if clash:  # one launch reads every source while it writes every pack slot
+            raise RuntimeError(f"mikv: blocks {sorted(clash)[:8]} are both demotion sources and "
+                               "packs of one step (scheduler bug): refusing to corrupt them")
         device = self.device
         src = torch.tensor([m.src_block for m in moves], dtype=torch.int32).to(device)
         dst = torch.tensor([m.dst_code for m in moves], dtype=torch.int32).to(device)

@@ -59,6 +59,8 @@ def test_demoting_n_pages_frees_n_minus_one_blocks():
     old = [b.block_id for b in mgr.coordinator.single_type_managers[0].req_to_blocks["a"]]
     moves = demoter.demote("a", list(range(1, 1 + n)))
     assert len(moves) == n
+    assert mgr.block_pool.get_num_free_blocks() == free_before - 1   # the pack; sources wait
+    assert demoter.free_sources() == n
     assert mgr.block_pool.get_num_free_blocks() == free_before + n - 1
     packs = {decode_entry(-(1 + m.dst_code), n)[0] for m in moves}
     assert len(packs) == 1 and packs.isdisjoint(old)
@@ -85,6 +87,7 @@ def test_shared_prefix_blocks_are_not_demoted_and_hashes_leave_the_cache():
     mgr.free(a)
     moves = demoter.demote("b", [1, 2, 3])
     assert len(moves) == 3
+    demoter.free_sources()
     c = make_request("c", prompt)
     hit_blocks, num_hit = mgr.get_computed_blocks(c)[:2]
     assert num_hit == BLOCK  # only the first page is still a prefix hit
@@ -128,6 +131,7 @@ def test_random_workload_never_leaks():
             assert is_lo.tolist() == [demoter.is_lo(rid, p) for p in range(pages)]
             demoter.demote(rid, policy.over_budget(mass[rid], is_lo, req.num_computed_tokens,
                                                    BLOCK))
+        demoter.free_sources()
         # Every block is free, held by a running request, or a pack: none lost, none twice.
         tables = mgr.coordinator.single_type_managers[0].req_to_blocks
         held = {b.block_id for r in running for b in tables[r] if not b.is_null}
@@ -146,3 +150,18 @@ def test_needs_a_useful_pack_factor():
     with pytest.raises(ValueError, match="frees nothing"):
         PageDemoter(make_manager(), PageLayout(16, 1, 64, hi_elem_bytes=1, lo_bits=4,
                                                value_group_size=64))
+
+
+def test_no_block_is_a_source_and_a_pack_of_one_step():
+    """The workers quantize a step's moves in one launch: a block freed by one request's
+    demotion must not become another request's pack in the same step (vLLM's pool hands freed,
+    unhashed blocks out first)."""
+    mgr = make_manager(num_blocks=60)
+    demoter = PageDemoter(mgr, LAYOUT)
+    n = demoter.pack_factor
+    for rid in ("a", "b"):
+        prefill(mgr, make_request(rid, list(range(BLOCK * 12)) if rid == "a" else
+                                  list(range(1000, 1000 + BLOCK * 12))))
+    moves = demoter.demote("a", list(range(1, 1 + n))) + demoter.demote("b", list(range(1, 1 + n)))
+    demoter.free_sources()
+    assert {m.src_block for m in moves}.isdisjoint({m.dst_code // n for m in moves})

@@ -24,11 +24,19 @@ class PagedMemory:
 
     def execute(self, out) -> None:
         """One step in MikvWorker / GPUModelRunner order."""
-        for m in getattr(out, DEMOTIONS_ATTR):            # apply_demotions, before the forward
+        moves = getattr(out, DEMOTIONS_ATTR)
+        # apply_demotions: one kernel launch reads every source and writes every slot at once,
+        # so no block may be both a source and a pack of the same step.
+        clash = {m.src_block for m in moves} & {m.dst_code // self.n for m in moves}
+        assert not clash, f"blocks {sorted(clash)[:5]} are sources and packs of one step"
+        for m in moves:
             assert self.hi.get(m.src_block) == (m.req_id, m.page), f"{m}: source holds " \
                 f"{self.hi.get(m.src_block)}"
             assert self.rows[m.req_id][m.page] == m.src_block
-            self.packs[divmod(m.dst_code, self.n)] = (m.req_id, m.page)
+        for m in moves:
+            pack, slot = divmod(m.dst_code, self.n)
+            self.hi.pop(pack, None)                        # lo bytes now fill the block
+            self.packs[(pack, slot)] = (m.req_id, m.page)
             self.rows[m.req_id][m.page] = -(1 + m.dst_code)
         gone = set(out.finished_req_ids) | set(getattr(out, "preempted_req_ids", None) or ())
         for rid in gone:                                   # their blocks and packs are free
@@ -65,7 +73,7 @@ def test_every_page_reads_its_own_data(tiny_llama, cls, knobs, num_blocks):
     rng = random.Random(5)
     sched = make_scheduler(tiny_llama, num_blocks, knobs, chunk=1024, cls=cls)
     mem = PagedMemory(sched.mikv_layout.pack_factor)
-    for i in range(8):
+    for i in range(12):   # several requests reach decoding, and demote, in the same steps
         sched.add_request(request(f"r{i}", rng.randrange(300, 700), rng.randrange(50, 300), rng))
     pending, demoted = None, 0
     for _ in range(3000):  # the engine's order: step N + 1 is scheduled before N's output
