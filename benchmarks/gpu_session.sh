@@ -18,16 +18,19 @@
 #
 # Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), one
 # device call per line, back to back (vLLM parts: ../shared/gpu/build_vllm_bundle.sh; SmolLM2
-# pieces, tokenizer, wheels and probe_wiki.json: benchmarks/models/prepare_smollm2.py):
-#   1. carry .bundle0 (vLLM part 0), .whl, .whl_fallback:      bash .bundle0/unpack.sh 2
-#   2. carry .bundle1 (vLLM part 1):   bash .bundle1/unpack.sh 2; this script: setup kernels kernelbench
-#   3. no carry:                       this script: e2e_a    (~9 min; e2e_b the same, one call each)
+# pieces, tokenizer, wheels and probe_wiki.json: benchmarks/models/prepare_smollm2.py). The
+# sequence used on 2026-11-23 (26 device minutes; SmolLM2 pieces ride along with the long calls):
+#   1. carry .bundle0, .whl, .whl_fallback:        bash .bundle0/unpack.sh 2
+#   2. carry .bundle1, gguf.part_a, tok.tar.gz, probe_wiki.json and the 4 *.whl of
+#      .models/parts (8 paths): bash .bundle1/unpack.sh 2; cp gguf.part_a to /tmp/models;
+#      this script: setup kernels kernelbench                                   (~2.5 min)
+#   3. carry gguf.part_b, gguf.part_d (cp to /tmp/models): this script: e2e_a    (~8 min)
+#   4. carry gguf.part_c (cp to /tmp/models): this script: setup serve greedy   (~6 min;
+#      setup assembles the GGUF once the 4 parts are there); add verify to debug demotion
+#   5. this script: e2e_b with E2E_B_KV/E2E_B_N (~7 min for 3 dtypes at N = 24), or sweep
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). A carried path lasts one call only: carry
 #   .whl_fallback again in the call that needs it.
-#   For SmolLM2 (serve, greedy) add, each within 30 s of the last call: carry
-#   .models/parts/gguf.part_a + part_b (mkdir -p /tmp/models; cp .models/parts/gguf.part_* /tmp/models/),
-#   then part_c, then part_d + tok.tar.gz + the *.whl + probe_wiki.json; then: setup serve greedy.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"

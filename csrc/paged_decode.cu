@@ -424,7 +424,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     }
   }
   __syncwarp();
-  __shared__ __half sm_p[kWarps][8][16];
+  __shared__ __align__(16) __half sm_p[kWarps][8][16];  // read back as fp16x2 words
   const q_t* q_heads = q + seq * q_stride_tok + h0 * q_stride_head;
   const int p_begin = t_begin / block_size, p_end = (t_end + block_size - 1) / block_size;
   if (lo.bits == 2)
@@ -532,6 +532,9 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   TORCH_CHECK(bits == 2 || bits == 4, "lo_bits must be 2 or 4");
   TORCH_CHECK(pack_factor >= 1, "lo_pack_factor must be >= 1");
   TORCH_CHECK(group >= 8 && a.head_dim % group == 0, "lo_group must be >= 8 and divide head_dim");
+  // Lo pages come in 16 x 16 tensor-core tiles (pack_factor 1: the table names hi pages only).
+  TORCH_CHECK(pack_factor == 1 || (a.block_size % 16 == 0 && group % 16 == 0),
+              "lo pages need block_size and lo_group to be multiples of 16");
   // Sections in the order of mikv_vllm/quant.py: K codes, V codes, K params, V params.
   const int64_t codes = static_cast<int64_t>(a.num_kv_heads) * a.block_size * a.head_dim * bits / 8;
   LoLayout lo;

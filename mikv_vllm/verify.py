@@ -16,6 +16,7 @@ from vllm.logger import init_logger
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.quant import dequantize_page
+from mikv_vllm.reference import cache_to_float
 
 logger = init_logger("vllm.mikv")
 ENV = "MIKV_VERIFY_DEMOTIONS"
@@ -42,9 +43,10 @@ class DemotionVerifier:
                  + dst_code % layout.pack_factor * layout.lo_page_bytes)
         return raw[start:start + layout.lo_page_bytes]
 
-    def check_live(self, layer, layout: PageLayout, table: torch.Tensor, finished) -> None:
-        """Step start: the earlier demotions of live requests are still in place."""
-        for key in [k for k in self.live if k[0] in finished]:
+    def check_live(self, layer, layout: PageLayout, table: torch.Tensor, gone) -> None:
+        """Step start: the earlier demotions of live requests (not finished or preempted, in
+        `gone`) are still in place."""
+        for key in [k for k in self.live if k[0] in gone]:
             del self.live[key]
         bad = 0
         for (req_id, page), (row, entry, checksum) in self.live.items():
@@ -61,8 +63,8 @@ class DemotionVerifier:
 
     def save_sources(self, layer, src: torch.Tensor) -> None:
         key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
-        self.sources = (key_cache[src.long()].float() * layer._k_scale_float,
-                        value_cache[src.long()].float() * layer._v_scale_float)
+        self.sources = (cache_to_float(key_cache[src.long()], layer._k_scale_float),
+                        cache_to_float(value_cache[src.long()], layer._v_scale_float))
 
     def check_moves(self, layer, layout: PageLayout, moves, rows: dict[str, int]) -> None:
         """After quantize + table write: each slot round-trips to its saved source."""

@@ -69,9 +69,10 @@ class MikvWorker(Worker):
         moves = getattr(scheduler_output, DEMOTIONS_ATTR, None)
         if self.verifier is not None and self.verifier.live:
             layer = self.attention_layers[0]
+            gone = set(scheduler_output.finished_req_ids) | set(
+                getattr(scheduler_output, "preempted_req_ids", None) or ())
             self.verifier.check_live(layer, self._layout(layer),
-                                     self.model_runner.block_tables.block_tables[0].gpu,
-                                     scheduler_output.finished_req_ids)
+                                     self.model_runner.block_tables.block_tables[0].gpu, gone)
         if moves:
             self.apply_demotions(moves)
         if self.mass_meter is not None and scheduler_output.total_num_scheduled_tokens:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from mikv_vllm.attention.backend import MikvAttentionBackend, split_kv_cache
 from mikv_vllm.demotion import Demotion
 from mikv_vllm.layout import cache_layout
 from mikv_vllm.quant import quantize_page
+from mikv_vllm.reference import cache_to_float
 from mikv_vllm import verify
 from mikv_vllm.verify import DemotionVerifier
 
@@ -27,10 +29,13 @@ class Lines:
     info = warning = _log
 
 
-def backend_cache(num_blocks=12, block=16, heads=3, d=64):
+def backend_cache(fp8: bool, num_blocks=12, block=16, heads=3, d=64):
     shape = MikvAttentionBackend.get_kv_cache_shape(num_blocks, block, heads, d)
     order = MikvAttentionBackend.get_kv_cache_stride_order()
-    physical = torch.randn([shape[i] for i in order]).to(torch.bfloat16)
+    physical = torch.randn([shape[i] for i in order])
+    # vLLM keeps fp8 caches as uint8
+    physical = physical.to(torch.float8_e4m3fn).view(torch.uint8) if fp8 else \
+        physical.to(torch.bfloat16)
     inverse = [order.index(i) for i in range(len(order))]
     return types.SimpleNamespace(kv_cache=physical.permute(*inverse), head_size=d,
                                  _k_scale_float=1.0, _v_scale_float=1.0)
@@ -39,17 +44,18 @@ def backend_cache(num_blocks=12, block=16, heads=3, d=64):
 def demote_on_cpu(layer, layout, src: int, dst_code: int) -> None:
     """What quantize_pages does on the GPU, with the torch reference."""
     k, v = split_kv_cache(layer.kv_cache, layer.head_size)
-    page = quantize_page(k[src].float(), v[src].float(), layout)
+    page = quantize_page(cache_to_float(k[src]), cache_to_float(v[src]), layout)
     raw = torch.empty(0, dtype=torch.uint8).set_(k.untyped_storage())
-    start = dst_code // layout.pack_factor * k.stride(0) * 2 + \
+    start = dst_code // layout.pack_factor * k.stride(0) * k.element_size() + \
         dst_code % layout.pack_factor * layout.lo_page_bytes
     raw[start:start + layout.lo_page_bytes] = page
 
 
-def test_verifier_accepts_round_trips_and_reports_changes(monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_verifier_accepts_round_trips_and_reports_changes(monkeypatch, fp8):
     log = Lines()
     monkeypatch.setattr(verify, "logger", log)
-    layer = backend_cache()
+    layer = backend_cache(fp8)
     key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
     layout = cache_layout(key_cache, 2, 64)
     moves = [Demotion("a", 1, 3, 9 * layout.pack_factor + 1),
@@ -61,11 +67,11 @@ def test_verifier_accepts_round_trips_and_reports_changes(monkeypatch):
         demote_on_cpu(layer, layout, m.src_block, m.dst_code)
         table[0, m.page] = -(1 + m.dst_code)
     v.check_moves(layer, layout, moves, {"a": 0})
-    v.check_live(layer, layout, table, finished=set())
+    v.check_live(layer, layout, table, gone=set())
     assert "worst error" in log.text and "changed" not in log.text
     assert float(log.text.split("K ")[1].split(",")[0]) < 0.25
     table[0, 2] = 4                                       # the entry went back to a hi block
-    v.check_live(layer, layout, table, finished=set())
+    v.check_live(layer, layout, table, gone=set())
     assert "1 of 2 demoted pages changed" in log.text
-    v.check_live(layer, layout, table, finished={"a"})    # finished: forgotten
+    v.check_live(layer, layout, table, gone={"a"})        # finished or preempted: forgotten
     assert not v.live
