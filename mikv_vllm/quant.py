@@ -40,14 +40,26 @@ def e4m3_up(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(bump, (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn), q).float()
 
 
-def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = False
+def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = False,
+                     int8_zeros: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes and fp16 (scale, zero) of `x` with one group along `dim`."""
+    """Codes and fp16 (scale, zero) of `x` with one group along `dim`.
+
+    `int8_zeros` (a quality-harness experiment, like `e4m3_scales`): the zero point is a whole
+    number of steps in [-128, 127], as a 1-byte format would store it; the scale grows where the
+    group's offset needs more than 127 steps."""
     levels = (1 << bits) - 1
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     # Floor at fp16's smallest normal: a constant group must not divide by zero.
     scale = ((hi - lo) / levels).clamp_min(2.0 ** -14)
+    if int8_zeros:
+        # |zero| <= 127 steps and the grid, shifted by <= half a step, still spans the group
+        scale = torch.maximum(torch.maximum(scale, (-lo).clamp_min(0) / 127), lo.clamp_min(0) / 128)
+        scale = scale.half().float()
+        zero = (-torch.round(-lo / scale).clamp(-128, 127) * scale).half()
+        codes = torch.round((x - zero.float()) / scale).clamp_(0, levels).to(torch.uint8)
+        return codes, scale.half(), zero
     # Rounded up, a coarser scale still spans the group (codes stay in range).
     scale = (e4m3_up(scale) if e4m3_scales else scale).half()
     zero = lo.half()
@@ -129,11 +141,13 @@ def _unpack_codes(packed: torch.Tensor, kind: str, h: int, b: int, d: int, bits:
 
 
 def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
-                  balance: torch.Tensor | None = None, e4m3_scales: bool = False) -> torch.Tensor:
+                  balance: torch.Tensor | None = None, e4m3_scales: bool = False,
+                  int8_zeros: bool = False) -> torch.Tensor:
     """One page's K and V [block_size, kv_heads, D] -> its lo page bytes [lo_page_bytes].
 
-    `e4m3_scales` is a measurement aid for the quality harness: scales rounded up to
-    float8-e4m3 values (still stored as fp16), to see what 1-byte scales would cost."""
+    `e4m3_scales` and `int8_zeros` are measurement aids for the quality harness: scales rounded
+    up to float8-e4m3 values, or zero points as whole steps in int8 range (both still stored as
+    fp16), to see what 1-byte scales or zeros would cost."""
     h, b, d, g, bits = (layout.num_kv_heads, layout.block_size, layout.head_size,
                         layout.value_group_size, layout.lo_bits)
     if k.shape != (b, h, d) or v.shape != (b, h, d):
@@ -143,9 +157,9 @@ def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
     vf = v.float().permute(1, 0, 2)
     if balance is not None:
         kf = kf * balance.float().reshape(h, 1, d)
-    k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales)    # over tokens
+    k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales, int8_zeros)  # tokens
     vg = vf.reshape(h, b, d // g, g)
-    v_codes, v_scale, v_zero = _quantize_groups(vg, bits, 3, e4m3_scales)    # over channels
+    v_codes, v_scale, v_zero = _quantize_groups(vg, bits, 3, e4m3_scales, int8_zeros)  # channels
     # K params [H, 2, D] -> [H, 4, D / 16, 2, 2, 2]
     k_params = torch.stack([k_scale.reshape(h, d), k_zero.reshape(h, d)], dim=1)
     k_params = k_params[:, :, _k_param_channels(d)].permute(0, 2, 3, 1, 4, 5)

@@ -180,3 +180,20 @@ def test_codes_and_params_sit_where_the_kernel_fragments_read_them(bits):
     t_, jj, half, e = 1, 2, 0, 1
     flat = (((((t_ * (d // 32) + 1) * 4 + jj) * 2 + 1) * 2 + half) * 2 + e)
     assert v[16 * t_ + 2 * jj + 8 * half + e, 0, 40] == vp[flat]
+
+
+def test_int8_zero_points_keep_the_format_bound():
+    """The harness's 1-byte zero-point experiment: zeros are whole steps in int8 range and the
+    round trip stays within half a step (plus fp16 rounding), also for channels whose offset
+    is far larger than their range."""
+    lay = layout(head_dim=64, group=32)
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(16, 2, 64, generator=gen) + torch.randn(64, generator=gen) * 40
+    v = torch.randn(16, 2, 64, generator=gen)
+    codes, scale, zero = quant._quantize_groups(k.float(), 2, 0, int8_zeros=True)
+    steps = zero.float() / scale.float()
+    assert ((steps - steps.round()).abs() < 0.05).all() and (steps.abs() <= 128).all()
+    k2, _ = dequantize_page(quantize_page(k, v, lay, int8_zeros=True), lay)
+    step = (k.amax(0) - k.amin(0)) / 3
+    bigger = torch.maximum(step, k.amin(0).abs() / 127)   # where the offset forced a coarser grid
+    assert ((k - k2).abs() <= bigger / 2 + k.abs() * 2.0 ** -9 + 1e-4).all()
