@@ -36,8 +36,9 @@ def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None,
                block_size=BLOCK, log_stats=log_stats)
 
 
-def request(rid: str, prompt_len: int, max_tokens: int, rng: random.Random) -> Request:
-    return Request(rid, [rng.randrange(1000) for _ in range(prompt_len)],
+def request(rid: str, prompt_len: int, max_tokens: int, rng: random.Random,
+            prefix: list[int] = ()) -> Request:
+    return Request(rid, list(prefix) + [rng.randrange(1000) for _ in range(prompt_len)],
                    SamplingParams(max_tokens=max_tokens, ignore_eos=True), None,
                    block_hasher=HASHER)
 

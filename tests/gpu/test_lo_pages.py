@@ -80,10 +80,13 @@ def test_mixed_decode_matches_reference(fp8, bits, hi_fraction, gqa_dim):
     check_mixed_decode(fp8, bits, hi_fraction, *gqa_dim, block_size=16)
 
 
-@pytest.mark.parametrize("bits,group,head_dim", [(2, 4, 128), (4, 16, 128), (2, 2, 64)])
-def test_mixed_decode_with_two_tiles_per_page(bits, group, head_dim):
-    """Block 32: a lo page is two 16-token tensor-core tiles; GQA 16 runs in two head chunks."""
-    check_mixed_decode(False, bits, 0.25, group, head_dim, block_size=32)
+@pytest.mark.parametrize("fp8,bits,group,head_dim,block_size", [
+    (False, 2, 4, 128, 32), (False, 4, 16, 128, 32), (False, 2, 2, 64, 32),
+    (True, 2, 6, 256, 32), (False, 2, 4, 128, 64), (True, 2, 3, 64, 64)])
+def test_mixed_decode_with_several_tiles_per_page(fp8, bits, group, head_dim, block_size):
+    """Blocks of 32 and 64 tokens: a lo page is 2 or 4 16-token tensor-core tiles; GQA 16 runs
+    in two head chunks."""
+    check_mixed_decode(fp8, bits, 0.25, group, head_dim, block_size=block_size)
 
 
 def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size):
