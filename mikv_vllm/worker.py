@@ -68,10 +68,9 @@ class MikvWorker(Worker):
     def execute_model(self, scheduler_output):
         moves = getattr(scheduler_output, DEMOTIONS_ATTR, None)
         if self.verifier is not None and self.verifier.live:
-            layer = self.attention_layers[0]
             gone = set(scheduler_output.finished_req_ids) | set(
                 getattr(scheduler_output, "preempted_req_ids", None) or ())
-            self.verifier.check_live(layer, self._layout(layer),
+            self.verifier.check_live(self.attention_layers[0], self.lo_layout,
                                      self.model_runner.block_tables.block_tables[0].gpu, gone)
         if moves:
             self.apply_demotions(moves)
@@ -95,7 +94,8 @@ class MikvWorker(Worker):
         return lambda t: torch.distributed.all_reduce(t, group=group)
 
     def apply_demotions(self, moves) -> None:
-        n = self._layout(self.attention_layers[0]).pack_factor
+        layout = self.lo_layout
+        n = layout.pack_factor
         clash = {m.src_block for m in moves} & {m.dst_code // n for m in moves}
         if clash:  # one launch reads every source while it writes every pack slot
             raise RuntimeError(f"mikv: blocks {sorted(clash)[:8]} are both demotion sources and "
@@ -107,7 +107,7 @@ class MikvWorker(Worker):
             self.verifier.save_sources(self.attention_layers[0], src)
         for layer in self.attention_layers:
             key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
-            ops.quantize_pages(key_cache, value_cache, src, dst, self._layout(layer),
+            ops.quantize_pages(key_cache, value_cache, src, dst, layout,
                                layer._k_scale_float, layer._v_scale_float)
         # Point the pages' entries at their lo slots. Written straight into the runner's GPU
         # table (its staged writes take at most one write per table row and step, and only
@@ -123,11 +123,14 @@ class MikvWorker(Worker):
             codes = torch.tensor([-(1 + m.dst_code) for m in kept], dtype=table.dtype)  # encode_lo
             table[rows.to(device), pages.to(device)] = codes.to(device)
         if self.verifier is not None:
-            layer = self.attention_layers[0]
-            self.verifier.check_moves(layer, self._layout(layer), moves,
+            self.verifier.check_moves(self.attention_layers[0], layout, moves,
                                       {m.req_id: index[m.req_id] for m in kept})
 
-    def _layout(self, layer):
-        key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
+    @functools.cached_property
+    def lo_layout(self):
+        """The page layout of every layer's cache (one KV cache group, so one layout; the
+        scheduler refuses more groups), read once the caches exist."""
+        key_cache, _ = split_kv_cache(self.attention_layers[0].kv_cache,
+                                      self.attention_layers[0].head_size)
         return cache_layout(key_cache, self.mikv_config.lo_bits,
                             self.mikv_config.value_group_size)
