@@ -56,13 +56,12 @@ def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = F
     if int8_zeros:
         # |zero| <= 127 steps and the grid, shifted by <= half a step, still spans the group
         scale = torch.maximum(torch.maximum(scale, (-lo).clamp_min(0) / 127), lo.clamp_min(0) / 128)
-        scale = scale.half().float()
-        zero = (-torch.round(-lo / scale).clamp(-128, 127) * scale).half()
-        codes = torch.round((x - zero.float()) / scale).clamp_(0, levels).to(torch.uint8)
-        return codes, scale.half(), zero
     # Rounded up, a coarser scale still spans the group (codes stay in range).
     scale = (e4m3_up(scale) if e4m3_scales else scale).half()
-    zero = lo.half()
+    if int8_zeros:
+        zero = (-torch.round(-lo / scale.float()).clamp(-128, 127) * scale.float()).half()
+    else:
+        zero = lo.half()
     codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
     return codes, scale, zero
 
