@@ -1,5 +1,5 @@
 // Paged decode attention over a request's mixed pages, split-K: hi pages (bf16/fp16 or
-// fp8-e4m3) and lo pages (2/4-bit codes with fp16 scale/zero, mikv_vllm/quant.py's format,
+// fp8-e4m3) and lo pages (2/4-bit codes, fp16 scales, int8 zeros, mikv_vllm/quant.py's format,
 // named by negative block-table entries), in one pass.
 //
 // One CTA owns (sequence, KV head, chunk of up to MAX_G query heads of that KV head, split):
@@ -11,9 +11,9 @@
 //   per slab.
 // - lo pass (lo_pass below): a warp takes whole lo pages, 16 tokens at a time, on tensor cores
 //   (mma.m16n8k16, fp16 in, fp32 accumulate): S^T = K Q^T with the tile's tokens as M and up to
-//   8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's codes and scales
-//   in fragment order (mikv_vllm/quant.py), so a lane reads them with 16-byte loads and turns
-//   2 codes into an fp16x2 operand with a shift, a mask and one fma. With several splits the CTAs write unnormalised partials and
+//   8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's codes, scales and
+//   zero points in fragment order (mikv_vllm/quant.py), so a lane reads them with wide loads
+//   and turns 2 codes into an fp16x2 operand with a shift, a mask, an fma and a multiply. With several splits the CTAs write unnormalised partials and
 // decode_reduce_kernel combines them; it also leaves each head's log-sum-exp when asked (the
 // importance signal, csrc/page_mass.cu).
 #include <torch/all.h>
@@ -64,26 +64,37 @@ __device__ __forceinline__ __half2 code_pair(uint32_t w, int i) {
   return bits_h2((x & kMask) | 0x3C003C00u);
 }
 
-// code * scale + zero from code_pair's 1 + code / 2^BITS: f * (2^BITS scale) + (zero - 2^BITS scale).
+// (code - zero) * scale from code_pair's f = 1 + code / 2^BITS: f * 2^BITS - (2^BITS + zero) is
+// the whole number code - zero (exact in fp16), then one rounding in the multiply. `nz` holds
+// -(2^BITS + zero) of the pair's two elements.
 template <int BITS>
-__device__ __forceinline__ uint32_t dequant_pair(__half2 f, uint32_t scale, uint32_t zero) {
+__device__ __forceinline__ uint32_t dequant_pair(__half2 f, uint32_t scale, __half2 nz) {
   const __half2 m = __float2half2_rn(static_cast<float>(1 << BITS));
-  const __half2 sc = bits_h2(scale);
-  return h2_bits(__hfma2(f, __hmul2(sc, m), __hfma2(sc, __hneg2(m), bits_h2(zero))));
+  return h2_bits(__hmul2(__hfma2(f, m, nz), bits_h2(scale)));
+}
+
+// -(2^BITS + zero) of the two int8 zero points in bytes 2 * half and 2 * half + 1 of `zeros`.
+template <int BITS>
+__device__ __forceinline__ __half2 neg_zero_pair(uint32_t zeros, int half) {
+  const int z0 = static_cast<int8_t>(zeros >> (16 * half));
+  const int z1 = static_cast<int8_t>(zeros >> (16 * half + 8));
+  return __floats2half2_rn(static_cast<float>(-(1 << BITS) - z0),
+                           static_cast<float>(-(1 << BITS) - z1));
 }
 
 // The A operand (4 fp16x2 registers) of 16-channel chunk (keys) or m-tile (values) `c` from a
-// lane's code words and its 16-byte run of (scale, zero) pairs: registers 0, 1 use the pairs of
-// the run's first half (.x scale, .z zero), registers 2, 3 those of its second (.y, .w).
+// lane's code words, its 8-byte run of fp16 scales and its 4-byte run of int8 zero points:
+// registers 0, 1 use the pairs of the runs' first half, registers 2, 3 those of their second.
 template <int BITS, int LW>
-__device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, uint4 params,
-                                           uint32_t (&a)[4]) {
+__device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, uint2 scales,
+                                           uint32_t zeros, uint32_t (&a)[4]) {
   constexpr int PPW = 16 / BITS;  // code pairs per word
+  const __half2 nz0 = neg_zero_pair<BITS>(zeros, 0), nz1 = neg_zero_pair<BITS>(zeros, 1);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int pair = c * 4 + r;
     a[r] = dequant_pair<BITS>(code_pair<BITS>(words[pair / PPW], pair % PPW),
-                              r < 2 ? params.x : params.y, r < 2 ? params.z : params.w);
+                              r < 2 ? scales.x : scales.y, r < 2 ? nz0 : nz1);
   }
 }
 
@@ -158,7 +169,9 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
     const int code = -entry - 1;
     const uint8_t* page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
                           static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
-    const uint8_t* k_params = page + lo.k_params + (kvh * 4 + j) * KC * 16;
+    const int k_run = (kvh * 4 + j) * KC;  // this lane's first K scale / zero run
+    const uint2* k_scales = reinterpret_cast<const uint2*>(page + lo.k_scales) + k_run;
+    const uint32_t* k_zeros = reinterpret_cast<const uint32_t*>(page + lo.k_zeros) + k_run;
     for (int tile = 0; tile < tiles; ++tile) {
       const int tok0 = p * block_size + tile * 16;
       if (tok0 >= t_end) break;
@@ -166,15 +179,21 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
       uint32_t kw[LW], vw[LW];
       load_words<LW>(page + run * LW * 4, kw);
       load_words<LW>(page + lo.v_codes + run * LW * 4, vw);
-      // Values' (scale, zero) of tokens 2j + {0, 1} (+8), per 16-channel m-tile n (its group's
-      // run): issued with the codes, before the softmax's warp syncs, where D allows the registers.
-      const uint8_t* v_params = page + lo.v_params + ((kvh * tiles + tile) * groups * 4 + j) * 16;
+      // Values' scales and zeros of tokens 2j + {0, 1} (+8), per 16-channel m-tile n (its
+      // group's run): issued with the codes, before the softmax's warp syncs, where D allows
+      // the registers.
+      const int v_run = (kvh * tiles + tile) * groups * 4 + j;  // + group * 4
+      const uint2* v_scales = reinterpret_cast<const uint2*>(page + lo.v_scales) + v_run;
+      const uint32_t* v_zeros = reinterpret_cast<const uint32_t*>(page + lo.v_zeros) + v_run;
       constexpr bool kEarlyParams = D <= 128;
-      uint4 vp_early[kEarlyParams ? KC : 1];
+      uint2 vs_early[kEarlyParams ? KC : 1];
+      uint32_t vz_early[kEarlyParams ? KC : 1];
       if constexpr (kEarlyParams) {
 #pragma unroll
-        for (int n = 0; n < KC; ++n)
-          vp_early[n] = *reinterpret_cast<const uint4*>(v_params + (16 * n / lo.group) * 64);
+        for (int n = 0; n < KC; ++n) {
+          vs_early[n] = v_scales[16 * n / lo.group * 4];
+          vz_early[n] = v_zeros[16 * n / lo.group * 4];
+        }
       }
 
       // S^T[tokens x heads] = K Q^T, K dequantized to fp16 per chunk.
@@ -182,7 +201,7 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
 #pragma unroll
       for (int c = 0; c < KC; ++c) {
         uint32_t a[4];
-        a_fragment<BITS>(kw, c, reinterpret_cast<const uint4*>(k_params)[c], a);
+        a_fragment<BITS>(kw, c, k_scales[c], k_zeros[c], a);
         mma_16816(s, a, qb[c][0], qb[c][1]);
       }
 
@@ -221,11 +240,17 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
 
 #pragma unroll
       for (int n = 0; n < KC; ++n) {
-        uint4 vp;
-        if constexpr (kEarlyParams) vp = vp_early[n];
-        else vp = *reinterpret_cast<const uint4*>(v_params + (16 * n / lo.group) * 64);
+        uint2 vs;
+        uint32_t vz;
+        if constexpr (kEarlyParams) {
+          vs = vs_early[n];
+          vz = vz_early[n];
+        } else {
+          vs = v_scales[16 * n / lo.group * 4];
+          vz = v_zeros[16 * n / lo.group * 4];
+        }
         uint32_t a[4];
-        a_fragment<BITS>(vw, n, vp, a);
+        a_fragment<BITS>(vw, n, vs, vz, a);
         mma_16816(acc[n], a, pb0, pb1);
       }
     }
@@ -535,7 +560,7 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   // Lo pages come in 16 x 16 tensor-core tiles (pack_factor 1: the table names hi pages only).
   TORCH_CHECK(pack_factor == 1 || (a.block_size % 16 == 0 && group % 16 == 0),
               "lo pages need block_size and lo_group to be multiples of 16");
-  // Sections in the order of mikv_vllm/quant.py: K codes, V codes, K params, V params.
+  // Sections in the order of mikv_vllm/layout.py: K, V codes; K, V scales; K, V zeros.
   const int64_t codes = static_cast<int64_t>(a.num_kv_heads) * a.block_size * a.head_dim * bits / 8;
   LoLayout lo;
   lo.base = static_cast<const uint8_t*>(key_cache.data_ptr());
@@ -544,9 +569,13 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   lo.bits = static_cast<int>(bits);
   lo.group = static_cast<int>(group);
   lo.v_codes = static_cast<int>(codes);
-  lo.k_params = static_cast<int>(2 * codes);
-  lo.v_params = static_cast<int>(2 * codes + static_cast<int64_t>(a.num_kv_heads) * a.head_dim * 4);
-  lo.page_bytes = lo.v_params + a.num_kv_heads * a.block_size * (a.head_dim / lo.group) * 4;
+  const int k_groups = a.num_kv_heads * a.head_dim;                                // per channel
+  const int v_groups = a.num_kv_heads * a.block_size * (a.head_dim / lo.group);   // per token
+  lo.k_scales = static_cast<int>(2 * codes);
+  lo.v_scales = lo.k_scales + 2 * k_groups;
+  lo.k_zeros = lo.v_scales + 2 * v_groups;
+  lo.v_zeros = lo.k_zeros + k_groups;
+  lo.page_bytes = lo.v_zeros + v_groups;
   TORCH_CHECK(lo.page_bytes * pack_factor <= lo.block_bytes, "lo pages (", lo.page_bytes, " B x ",
               pack_factor, ") exceed a block (", lo.block_bytes, " B)");
   return lo;

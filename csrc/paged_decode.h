@@ -14,7 +14,8 @@ struct LoLayout {
   int page_bytes = 0;             // bytes of one lo page (slot stride within a block)
   int bits = 2;
   int group = 64;                 // value channels per (scale, zero) group
-  int v_codes = 0, k_params = 0, v_params = 0;  // section offsets within a lo page
+  // section offsets within a lo page (mikv_vllm/layout.py): codes, fp16 scales, int8 zeros
+  int v_codes = 0, k_scales = 0, v_scales = 0, k_zeros = 0, v_zeros = 0;
 };
 
 struct DecodeArgs {

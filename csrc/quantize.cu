@@ -2,9 +2,9 @@
 //
 // One CTA per (page, KV head). It stages the head's K rows of the page in shared memory as
 // fp32, writes one (scale, zero) pair per channel and the packed codes (in the decode kernel's
-// fragment order), then does the same for V with one pair per (token, channel group). Scale and zero are rounded to fp16
-// before the codes are computed, with IEEE division and round-half-even, so codes match the
-// torch reference bit for bit (up to fp32 ties).
+// fragment order), then does the same for V with one pair per (token, channel group). The scale
+// is rounded to fp16 before the zero point and the codes are computed, with IEEE division and
+// round-half-even, so the bytes match the torch reference (up to fp32 ties).
 #include <torch/all.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,16 +29,26 @@ __device__ __forceinline__ float load_float(const uint8_t* p) {
   return __half2float(*reinterpret_cast<const __half*>(&h));
 }
 
-// (scale, zero) of a group spanning [lo, hi], rounded to fp16 as the reference does.
-__device__ __forceinline__ __half2 group_params(float lo, float hi, int levels) {
+// Scale (fp16) and zero point (int8 steps) of a group spanning [lo, hi]: x ~ (code - zero) *
+// scale, with the reference's IEEE operations in its order (mikv_vllm/quant.py).
+struct GroupParams {
+  __half scale;
+  int zero;
+};
+
+__device__ __forceinline__ GroupParams group_params(float lo, float hi, int levels) {
   // Floor at fp16's smallest normal so a constant group never divides by zero.
-  const float scale = fmaxf(__fdiv_rn(hi - lo, static_cast<float>(levels)), 6.103515625e-05f);
-  return __halves2half2(__float2half_rn(scale), __float2half_rn(lo));
+  float scale = fmaxf(__fdiv_rn(hi - lo, static_cast<float>(levels)), 6.103515625e-05f);
+  // The zero point must stay within int8 (with room for the scale's fp16 rounding).
+  scale = fmaxf(fmaxf(scale, __fdiv_rn(fmaxf(-lo, 0.f), 126.f)), __fdiv_rn(fmaxf(lo, 0.f), 127.f));
+  const __half s = __float2half_rn(scale);
+  const float zero = fminf(fmaxf(rintf(__fdiv_rn(-lo, __half2float(s))), -128.f), 127.f);
+  return {s, static_cast<int>(zero)};
 }
 
-__device__ __forceinline__ uint32_t quant_code(float x, __half2 sz, int levels) {
-  const float s = __low2float(sz), z = __high2float(sz);
-  const float c = rintf(__fdiv_rn(x - z, s));
+__device__ __forceinline__ uint32_t quant_code(float x, GroupParams p, int levels) {
+  const float s = __half2float(p.scale);
+  const float c = rintf(__fdiv_rn(__fadd_rn(x, __fmul_rn(static_cast<float>(p.zero), s)), s));
   return static_cast<uint32_t>(fminf(fmaxf(c, 0.f), static_cast<float>(levels)));
 }
 
@@ -73,12 +83,12 @@ __device__ void pack_fragment_codes(const uint8_t* codes, uint32_t* dst, int row
   }
 }
 
-// Index (fp16 units) of a scale (kind 0) or zero (kind 1) in a head's params, laid out
-// [runs, 2 (kind), 2 (+0 | +8), 2 (e)], for position `x` (channel or token) of a 16-wide tile;
-// `run` counts the 16-byte runs: [j][chunk] for keys, [tile][group][j] for values (quant.py).
-__device__ __forceinline__ int param_index(int run, int kind, int x) {
-  const int r = x % 16, half = r / 8, e = r % 2;
-  return ((run * 2 + kind) * 2 + half) * 2 + e;
+// Index of a group's scale or zero point within a head's runs ([runs, 2 (+0 | +8), 2 (e)], in
+// elements) for position `x` (channel or token) of a 16-wide tile; `run` counts the runs:
+// [j][chunk] for keys, [tile][group][j] for values (mikv_vllm/quant.py).
+__device__ __forceinline__ int param_index(int run, int x) {
+  const int r = x % 16;
+  return (run * 2 + r / 8) * 2 + r % 2;
 }
 
 template <typename kv_t>
@@ -106,18 +116,19 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
     tile[i] = load_float(k_cache + src * stride_block + t * stride_tok + h * stride_head + d) * k_scale;
   }
   __syncthreads();
-  __half* k_params = reinterpret_cast<__half*>(dst + lo.k_params) + h * D * 2;
+  __half* k_scales = reinterpret_cast<__half*>(dst + lo.k_scales) + h * D;
+  int8_t* k_zeros = reinterpret_cast<int8_t*>(dst + lo.k_zeros) + h * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float mn = tile[d], mx = tile[d];
     for (int t = 1; t < block_size; ++t) {
       mn = fminf(mn, tile[t * D + d]);
       mx = fmaxf(mx, tile[t * D + d]);
     }
-    const __half2 sz = group_params(mn, mx, levels);
-    const int run = (d % 16 % 8 / 2) * (D / 16) + d / 16;  // [j][chunk]
-    k_params[param_index(run, 0, d)] = __low2half(sz);
-    k_params[param_index(run, 1, d)] = __high2half(sz);
-    for (int t = 0; t < block_size; ++t) codes[t * D + d] = quant_code(tile[t * D + d], sz, levels);
+    const GroupParams p = group_params(mn, mx, levels);
+    const int slot = param_index((d % 16 % 8 / 2) * (D / 16) + d / 16, d);  // run [j][chunk]
+    k_scales[slot] = p.scale;
+    k_zeros[slot] = static_cast<int8_t>(p.zero);
+    for (int t = 0; t < block_size; ++t) codes[t * D + d] = quant_code(tile[t * D + d], p, levels);
   }
   __syncthreads();
   pack_fragment_codes(codes, reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(h) * section),
@@ -131,7 +142,8 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
   }
   __syncthreads();
   const int groups = D / lo.group;
-  __half* v_params = reinterpret_cast<__half*>(dst + lo.v_params) + h * block_size * groups * 2;
+  __half* v_scales = reinterpret_cast<__half*>(dst + lo.v_scales) + h * block_size * groups;
+  int8_t* v_zeros = reinterpret_cast<int8_t*>(dst + lo.v_zeros) + h * block_size * groups;
   for (int i = threadIdx.x; i < block_size * groups; i += blockDim.x) {
     const float* x = tile + (i / groups) * D + (i % groups) * lo.group;
     uint8_t* c = codes + (i / groups) * D + (i % groups) * lo.group;
@@ -140,11 +152,12 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
       mn = fminf(mn, x[j]);
       mx = fmaxf(mx, x[j]);
     }
-    const __half2 sz = group_params(mn, mx, levels);
-    const int t = i / groups, run = ((t / 16) * groups + i % groups) * 4 + t % 16 % 8 / 2;
-    v_params[param_index(run, 0, t)] = __low2half(sz);
-    v_params[param_index(run, 1, t)] = __high2half(sz);
-    for (int j = 0; j < lo.group; ++j) c[j] = quant_code(x[j], sz, levels);
+    const GroupParams p = group_params(mn, mx, levels);
+    const int t = i / groups;
+    const int slot = param_index(((t / 16) * groups + i % groups) * 4 + t % 16 % 8 / 2, t);
+    v_scales[slot] = p.scale;
+    v_zeros[slot] = static_cast<int8_t>(p.zero);
+    for (int j = 0; j < lo.group; ++j) c[j] = quant_code(x[j], p, levels);
   }
   __syncthreads();
   pack_fragment_codes(codes, reinterpret_cast<uint32_t*>(dst + lo.v_codes + static_cast<int64_t>(h) * section),

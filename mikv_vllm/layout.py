@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCALE_BYTES = 2  # fp16 scale and fp16 zero point per quantization group
+SCALE_BYTES = 2  # fp16 scale per quantization group
+ZERO_BYTES = 1   # int8 zero point (a whole number of steps) per quantization group
 
 
 @dataclass(frozen=True)
@@ -15,8 +16,10 @@ class LoPageOffsets:
     """Byte offsets of a lo page's sections (format: mikv_vllm/quant.py, csrc/paged_decode.cu)."""
     k_codes: int
     v_codes: int
-    k_params: int
-    v_params: int
+    k_scales: int
+    v_scales: int
+    k_zeros: int
+    v_zeros: int
     end: int
 
 
@@ -46,10 +49,14 @@ class PageLayout:
     def lo_offsets(self) -> LoPageOffsets:
         h, b, d = self.num_kv_heads, self.block_size, self.head_size
         codes = h * b * d * self.lo_bits // 8                                # K, then V
-        k_params = h * d * 2 * SCALE_BYTES                  # (scale, zero) per (head, channel)
-        v_params = h * b * (d // self.value_group_size) * 2 * SCALE_BYTES   # per (token, group)
-        return LoPageOffsets(0, codes, 2 * codes, 2 * codes + k_params,
-                             2 * codes + k_params + v_params)
+        k_groups = h * d                                                     # per (head, channel)
+        v_groups = h * b * (d // self.value_group_size)                      # per (token, group)
+        k_scales = 2 * codes
+        v_scales = k_scales + k_groups * SCALE_BYTES
+        k_zeros = v_scales + v_groups * SCALE_BYTES
+        v_zeros = k_zeros + k_groups * ZERO_BYTES
+        return LoPageOffsets(0, codes, k_scales, v_scales, k_zeros, v_zeros,
+                             v_zeros + v_groups * ZERO_BYTES)
 
     @property
     def lo_page_bytes(self) -> int:

@@ -7,20 +7,21 @@ KVQuant observed); values are grouped per token over `value_group_size` channels
 Everything is stored in the order the decode kernel's tensor-core fragments want it
 (csrc/paged_decode.cu, mma.m16n8k16): per 16-token tile of a KV head, lane L of a warp finds
 all of its codes in one contiguous run of D * bits / 16 bytes (a 16-byte load at D = 128,
-2-bit) and its scales in 16-byte runs, so a lo page is read with wide loads and no shuffles.
+2-bit) and its scales and zero points in short runs, so a lo page is read with wide loads and no shuffles.
 With g = L // 4 and j = L % 4, lane L's codes are pairs (two elements of one fp16x2 register):
     K, pair (chunk c, r):  token 16T + g + 8 (r & 1),  channels 16c + 2j + 8 (r >> 1) + {0, 1}
     V, pair (tile n, r):   channel 16n + g + 8 (r & 1), tokens 16T + 2j + 8 (r >> 1) + {0, 1}
 A 32-bit word holds 16 / bits pairs: first elements in its low half, second elements in its
-high half, pair i at bit i * bits of each half.
+high half, pair i at bit i * bits of each half. A lane's scales of a chunk are one 8-byte run,
+its zero points one 4-byte run.
 
 Byte layout of a lo page (offsets: `PageLayout.lo_offsets`), all little-endian:
     K codes  [H, B / 16, 32 lanes, D * bits / 16]
     V codes  [H, B / 16, 32 lanes, D * bits / 16]
-    K params [H, 4 (j), D / 16 (c), 2 (scale, zero), 2 (+0 | +8 channels), 2] fp16:
-             k = code * scale + zero, per channel 16c + 2j + {0, 8} + {0, 1}
-    V params [H, B / 16, D / g, 4 (j), 2 (scale, zero), 2 (+0 | +8 tokens), 2] fp16:
-             per token 16T + 2j + {0, 8} + {0, 1} and channel group
+    K scales [H, 4 (j), D / 16 (c), 2 (+0 | +8 channels), 2] fp16, channel 16c + 2j + {0, 8} + {0, 1}
+    V scales [H, B / 16, D / g, 4 (j), 2 (+0 | +8 tokens), 2] fp16, token 16T + 2j + {0, 8} + {0, 1}
+    K zeros, V zeros: the same shapes in int8
+    value = (code - zero) * scale
 With MiKV outlier balancing, K is multiplied per (head, channel) by `balance` before
 quantization, and dequantized K is divided by it again (the kernel divides Q instead)."""
 from __future__ import annotations
@@ -40,30 +41,24 @@ def e4m3_up(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(bump, (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn), q).float()
 
 
-def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = False,
-                     int8_zeros: bool = False
+def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes and fp16 (scale, zero) of `x` with one group along `dim`.
-
-    `int8_zeros` (a quality-harness experiment, like `e4m3_scales`): the zero point is a whole
-    number of steps in [-128, 127], as a 1-byte format would store it; the scale grows where the
-    group's offset needs more than 127 steps."""
+    """Codes, fp16 scales and int8 zero points of `x` with one group along `dim`:
+    x ~ (code - zero) * scale. The zero point is the whole number of steps from 0 to the
+    group's minimum, so the grid (shifted by at most half a step) still spans the group; where
+    the offset needs more than ~127 steps the scale grows instead."""
     levels = (1 << bits) - 1
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     # Floor at fp16's smallest normal: a constant group must not divide by zero.
     scale = ((hi - lo) / levels).clamp_min(2.0 ** -14)
-    if int8_zeros:
-        # |zero| <= 127 steps and the grid, shifted by <= half a step, still spans the group
-        scale = torch.maximum(torch.maximum(scale, (-lo).clamp_min(0) / 127), lo.clamp_min(0) / 128)
+    # Room for fp16 rounding below the int8 limits.
+    scale = torch.maximum(torch.maximum(scale, (-lo).clamp_min(0) / 126), lo.clamp_min(0) / 127)
     # Rounded up, a coarser scale still spans the group (codes stay in range).
-    scale = (e4m3_up(scale) if e4m3_scales else scale).half()
-    if int8_zeros:
-        zero = (-torch.round(-lo / scale.float()).clamp(-128, 127) * scale.float()).half()
-    else:
-        zero = lo.half()
-    codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
-    return codes, scale, zero
+    scale = (e4m3_up(scale) if e4m3_scales else scale).half().float()
+    zero = torch.round(-lo / scale).clamp_(-128, 127)
+    codes = torch.round((x + zero * scale) / scale).clamp_(0, levels).to(torch.uint8)
+    return codes, scale.half(), zero.to(torch.int8)
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -140,13 +135,11 @@ def _unpack_codes(packed: torch.Tensor, kind: str, h: int, b: int, d: int, bits:
 
 
 def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
-                  balance: torch.Tensor | None = None, e4m3_scales: bool = False,
-                  int8_zeros: bool = False) -> torch.Tensor:
+                  balance: torch.Tensor | None = None, e4m3_scales: bool = False) -> torch.Tensor:
     """One page's K and V [block_size, kv_heads, D] -> its lo page bytes [lo_page_bytes].
 
-    `e4m3_scales` and `int8_zeros` are measurement aids for the quality harness: scales rounded
-    up to float8-e4m3 values, or zero points as whole steps in int8 range (both still stored as
-    fp16), to see what 1-byte scales or zeros would cost."""
+    `e4m3_scales` is a measurement aid for the quality harness: scales rounded up to
+    float8-e4m3 values (still stored as fp16), to see what 1-byte scales would cost."""
     h, b, d, g, bits = (layout.num_kv_heads, layout.block_size, layout.head_size,
                         layout.value_group_size, layout.lo_bits)
     if k.shape != (b, h, d) or v.shape != (b, h, d):
@@ -156,20 +149,24 @@ def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
     vf = v.float().permute(1, 0, 2)
     if balance is not None:
         kf = kf * balance.float().reshape(h, 1, d)
-    k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales, int8_zeros)  # tokens
+    k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales)    # over tokens
     vg = vf.reshape(h, b, d // g, g)
-    v_codes, v_scale, v_zero = _quantize_groups(vg, bits, 3, e4m3_scales, int8_zeros)  # channels
-    # K params [H, 2, D] -> [H, 4, D / 16, 2, 2, 2]
-    k_params = torch.stack([k_scale.reshape(h, d), k_zero.reshape(h, d)], dim=1)
-    k_params = k_params[:, :, _k_param_channels(d)].permute(0, 2, 3, 1, 4, 5)
-    # V params [H, 2, D / g, B] -> [H, B / 16, D / g, 4, 2, 2, 2]
-    v_params = torch.stack([v_scale.reshape(h, b, d // g), v_zero.reshape(h, b, d // g)], dim=1)
-    v_params = v_params.transpose(2, 3)[:, :, :, _v_param_tokens(b)].permute(0, 3, 2, 4, 1, 5, 6)
+    v_codes, v_scale, v_zero = _quantize_groups(vg, bits, 3, e4m3_scales)    # over channels
+    k_slots, v_slots = _k_param_channels(d), _v_param_tokens(b)
+
+    def k_runs(x):  # [H, D] -> [H, 4, D / 16, 2, 2]
+        return x.reshape(h, d)[:, k_slots]
+
+    def v_runs(x):  # [H, B, D / g] -> [H, B / 16, D / g, 4, 2, 2]
+        return x.reshape(h, b, d // g).transpose(1, 2)[:, :, v_slots].permute(0, 2, 1, 3, 4, 5)
+
     out = torch.cat([
         _pack_codes(k_codes, "k", bits),
         _pack_codes(v_codes.reshape(h, b, d), "v", bits),
-        k_params.contiguous().view(torch.uint8).reshape(-1),
-        v_params.contiguous().view(torch.uint8).reshape(-1),
+        k_runs(k_scale).contiguous().view(torch.uint8).reshape(-1),
+        v_runs(v_scale).contiguous().view(torch.uint8).reshape(-1),
+        k_runs(k_zero).contiguous().view(torch.uint8).reshape(-1),
+        v_runs(v_zero).contiguous().view(torch.uint8).reshape(-1),
     ])
     assert out.numel() == layout.lo_page_bytes
     return out
@@ -180,28 +177,40 @@ def dequantize_page(page: torch.Tensor, layout: PageLayout,
     """Lo page bytes -> (K, V) in fp32, each [block_size, kv_heads, D]."""
     h, b, d, g, bits = (layout.num_kv_heads, layout.block_size, layout.head_size,
                         layout.value_group_size, layout.lo_bits)
-    o = layout.lo_offsets
+    o, dev = layout.lo_offsets, page.device
     k_codes = _unpack_codes(page[o.k_codes:o.v_codes], "k", h, b, d, bits).float()
-    v_codes = _unpack_codes(page[o.v_codes:o.k_params], "v", h, b, d, bits).float()
-    kp = page[o.k_params:o.v_params].contiguous().view(torch.float16).reshape(h, 4, d // 16, 2, 2, 2)
-    k_params = torch.empty(h, 2, d, dtype=torch.float16, device=page.device)
-    k_params[:, :, _k_param_channels(d).to(page.device)] = kp.permute(0, 3, 1, 2, 4, 5)
-    vp = page[o.v_params:o.end].contiguous().view(torch.float16).reshape(
-        h, b // 16, d // g, 4, 2, 2, 2)
-    v_params = torch.empty(h, 2, d // g, b, dtype=torch.float16, device=page.device)
-    v_params[:, :, :, _v_param_tokens(b).to(page.device)] = vp.permute(0, 4, 2, 1, 3, 5, 6)
-    k = k_codes * k_params[:, 0:1].float() + k_params[:, 1:2].float()
-    vs = v_params.transpose(2, 3).float()  # [H, 2, B, D / g]
-    v = (v_codes.reshape(h, b, d // g, g) * vs[:, 0, ..., None]
-         + vs[:, 1, ..., None]).reshape(h, b, d)
+    v_codes = _unpack_codes(page[o.v_codes:o.k_scales], "v", h, b, d, bits).float()
+    k_slots, v_slots = _k_param_channels(d).to(dev), _v_param_tokens(b).to(dev)
+
+    def k_params(lo_byte, hi_byte, dtype):  # -> [H, 1, D] fp32
+        runs = page[lo_byte:hi_byte].contiguous().view(dtype).reshape(h, 4, d // 16, 2, 2)
+        out = torch.empty(h, d, dtype=dtype, device=dev)
+        out[:, k_slots] = runs
+        return out.float().unsqueeze(1)
+
+    def v_params(lo_byte, hi_byte, dtype):  # -> [H, B, D / g, 1] fp32
+        runs = page[lo_byte:hi_byte].contiguous().view(dtype).reshape(h, b // 16, d // g, 4, 2, 2)
+        out = torch.empty(h, d // g, b, dtype=dtype, device=dev)
+        out[:, :, v_slots] = runs.permute(0, 2, 1, 3, 4, 5)
+        return out.float().transpose(1, 2).unsqueeze(-1)
+
+    k = (k_codes - k_params(o.k_zeros, o.v_zeros, torch.int8)) * k_params(
+        o.k_scales, o.v_scales, torch.float16)
+    v = ((v_codes.reshape(h, b, d // g, g) - v_params(o.v_zeros, o.end, torch.int8))
+         * v_params(o.v_scales, o.k_zeros, torch.float16)).reshape(h, b, d)
     if balance is not None:
         k = k / balance.float().reshape(h, 1, d)
     return k.permute(1, 0, 2), v.permute(1, 0, 2)
 
 
-def quantization_error_bound(x_range: torch.Tensor, bits: int) -> torch.Tensor:
-    """Largest |x - dequant(x)| for a group spanning `x_range`: half a step, plus fp16 rounding
-    of scale and zero (relative 2^-11 each, scaled by the codes they multiply)."""
+def quantization_error_bound(x_range: torch.Tensor, bits: int,
+                             x_min: torch.Tensor | None = None) -> torch.Tensor:
+    """Largest |x - dequant(x)| for a group spanning `x_range` (starting at `x_min`, whose
+    offset can force a coarser step, see `_quantize_groups`): half a step, plus fp16 rounding
+    of the scale (relative 2^-11, times the steps it multiplies)."""
     levels = (1 << bits) - 1
     step = x_range / levels
-    return step / 2 + x_range * 2.0 ** -10 + 1e-6
+    if x_min is not None:
+        step = torch.maximum(torch.maximum(step, (-x_min).clamp_min(0) / 126),
+                             x_min.clamp_min(0) / 127)
+    return step / 2 + (x_range + (x_min.abs() if x_min is not None else 0)) * 2.0 ** -10 + 1e-6

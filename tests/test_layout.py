@@ -8,27 +8,35 @@ from mikv_vllm.attention.backend import MikvAttentionBackend, split_kv_cache
 from mikv_vllm.layout import PageLayout, decode_entry, encode_lo
 
 
-# --- numbers from DESIGN.md (head_dim 128, block 32, one KV head) ------------------------------
+# --- head_dim 128, block 32, one KV head: codes, fp16 scales, int8 zero points -----------------
 
 def test_design_numbers_bf16():
     layout = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=2)
     assert layout.hi_page_bytes == 16384
-    assert layout.lo_page_bytes == 1024 + 1024 + 512 + 256 == 2816
-    assert layout.pack_factor == 5
+    # K/V codes, K scales (per channel), V scales (per token x 2 groups), then the zeros
+    assert layout.lo_page_bytes == 1024 + 1024 + 256 + 128 + 128 + 64 == 2624
+    assert layout.pack_factor == 6
     assert layout.bytes_per_token(lo=False) == 512
-    assert layout.bytes_per_token(lo=True) == pytest.approx(16384 / 5 / 32)
+    assert layout.bytes_per_token(lo=True) == pytest.approx(16384 / 6 / 32)
 
 
 def test_design_numbers_fp8():
     layout = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=1)
     assert layout.hi_page_bytes == 8192
-    assert layout.lo_page_bytes == 2816
-    assert layout.pack_factor == 2
+    assert layout.lo_page_bytes == 2624
+    assert layout.pack_factor == 3
+
+
+def test_block_16_packs_five():
+    """The default block size: 5 lo pages per bf16 block (4 with fp16 zero points)."""
+    layout = PageLayout(block_size=16, num_kv_heads=8, head_size=128, hi_elem_bytes=2)
+    assert layout.lo_page_bytes == 8 * (512 + 512 + 256 + 64 + 128 + 32)
+    assert layout.pack_factor == 5
 
 
 def test_four_bit_pages():
     layout = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=2, lo_bits=4)
-    assert layout.lo_page_bytes == 4096 + 512 + 256
+    assert layout.lo_page_bytes == 4096 + 256 + 128 + 128 + 64
     assert layout.pack_factor == 3
 
 
@@ -50,10 +58,10 @@ def test_group_must_divide_head_size():
 def test_describe_prints_ratios():
     text = PageLayout(block_size=32, num_kv_heads=1, head_size=128, hi_elem_bytes=2).describe()
     assert "hi page 16384 B" in text
-    assert "2-bit lo page 2816 B" in text
-    assert "5 lo pages per block" in text
-    assert "5.00x fewer than bf16" in text
-    assert "2.50x fewer than fp8" in text
+    assert "2-bit lo page 2624 B" in text
+    assert "6 lo pages per block" in text
+    assert "6.00x fewer than bf16" in text
+    assert "3.00x fewer than fp8" in text
     assert "\n" not in text
 
 
@@ -195,8 +203,8 @@ def test_layout_from_engine_config(serve_engine_config):
 def test_startup_hint_names_the_smallest_block_size_that_packs_more():
     from mikv_vllm.vllm_patches import _better_block_size
 
-    hint = _better_block_size(PageLayout(16, 8, 128, 2))   # 4 per block at 16 tokens
-    assert (hint.block_size, hint.pack_factor) == (32, 5)
+    hint = _better_block_size(PageLayout(16, 8, 128, 2))   # 5 per block at 16 tokens
+    assert (hint.block_size, hint.pack_factor) == (32, 6)
     assert _better_block_size(PageLayout(64, 8, 128, 2)) is None
 
 

@@ -66,7 +66,8 @@ def test_byte_ratios():
     from mikv_vllm.eval.methods import hi_fraction, lo_cost, parse_method, hi_cost
     lay = PageLayout(16, 3, 64, 2)  # SmolLM2: 3 KV heads, head_dim 64
     bf16_page = 2 * 16 * 3 * 64 * 2
-    assert lo_cost(lay) == lay.lo_page_bytes / bf16_page == 2496 / 12288
+    # codes 1536, fp16 scales 3 x (64 + 16), int8 zeros half of that
+    assert lo_cost(lay) == lay.lo_page_bytes / bf16_page == 2256 / 12288
     assert hi_cost(parse_method("fp8"), 64) == 0.5
     assert hi_cost(parse_method("int4"), 64) == (32 + 2) / 128
     f = hi_fraction(parse_method("mikv@0.25"), lay)

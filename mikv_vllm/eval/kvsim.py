@@ -130,7 +130,7 @@ class KVSim:
         self.step_mass = None
         self.ratios: list[float] = []                    # bytes vs bf16, per step
         self.h = hi_cost(method, self.layout.head_size)
-        self.lc = lo_cost(self.layout, method.scale8, method.zero8)
+        self.lc = lo_cost(self.layout, method.scale8)
 
     # -- inside the model forward --
     def attend(self, layer, q, k, v, scaling):
@@ -167,8 +167,7 @@ class KVSim:
             k = l.keys[0, :, rows].permute(1, 0, 2)
             v = l.values[0, :, rows].permute(1, 0, 2)
             b = self.pre.balance(i) if self.method.balance else None
-            page = quantize_page(k, v, self.layout, b, e4m3_scales=self.method.scale8,
-                                 int8_zeros=self.method.zero8)
+            page = quantize_page(k, v, self.layout, b, e4m3_scales=self.method.scale8)
             dk, dv = dequantize_page(page, self.layout, b)
             self.k[i][:, rows] = dk.permute(1, 0, 2)
             self.v[i][:, rows] = dv.permute(1, 0, 2)

@@ -30,14 +30,13 @@ class Method:
     balance: bool = False         # MiKV key-channel outlier balancing of lo pages
     all_lo: bool = False          # KIVI: every full page lo, no policy
     scale8: bool = False          # lo scales as 1-byte float8-e4m3 (zeros stay fp16)
-    zero8: bool = False           # lo zero points as int8 steps (scales stay fp16)
 
     @property
     def label(self) -> str:
         if self.name != "mikv":
             return self.name
         return ("mikv" + ("_bal" if self.balance else "") + ("_fp8hi" if self.hi == "fp8" else "")
-                + ("_s8" if self.scale8 else "") + ("_z8" if self.zero8 else ""))
+                + ("_s8" if self.scale8 else ""))
 
 
 def standard_methods(budgets=(0.5, 0.25, 0.15)) -> list[Method]:
@@ -66,10 +65,10 @@ def parse_method(spec: str) -> Method:
         return Method("h2o", budget, lo="evict")
     if name.startswith("mikv"):
         flags = set(name.split("_")[1:])
-        if flags - {"bal", "fp8hi", "s8", "z8"}:
-            raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, _z8)")
+        if flags - {"bal", "fp8hi", "s8"}:
+            raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8)")
         return Method("mikv", budget, hi="fp8" if "fp8hi" in flags else "bf16", lo="q2",
-                      balance="bal" in flags, scale8="s8" in flags, zero8="z8" in flags)
+                      balance="bal" in flags, scale8="s8" in flags)
     raise ValueError(f"unknown method {spec!r}")
 
 
@@ -83,13 +82,13 @@ def hi_cost(method: Method, head_dim: int) -> float:
     return 1.0
 
 
-def lo_cost(layout: PageLayout, scale8: bool = False, zero8: bool = False) -> float:
+def lo_cost(layout: PageLayout, scale8: bool = False) -> float:
     """Stored bytes of a lo page over the bf16 bytes of the same tokens (PageLayout counts;
-    with `scale8` / `zero8`, every fp16 scale / zero counted as one byte)."""
+    with `scale8`, every fp16 scale counted as one byte)."""
     bf16 = PageLayout(layout.block_size, layout.num_kv_heads, layout.head_size, 2,
                       layout.lo_bits, layout.value_group_size)
     o = layout.lo_offsets
-    saved = (o.end - o.k_params) // 4 * (int(scale8) + int(zero8))  # bytes of 4-byte pairs
+    saved = (o.k_zeros - o.k_scales) // 2 if scale8 else 0  # one byte of each fp16 scale
     return (layout.lo_page_bytes - saved) / bf16.hi_page_bytes
 
 
@@ -98,7 +97,7 @@ def hi_fraction(method: Method, layout: PageLayout) -> float | None:
     if method.budget is None or method.lo is None or method.all_lo:
         return None
     h = hi_cost(method, layout.head_size)
-    lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8, method.zero8)
+    lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8)
     return min(1.0, max(0.0, (method.budget - lo) / (h - lo)))
 
 
