@@ -58,11 +58,13 @@ def test_quantize_kernel_matches_reference(fp8, bits, head_dim, block_size):
         mismatch = (got != want).float().mean().item()
         assert mismatch <= 1e-3, f"{mismatch:.2%} of the lo page bytes differ from the reference"
         k_rt, v_rt = dequantize_page(got, layout)
-        k_bound = quantization_error_bound(k_all[s].amax(0) - k_all[s].amin(0), bits)
+        k_bound = quantization_error_bound(k_all[s].amax(0) - k_all[s].amin(0), bits,
+                                           k_all[s].amin(0))
         assert ((k_rt - k_all[s]).abs() <= k_bound).all()
         g = layout.value_group_size
         vg = v_all[s].reshape(block_size, heads, head_dim // g, g)
-        v_bound = quantization_error_bound(vg.amax(-1) - vg.amin(-1), bits).unsqueeze(-1)
+        v_bound = quantization_error_bound(vg.amax(-1) - vg.amin(-1), bits,
+                                           vg.amin(-1)).unsqueeze(-1)
         v_err = (v_rt - v_all[s]).abs().reshape(block_size, heads, head_dim // g, g)
         assert (v_err <= v_bound).all()
 
