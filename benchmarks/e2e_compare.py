@@ -18,6 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from mikv_vllm.eval.stats import token_match  # noqa: E402
 from mikv_vllm.stats import last_logged  # noqa: E402
 
 KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
@@ -68,16 +69,6 @@ def log_counters(text: str) -> dict:
             "kv_tokens": stats.get("max_resident_tokens"),
             "preemptions": stats.get("preemptions_total"),
             "lo_pages_end": stats.get("lo_pages"), "demotions": stats.get("demotions_total")}
-
-
-def token_match(a: list[list[int]], b: list[list[int]]) -> dict:
-    same_seq = sum(x == y for x, y in zip(a, b))
-    same_tok = sum(sum(p == q for p, q in zip(x, y)) for x, y in zip(a, b))
-    first_diff = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
-                  for x, y in zip(a, b)]
-    return {"identical_sequences": f"{same_seq}/{len(a)}",
-            "token_match_rate": same_tok / max(1, sum(len(x) for x in a)),
-            "first_divergence": first_diff}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

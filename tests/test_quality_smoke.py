@@ -97,3 +97,36 @@ def test_quick_cli_rows(smollm2, tmp_path):
     assert by["kivi2"]["kv_bytes_ratio"] < by["mikv"]["kv_bytes_ratio"] < 1.0
     assert by["bf16"]["score"] < by["kivi2"]["score"]
     assert by["bf16"]["delta_vs_bf16"] == 0 and by["kivi2"]["delta_vs_bf16"] > 0
+
+
+def test_greedy_match(smollm2):
+    from mikv_vllm.eval.stats import token_match
+    from mikv_vllm.eval.tasks import greedy_match
+    from mikv_vllm.eval.methods import parse_method
+    model, tok, ids = smollm2
+    methods = [parse_method(m) for m in ("bf16", "mikv@1.0", "h2o@0.15")]
+    rows = greedy_match(model, tok, methods, [ids[:80], ids[:96]], 6, recent_pages=2)
+    with torch.no_grad():  # the first token is the plain model's greedy choice
+        assert rows["bf16@None"]["tokens"][0][0] == int(model(input_ids=torch.tensor(
+            [ids[:80]])).logits[0, -1].argmax())
+    for key, r in rows.items():
+        assert {"method", "budget", "hi_budget", "score", "ci_low", "ci_high", "n",
+                "kv_bytes_ratio", "identical_sequences", "first_divergence"} <= set(r)
+        assert r["ci_low"] <= r["score"] <= r["ci_high"] and r["n"] == 12
+        assert {k: r[k] for k in ("identical_sequences", "token_match_rate",
+                                  "first_divergence")} == token_match(
+            rows["bf16@None"]["tokens"], r["tokens"])
+    assert rows["bf16@None"]["score"] == 1.0 and rows["bf16@None"]["hi_budget"] is None
+    assert rows["mikv@1.0"]["tokens"] == rows["bf16@None"]["tokens"]
+    assert rows["h2o@0.15"]["kv_bytes_ratio"] < 1.0
+
+
+def test_hi_budget_method():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
+    import run
+    from mikv_vllm.eval.methods import hi_fraction, lo_cost
+    lay = PageLayout(16, 3, 64, 2)
+    for h in (0.1, 0.5, 0.3):
+        m = run.hi_budget_method(h, lay)
+        f = hi_fraction(m, lay)
+        assert h <= f < h + 1e-12 and math.isclose(h + (1 - h) * lo_cost(lay), m.budget)

@@ -4,6 +4,8 @@
     python benchmarks/quality/run.py --task perplexity             # SmolLM2 PPL sweep
     python benchmarks/quality/run.py --task line_retrieval --model Qwen2.5-Coder-0.5B-Instruct \
         --sizes 60 --trials 20 --methods bf16 kivi2 h2o@0.25 mikv@0.25 --append
+    python benchmarks/quality/run.py --task greedy --probe-file .models/parts/probe_wiki.json \
+        --probe-tokens 64 --recent-pages 4 --methods bf16 fp8 --hi-budgets 0.5 0.1
 
 Rows {model, task, method, budget, kv_bytes_ratio, score, ci_low, ci_high, n, size} go to
 --out (rewritten after every window / trial, so partial runs keep their numbers) plus a PNG."""
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -20,9 +23,21 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from mikv_vllm.eval import kvsim, models, tasks  # noqa: E402
-from mikv_vllm.eval.methods import parse_method, standard_methods  # noqa: E402
+from mikv_vllm.eval.methods import (Method, hi_fraction, lo_cost, parse_method,  # noqa: E402
+                                    standard_methods)
 
 QUICK_METHODS = ["bf16", "kivi2", "h2o@0.25", "mikv@0.25"]
+
+
+def hi_budget_method(hi_budget: float, layout) -> Method:
+    """mikv as the product's `hi_budget` knob sets it (the fraction of pages kept hi): mikv@b
+    at the byte budget b whose hi fraction is `hi_budget` (or the next float above it, so the
+    policy's round(hi_budget * pages) rounds .5 the same way)."""
+    m = Method("mikv", hi_budget + (1 - hi_budget) * lo_cost(layout), lo="q2")
+    while hi_fraction(m, layout) < hi_budget:
+        m = Method("mikv", math.nextafter(m.budget, 1.0), lo="q2")
+    assert hi_fraction(m, layout) - hi_budget < 1e-12
+    return m
 
 
 class Results:
@@ -56,17 +71,25 @@ class Results:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="SmolLM2: PPL 2x256 + tiny retrieval")
-    ap.add_argument("--task", choices=["perplexity", "line_retrieval", "kv_retrieval"])
+    ap.add_argument("--task",
+                    choices=["perplexity", "line_retrieval", "kv_retrieval", "greedy"])
     ap.add_argument("--model", default=models.SMOLLM2)
     ap.add_argument("--methods", nargs="+", help="e.g. bf16 fp8 int4 kivi2 h2o@0.25 "
                     "mikv@0.25 mikv_bal@0.25 mikv_fp8hi@0.25 (default: all at --budgets)")
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.15])
+    ap.add_argument("--hi-budgets", nargs="+", type=float, default=[],
+                    help="add mikv at the product's hi_budget knob (fraction of pages kept hi; "
+                    "mikv@b is a fraction of bf16 bytes)")
     ap.add_argument("--windows", type=int, default=8, help="PPL windows (articles)")
     ap.add_argument("--window", type=int, default=512, help="PPL tokens per window")
     ap.add_argument("--prefill", type=int, default=64, help="PPL tokens prefilled at full precision")
     ap.add_argument("--chunk", type=int, default=32, help="PPL tokens per decode step")
     ap.add_argument("--sizes", nargs="+", type=int, default=[60], help="lines / pairs")
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--probe-file", help="greedy: JSON list of prompt token-id lists (as "
+                    "benchmarks/e2e_llm.py --probe-file)")
+    ap.add_argument("--probe-prompts", type=int, default=16, help="greedy: prompts used")
+    ap.add_argument("--probe-tokens", type=int, default=32, help="greedy: tokens per prompt")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--recent-pages", type=int, default=2)
     ap.add_argument("--sink-pages", type=int, default=1)
@@ -85,17 +108,22 @@ def main(argv=None) -> dict:
     else:
         if not a.task:
             ap.error("give --quick or --task")
+        if a.task == "greedy" and not a.probe_file:
+            ap.error("--task greedy needs --probe-file")
         jobs = [(a.task, {})]
         methods = ([parse_method(m) for m in a.methods] if a.methods
                    else standard_methods(tuple(a.budgets)))
     plot = a.plot or a.out.rsplit(".", 1)[0] + ".png"
     meta = dict(block_size=a.block_size, sink_pages=a.sink_pages, recent_pages=a.recent_pages,
                 prefill=a.prefill, chunk=a.chunk, seed=a.seed)
+    if a.task == "greedy":
+        meta.update(probe_file=a.probe_file, probe_prompts=a.probe_prompts)
     res = Results(a.out, plot, a.append, meta)
     t0 = time.time()
     model, tok = models.load(a.model, attn_implementation=kvsim.ATTN_IMPL)
-    print(f"loaded {a.model} in {time.time() - t0:.0f}s; "
-          f"{kvsim.layout_of(model, a.block_size).describe()}", flush=True)
+    layout = kvsim.layout_of(model, a.block_size)
+    print(f"loaded {a.model} in {time.time() - t0:.0f}s; {layout.describe()}", flush=True)
+    methods += [hi_budget_method(h, layout) for h in a.hi_budgets]
     common = dict(block_size=a.block_size, recent_pages=a.recent_pages,
                   sink_pages=a.sink_pages)
     for task, over in jobs:
@@ -108,6 +136,15 @@ def main(argv=None) -> dict:
                     flush=True)
             tasks.perplexity(model, tok, methods, o["windows"], o["window"], a.prefill, a.chunk,
                              on_window=cb, **common)
+        elif task == "greedy":
+            def cb(p, rows, task=task):
+                res.update(a.model, task, rows, size=a.probe_tokens)
+                print(f"[{time.time() - t0:.0f}s] greedy prompt {p}: " + ", ".join(
+                    f"{k} {r['score']:.3f} ({r['identical_sequences']})" for k, r in rows.items()),
+                    flush=True)
+            prompts = json.load(open(a.probe_file))[:a.probe_prompts]
+            tasks.greedy_match(model, tok, methods, prompts, a.probe_tokens, on_prompt=cb,
+                               **common)
         else:
             def cb(size, t, rows, task=task):
                 res.update(a.model, task, {k: r for k, r in rows.items() if r["size"] == size})

@@ -1,6 +1,7 @@
 """Tasks: perplexity with the KV compressed while decoding, LongEval-style line retrieval and
 key-value retrieval (prefilled context, then the question decoded token by token, then a greedy
-answer), each scored for many methods over one shared full-precision prefill."""
+answer), and greedy continuations of given prompts matched token by token with bf16's, each
+scored for many methods over one shared full-precision prefill."""
 from __future__ import annotations
 
 import bz2
@@ -17,7 +18,8 @@ import torch
 
 from mikv_vllm.eval.kvsim import KVSim, prefill
 from mikv_vllm.eval.methods import Method
-from mikv_vllm.eval.stats import bootstrap_ppl, bootstrap_ppl_delta, wilson
+from mikv_vllm.eval.stats import (bootstrap_ppl, bootstrap_ppl_delta, bootstrap_ratio,
+                                  token_match, wilson)
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_HINT = ("pip download --no-deps gensim==4.4.0 -d /tmp/gensim_dl  (or pip install gensim==4.4.0, "
@@ -222,4 +224,54 @@ def _acc_rows(hits, ratios, tokens):
             method=label, budget=budget, size=size, score=sum(h) / len(h), ci_low=lo,
             ci_high=hi, n=len(h), kv_bytes_ratio=sum(ratios[(label, budget, size)]) /
             len(ratios[(label, budget, size)]))
+    return out
+
+
+# ---------------------------------------------------------------- greedy token match
+
+def greedy_match(model, tok, methods: list[Method], prompts: list[list[int]], max_new: int,
+                 block_size: int = 16, recent_pages: int = 4, sink_pages: int = 1,
+                 on_prompt=None) -> dict[str, dict]:
+    """Greedy continuations of token-id prompts, max_new tokens each with no EOS stop (the
+    e2e probe's SamplingParams), matched with bf16's by the e2e probe's token_match; score =
+    token match rate with a bootstrap CI over prompts. All but the last prompt token are
+    prefilled at full precision; the last one and every generated token are decode steps, so
+    pages go lo (by the mass of the steps before) from the second generated token on."""
+    outs: dict[str, list[list[int]]] = {}
+    ratios: dict[str, list[float]] = {}
+    hi_budget = {}
+    for p, ids in enumerate(prompts):
+        pre = prefill(model, ids[:-1], last_only=True)
+        for m in methods:
+            key = f"{m.label}@{m.budget}"
+            sim = KVSim(model, m, pre, block_size, sink_pages=sink_pages,
+                        recent_pages=recent_pages)
+            out = [ids[-1]]
+            for _ in range(max_new):
+                out.append(int(sim.step(out[-1:], last_only=True)[-1].argmax()))
+            if os.environ.get("MIKV_EVAL_DEBUG"):
+                print(f"  {key} prompt {p}: {tok.decode(out[1:])!r}", flush=True)
+            outs.setdefault(key, []).append(out[1:])
+            ratios.setdefault(key, []).append(sim.kv_bytes_ratio)
+            hi_budget[key] = sim.policy.hi_budget if sim.policy else None
+        if on_prompt:
+            on_prompt(p + 1, _match_rows(methods, outs, ratios, hi_budget))
+    return _match_rows(methods, outs, ratios, hi_budget)
+
+
+def _match_rows(methods, outs, ratios, hi_budget):
+    out = {}
+    base = outs.get("bf16@None")
+    for m in methods:
+        key = f"{m.label}@{m.budget}"
+        if base is None or key not in outs:
+            continue
+        tm = token_match(base, outs[key])
+        _, lo, hi = bootstrap_ratio([(token_match([a], [b])["token_match_rate"], 1)
+                                     for a, b in zip(base, outs[key])])
+        out[key] = dict(method=m.label, budget=m.budget, hi_budget=hi_budget[key],
+                        score=tm["token_match_rate"], ci_low=lo, ci_high=hi,
+                        n=sum(len(o) for o in outs[key]),
+                        kv_bytes_ratio=sum(ratios[key]) / len(ratios[key]), **tm,
+                        tokens=outs[key])
     return out
