@@ -42,6 +42,8 @@ def run_one(kv: str, args, out_dir: str) -> dict:
         cmd += ["--knobs", args.mikv_knobs]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
+    if args.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     for flag in ("load_format", "dtype", "tokenizer", "probe_file", "probe_tokens"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -121,6 +123,7 @@ def main() -> None:
     p.add_argument("--probe-prompts", type=int, default=16, help="greedy-match prompts")
     p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv run")
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of this run's file names")
     p.add_argument("--load-format", default=None, help="e.g. auto for a real model")
     p.add_argument("--dtype", default=None)

@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--knobs", default=None, help="mikv knobs as JSON, e.g. '{\"hi_budget\": 0.1}'")
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tokenizer", default=None)
@@ -53,7 +54,8 @@ def main() -> None:
 
     llm = LLM(model=a.model, load_format=a.load_format, skip_tokenizer_init=not a.tokenizer,
               kv_cache_dtype=a.kv, gpu_memory_utilization=a.gpu_memory_utilization,
-              max_model_len=a.max_model_len, dtype=a.dtype, seed=0, **extra)
+              max_model_len=a.max_model_len, dtype=a.dtype, seed=0,
+              tensor_parallel_size=a.tensor_parallel_size, **extra)
     vocab = 32000
     rng = random.Random(1234)
     if a.probe_file:
@@ -68,7 +70,7 @@ def main() -> None:
     probe_out = [list(o.outputs[0].token_ids) for o in llm.generate(probe, greedy)] if probe else []
 
     result = {"kv": a.kv, "knobs": a.knobs, "block_size": a.block_size,
-              "probe_tokens": probe_out}
+              "tensor_parallel_size": a.tensor_parallel_size, "probe_tokens": probe_out}
     if not a.num_prompts:
         json.dump(result, open(a.out, "w"))
         return

@@ -15,7 +15,7 @@
 #         4's workloads a and b for every kv dtype; demote: demotion forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
-#         (e2e_serve_sweep.py)
+#         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
 #
 # Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), one
 # device call per line, back to back (vLLM parts: ../shared/gpu/build_vllm_bundle.sh; SmolLM2
@@ -137,6 +137,13 @@ stage_verify() {
   [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: verify stage skipped"; return; }
   MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_verify --num-prompts 0 --probe-prompts 4 --probe-tokens 32 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs {\"hi_budget\":0.1}" stage_e2e
   grep -h "mikv verify" "$OUT"/e2e_mikv_smollm2_verify.log | head -40 | tee "$OUT/verify.log"
+}
+
+# Tensor parallelism (2 GPUs, e.g. nvidia-h200-x2): demotion forced on, every rank checking its
+# own packs (MIKV_VERIFY_DEMOTIONS=1), greedy tokens vs auto at the same TP size.
+stage_tp2() {
+  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag tp2_forced --tensor-parallel-size 2 --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs {\"hi_budget\":0.1} --timeout 300" stage_e2e
+  grep -h "mikv verify" "$OUT"/e2e_mikv_tp2_forced.log | head -20 | tee "$OUT/verify_tp2.log"
 }
 
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
