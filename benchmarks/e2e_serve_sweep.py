@@ -50,7 +50,7 @@ def bench_one(kv: str, rate: str, url: str, server_log: str, a) -> dict:
     time.sleep(2.5)  # one more `mikv stats` line after the run went idle
     return {
         "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
-                              f"at {rate} req/s",
+                              f"at {rate} req/s, gpu util {a.gpu_util}",
         "knobs": a.mikv_knobs if kv == "mikv" else None,
         **log_counters(open(server_log).read()),  # kv_tokens: most resident so far
         "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
@@ -68,7 +68,7 @@ def sweep_one(kv: str, a) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = CLI + ["serve", a.model, "--tokenizer", a.tokenizer, "--load-format", "dummy",
                  "--kv-cache-dtype", kv, "--port", str(a.port), "--max-model-len",
-                 str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", "0.9", *extra]
+                 str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", str(a.gpu_util), *extra]
     rows = []
     try:
         with running_server(cmd, log_path, url, a.start_timeout, env):
@@ -89,6 +89,9 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=2048)
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--gpu-util", type=float, default=0.9,
+                   help="--gpu-memory-utilization of every server (lower it to put a larger "
+                        "GPU's KV pool under the same pressure as a smaller one's)")
     p.add_argument("--port", type=int, default=8200)
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--bench-timeout", type=float, default=600)

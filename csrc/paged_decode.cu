@@ -14,8 +14,8 @@
 //   8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's codes, scales and
 //   zero points in fragment order (mikv_vllm/quant.py), so a lane reads them with wide loads
 //   and turns 2 codes into an fp16x2 operand with a shift, a mask, an fma and a multiply. With several splits the CTAs write unnormalised partials and
-// decode_reduce_kernel combines them; it also leaves each head's log-sum-exp when asked (the
-// importance signal, csrc/page_mass.cu).
+// decode_reduce_kernel combines them; it also leaves each head's log-sum-exp when asked, and
+// the hi pass each slab's (the importance signal, csrc/page_mass.cu).
 #include <torch/all.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -289,6 +289,33 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
   }
 }
 
+// The importance signal, fused into the hi pass: each slab's log-sum-exp per query head (log2
+// domain), from the lane groups' running maxima and the slab's probabilities relative to them.
+// page_mass (csrc/page_mass.cu) turns these into page masses with the step's final lse, so no
+// key is read twice. Lanes of one lane group agree on m and sum; the groups are merged here.
+template <int LPT, int MAX_G>
+__device__ __forceinline__ void write_slab_lse(const float (&m)[MAX_G], const float (&sum)[MAX_G],
+                                               float* __restrict__ slab_lse, int entry, int slab,
+                                               int block_size, int slab_rows, int num_q_heads,
+                                               int h0, int ng) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = (static_cast<int64_t>(entry) * (block_size / slab_rows) +
+                       slab % block_size / slab_rows) * num_q_heads + h0;
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    float mg = m[g], sg = sum[g];
+#pragma unroll
+    for (int o = LPT; o < 32; o *= 2) {
+      const float mo = __shfl_xor_sync(0xffffffffu, mg, o);
+      const float so = __shfl_xor_sync(0xffffffffu, sg, o);
+      const float mn = fmaxf(mg, mo);
+      sg = sg * exp2_diff(mg, mn) + so * exp2_diff(mo, mn);
+      mg = mn;
+    }
+    if (lane == g && g < ng) slab_lse[row + g] = sg > 0.f ? mg + log2f(sg) : -INFINITY;
+  }
+}
+
 template <typename q_t, typename kv_t, int D, int MAX_G>
 __global__ void __launch_bounds__(kThreads)
 paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_stride_head,
@@ -300,7 +327,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
                     float* __restrict__ part_acc, float* __restrict__ part_ml,
                     int num_q_heads, int group, int head_chunks, int block_size,
                     float scale_log2, float k_scale, float v_scale, const LoLayout lo,
-                    float* __restrict__ lse) {
+                    float* __restrict__ lse, float* __restrict__ slab_lse) {
   constexpr int LPT = D / kElems;   // lanes per token row
   constexpr int SUBS = 32 / LPT;    // rows per warp per step
   using vec_t = typename RowVec<kv_t>::type;
@@ -374,7 +401,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
       kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
       vr[u] = *reinterpret_cast<const vec_t*>(v_cache + off);
     }
-    float s[kUnroll][MAX_G];
+    float s[kUnroll][MAX_G], slab_sum[MAX_G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[kElems];
@@ -399,6 +426,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
 #pragma unroll
       for (int e = 0; e < kElems; ++e) acc[g][e] *= alpha;
       m[g] = mc;
+      slab_sum[g] = 0.f;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -408,11 +436,16 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
         const float p = exp2f(s[u][g] - m[g]);
-        l[g] += p;
+        slab_sum[g] += p;
 #pragma unroll
         for (int e = 0; e < kElems; ++e) acc[g][e] += p * vf[e];
       }
     }
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) l[g] += slab_sum[g];
+    if (slab_lse != nullptr && slab < t_end)
+      write_slab_lse<LPT, MAX_G>(m, slab_sum, slab_lse, entry, slab, block_size, kSlab,
+                                 num_q_heads, h0, ng);
   }
 
   // Merge the lane groups of a warp (same dims, different rows).
@@ -522,7 +555,7 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
       a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
       a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale,
-      a.lo, a.lse);
+      a.lo, a.lse, a.slab_lse);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
     decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
@@ -585,7 +618,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
-                  int64_t lo_group, const std::optional<torch::Tensor>& lse) {
+                  int64_t lo_group, const std::optional<torch::Tensor>& lse,
+                  const std::optional<torch::Tensor>& slab_lse) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
   // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
@@ -645,6 +679,14 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                     lse->numel() >= a.num_seqs * a.num_q_heads,
                 "lse must be fp32 contiguous with >= seqs * q_heads elements");
     a.lse = lse->data_ptr<float>();
+  }
+  if (slab_lse.has_value()) {
+    const int slabs = a.block_size * a.head_dim / 1024;  // rows of a slab: 1024 / head_dim
+    TORCH_CHECK(slab_lse->scalar_type() == at::kFloat && slab_lse->is_contiguous() &&
+                    slab_lse->dim() == 3 && slab_lse->size(0) >= key_cache.size(0) &&
+                    slab_lse->size(1) == slabs && slab_lse->size(2) == a.num_q_heads,
+                "slab_lse must be fp32 contiguous [num_blocks, ", slabs, ", ", a.num_q_heads, "]");
+    a.slab_lse = slab_lse->data_ptr<float>();
   }
 
   const at::cuda::OptionalCUDAGuard guard(device_of(query));

@@ -34,6 +34,7 @@ struct DecodeArgs {
   float scale_log2 = 0.f, k_scale = 1.f, v_scale = 1.f;
   LoLayout lo;
   float* lse = nullptr;     // optional [seqs, q_heads]: log2 of each head's softmax sum
+  float* slab_lse = nullptr;  // optional [blocks, block / slab rows, q_heads]: the same per slab
 };
 
 // The lo-page layout of a layer whose keys are `key_cache` ([blocks, block, heads, D] view).
@@ -44,13 +45,14 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
-                  int64_t lo_group, const std::optional<torch::Tensor>& lse);
+                  int64_t lo_group, const std::optional<torch::Tensor>& lse,
+                  const std::optional<torch::Tensor>& slab_lse);
 
-// Adds each hi page's attention mass of one decode step to `mass[block]`, recomputing the
-// scores from the keys against the step's `lse` (csrc/page_mass.cu).
-void page_mass(torch::Tensor& mass, const torch::Tensor& query, const torch::Tensor& key_cache,
-               const torch::Tensor& block_table, const torch::Tensor& seq_lens,
-               const torch::Tensor& lse, double scale, double k_scale, double weight);
+// Adds each hi page's attention mass of one decode step to `mass[block]`, from the slab
+// log-sum-exps paged_decode left and the step's `lse` (csrc/page_mass.cu).
+void page_mass(torch::Tensor& mass, const torch::Tensor& slab_lse, const torch::Tensor& block_table,
+               const torch::Tensor& seq_lens, const torch::Tensor& lse, int64_t block_size,
+               int64_t num_kv_heads, double weight);
 
 // Demotes hi pages into lo slots in place (csrc/quantize.cu).
 void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,

@@ -9,10 +9,11 @@ TORCH_LIBRARY(mikv, m) {
   m.def(
       "paged_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, float scale, float k_scale, float v_scale, "
-      "int num_splits, int lo_pack_factor, int lo_bits, int lo_group, Tensor(b!)? lse=None) -> ()");
+      "int num_splits, int lo_pack_factor, int lo_bits, int lo_group, Tensor(b!)? lse=None, "
+      "Tensor(c!)? slab_lse=None) -> ()");
   m.def(
-      "page_mass(Tensor(a!) mass, Tensor query, Tensor key_cache, Tensor block_table, "
-      "Tensor seq_lens, Tensor lse, float scale, float k_scale, float weight) -> ()");
+      "page_mass(Tensor(a!) mass, Tensor slab_lse, Tensor block_table, Tensor seq_lens, "
+      "Tensor lse, int block_size, int num_kv_heads, float weight) -> ()");
   m.def(
       "quantize_pages(Tensor(a!) key_cache, Tensor value_cache, Tensor src_blocks, "
       "Tensor dst_codes, float k_scale, float v_scale, int lo_pack_factor, int lo_bits, "

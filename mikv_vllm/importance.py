@@ -1,12 +1,13 @@
 """The importance signal: how much attention each hi page receives, measured on the GPU during
 decode and handed to the scheduler, which ranks pages by it (H2O at page granularity).
 
-Sampled in depth and in time: on two layers, `paged_decode` leaves each head's softmax
-normaliser and `page_mass` re-reads that layer's keys to add every hi page's probability mass
-into one fp32 entry per physical block, on one decode step out of `REPORT_EVERY` (page_mass
-costs up to ~5x a layer's decode at small batch and long context on the H100, see
-benchmarks/results; sampled so, under 5% of a step). On the other steps the worker zeroes the
-lengths page_mass sees, through a device flag, so the captured CUDA graphs stay the same.
+Fused into decode and sampled: on two layers, `paged_decode`'s hi pass also leaves the
+log-sum-exp of every slab of a hi page it reads (and each head's final one), and `page_mass`
+turns them into every hi page's probability mass, added into one fp32 entry per physical block
+without reading a key again. The report goes to the scheduler on one decode step out of
+`REPORT_EVERY` (the host copy and the tensor-parallel all-reduce are what cost); on the other
+steps the worker zeroes the lengths page_mass sees, through a device flag, so the captured CUDA
+graphs stay the same.
 Indexing by block id needs no row -> request map on the GPU; the scheduler knows which request
 owns which block. After a measured step the worker sums the buffer over tensor-parallel ranks,
 copies it to the host without stalling the stream and zeroes it; the copy rides to the
@@ -33,9 +34,15 @@ class PageMassMeter:
 
     def __init__(self, num_blocks: int, max_rows: int, num_q_heads: int,
                  num_kv_heads: int, num_sampled_layers: int, tp_size: int,
-                 device: torch.device) -> None:
+                 block_size: int, head_dim: int, device: torch.device) -> None:
+        from mikv_vllm.ops import slabs_per_block
+
         self.mass = torch.zeros(num_blocks, dtype=torch.float32, device=device)
         self.lse = torch.zeros(max_rows, num_q_heads, dtype=torch.float32, device=device)
+        # Written by paged_decode for the pages it reads, read by page_mass for the same pages
+        # within the step (shared by the sampled layers, which run one after the other).
+        self.slab_lse = torch.zeros(num_blocks, slabs_per_block(block_size, head_dim),
+                                    num_q_heads, dtype=torch.float32, device=device)
         # Average over every KV head of the model (all ranks) and the sampled layers, so one
         # step's masses of a request sum to at most 1.
         self.weight = 1.0 / (num_kv_heads * tp_size * num_sampled_layers)

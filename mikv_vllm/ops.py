@@ -11,6 +11,12 @@ import torch
 from mikv_vllm.layout import PageLayout
 
 MAX_SPLITS = 64
+SLAB_ELEMS = 1024  # a hi-pass slab holds SLAB_ELEMS // head_dim rows (csrc/paged_decode.cu)
+
+
+def slabs_per_block(block_size: int, head_dim: int) -> int:
+    """Slabs of a hi page for which paged_decode leaves a log-sum-exp (`slab_lse`)."""
+    return block_size * head_dim // SLAB_ELEMS
 
 
 class KernelsUnavailableError(ImportError):
@@ -48,14 +54,17 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                  value_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
                  num_splits: int = 1, layout: PageLayout | None = None,
-                 lse: torch.Tensor | None = None) -> torch.Tensor:
+                 lse: torch.Tensor | None = None,
+                 slab_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query token per sequence over its hi and lo pages.
 
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
     (any strides but the last; fp8 caches as uint8 or float8_e4m3fn with k/v_scale);
     block_table: [seqs, pages] int32, block ids for hi pages and `mikv_vllm.layout.encode_lo` codes for
     lo pages; seq_lens: [seqs] int32. With `lse` (fp32 [seqs, q_heads]) it also leaves each
-    head's softmax normaliser (log2 domain), which `page_mass` needs."""
+    head's softmax normaliser (log2 domain), and with `slab_lse` (fp32 [num_blocks,
+    slabs_per_block, q_heads]) the same over each slab of every hi page it reads: what
+    `page_mass` turns into page masses."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
                          f"{tuple(query.shape)} and {tuple(key_cache.shape)}")
@@ -69,25 +78,27 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     load_kernels()
     torch.ops.mikv.paged_decode(out, query, key_cache, value_cache, block_table, seq_lens,
                                 float(scale), float(k_scale), float(v_scale), int(num_splits),
-                                *_lo_args(layout, query.shape[-1]), lse)
+                                *_lo_args(layout, query.shape[-1]), lse, slab_lse)
     return out
 
 
-def page_mass(mass: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
-              block_table: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor,
-              scale: float, k_scale: float = 1.0, weight: float = 1.0) -> torch.Tensor:
+def page_mass(mass: torch.Tensor, slab_lse: torch.Tensor, block_table: torch.Tensor,
+              seq_lens: torch.Tensor, lse: torch.Tensor, block_size: int, num_kv_heads: int,
+              weight: float = 1.0) -> torch.Tensor:
     """Add each hi page's attention mass of one decode step into `mass[block]` (fp32, one entry
     per cache block): the page's softmax probabilities summed over its tokens, averaged over the
-    query heads of a KV head, times `weight`. `lse` comes from `paged_decode(..., lse=lse)` on
-    the same query and cache; the scores are recomputed from the keys (lo pages are skipped)."""
-    if mass.dtype != torch.float32 or mass.dim() != 1 or mass.numel() < key_cache.shape[0]:
+    query heads of a KV head, times `weight`. `lse` and `slab_lse` come from
+    `paged_decode(..., lse=lse, slab_lse=slab_lse)` of the same step; no key is read again and
+    lo pages are skipped."""
+    if mass.dtype != torch.float32 or mass.dim() != 1 or mass.numel() < slab_lse.shape[0]:
         raise ValueError("page_mass: mass must be fp32 [num_blocks]")
-    if query.dim() != 3 or key_cache.dim() != 4 or query.shape[-1] != key_cache.shape[-1]:
-        raise ValueError(f"page_mass: query {tuple(query.shape)} does not fit cache "
-                         f"{tuple(key_cache.shape)}")
+    if slab_lse.dim() != 3 or lse.dim() != 2 or lse.shape[1] != slab_lse.shape[2]:
+        raise ValueError(f"page_mass: lse {tuple(lse.shape)} and slab_lse "
+                         f"{tuple(slab_lse.shape)} do not fit ([seqs, q_heads], "
+                         "[num_blocks, slabs, q_heads])")
     load_kernels()
-    torch.ops.mikv.page_mass(mass, query, key_cache, block_table, seq_lens, lse, float(scale),
-                             float(k_scale), float(weight))
+    torch.ops.mikv.page_mass(mass, slab_lse, block_table, seq_lens, lse, int(block_size),
+                             int(num_kv_heads), float(weight))
     return mass
 
 

@@ -61,7 +61,8 @@ class MikvWorker(Worker):
             num_blocks=num_blocks, max_rows=max(sched.max_num_seqs, sched.max_num_batched_tokens),
             num_q_heads=model.get_num_attention_heads(parallel),
             num_kv_heads=model.get_num_kv_heads(parallel), num_sampled_layers=len(chosen),
-            tp_size=parallel.tensor_parallel_size, device=self.device)
+            tp_size=parallel.tensor_parallel_size, block_size=self.lo_layout.block_size,
+            head_dim=self.lo_layout.head_size, device=self.device)
         for i in chosen:
             layers[i].impl.mass_meter = self.mass_meter
 

@@ -14,8 +14,11 @@ def test_sampled_layers_are_two_inner_layers():
 
 def test_page_mass_sees_lengths_only_on_measured_steps():
     meter = PageMassMeter(num_blocks=10, max_rows=4, num_q_heads=8, num_kv_heads=2,
-                          num_sampled_layers=2, tp_size=2, device=torch.device("cpu"))
+                          num_sampled_layers=2, tp_size=2, block_size=16, head_dim=128,
+                          device=torch.device("cpu"))
     assert meter.weight == 1 / 8
+    # one log-sum-exp per slab of 8 rows (1024 / head_dim) and query head, per block
+    assert meter.slab_lse.shape == (10, 2, 8)
     lens = torch.tensor([5, 17, 0], dtype=torch.int32)
     measured = []
     for step in range(1, 3 * REPORT_EVERY + 1):

@@ -71,11 +71,12 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
                              md.decode_block_table, md.decode_seq_lens, self.scale,
                              layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
-                             self.layout, lse=None if meter is None else meter.lse[:nd])
+                             self.layout, lse=None if meter is None else meter.lse[:nd],
+                             slab_lse=None if meter is None else meter.slab_lse)
             if meter is not None:
-                ops.page_mass(meter.mass, query[:nd], key_cache, md.decode_block_table,
-                              meter.lengths(md.decode_seq_lens), meter.lse[:nd], self.scale,
-                              layer._k_scale_float, meter.weight)
+                ops.page_mass(meter.mass, meter.slab_lse, md.decode_block_table,
+                              meter.lengths(md.decode_seq_lens), meter.lse[:nd],
+                              self.layout.block_size, self.num_kv_heads, meter.weight)
         if md.num_prefill_tokens:
             self._prefill(layer, query[nd:md.num_actual_tokens], key_cache, value_cache,
                           output[nd:md.num_actual_tokens], md)

@@ -1,5 +1,5 @@
-"""Per-page attention mass (decode kernel lse + page_mass over the keys, GPU only) against the
-torch reference."""
+"""Per-page attention mass (slab log-sum-exps fused into the decode kernel, then page_mass)
+against the torch reference."""
 from __future__ import annotations
 
 import math
@@ -14,11 +14,12 @@ from mikv_vllm.quant import quantize_page
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize("group,head_dim", [(4, 128), (1, 64), (8, 128)])
-def test_page_mass_matches_reference(splits, group, head_dim):
-    gen = torch.Generator().manual_seed(splits * 100 + group + head_dim)
-    bs, heads, seqs = 16, 2, 3
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (1, 64), (8, 128), (16, 128), (2, 256)])
+def test_page_mass_matches_reference(bs, splits, group, head_dim):
+    gen = torch.Generator().manual_seed(splits * 100 + group + head_dim + bs)
+    heads, seqs = 2, 3
     layout = PageLayout(bs, heads, head_dim, 2)
     n = layout.pack_factor
     lens = torch.tensor([300, 17, 160])
@@ -44,10 +45,17 @@ def test_page_mass_matches_reference(splits, group, head_dim):
     q = torch.randn(seqs, heads * group, head_dim, generator=gen).to(torch.bfloat16).cuda()
     scale = 1 / math.sqrt(head_dim)
     lse = torch.full((seqs, heads * group), float("nan"), device="cuda")
+    # NaN poison: page_mass must read only the slabs the decode kernel wrote.
+    slab_lse = torch.full((num_blocks, ops.slabs_per_block(bs, head_dim), heads * group),
+                          float("nan"), device="cuda")
     out = torch.empty_like(q)
-    ops.paged_decode(out, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout, lse)
+    ops.paged_decode(out, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout, lse,
+                     slab_lse)
     mass = torch.zeros(num_blocks, device="cuda")
-    ops.page_mass(mass, q, k, table_d, lens_d, lse, scale, weight=1.0 / heads)
+    ops.page_mass(mass, slab_lse, table_d, lens_d, lse, bs, heads, weight=1.0 / heads)
+    plain = torch.empty_like(q)  # the importance output leaves attention unchanged
+    ops.paged_decode(plain, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout)
+    assert torch.equal(plain, out)
 
     want = torch.zeros(num_blocks)
     k_all, v_all = reference.cache_to_float(k).cpu(), reference.cache_to_float(v).cpu()
@@ -59,4 +67,33 @@ def test_page_mass_matches_reference(splits, group, head_dim):
             for p, m in enumerate(reference.page_mass(probs, bs).tolist()):
                 if table[i, p] >= 0:
                     want[table[i, p]] += m / heads
+    assert torch.isfinite(mass).all()
     assert torch.allclose(mass.cpu(), want, atol=2e-3), (mass.cpu() - want).abs().max()
+
+
+def test_all_hi_masses_sum_to_one():
+    gen = torch.Generator().manual_seed(7)
+    bs, heads, group, d = 16, 4, 4, 128
+    lens = [1000, 33, 517, 16]
+    pages = [-(-n // bs) for n in lens]
+    num_blocks = sum(pages) + 1
+    k = torch.randn(num_blocks, bs, heads, d, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(num_blocks, bs, heads, d, generator=gen).to(torch.bfloat16).cuda()
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 unused
+    table = torch.zeros(len(lens), max(pages), dtype=torch.int32)
+    owner = torch.full((num_blocks,), -1)
+    for i, p in enumerate(pages):
+        for j in range(p):
+            table[i, j] = perm.pop()
+            owner[table[i, j]] = i
+    q = torch.randn(len(lens), heads * group, d, generator=gen).to(torch.bfloat16).cuda()
+    lse = torch.empty(len(lens), heads * group, device="cuda")
+    slab_lse = torch.full((num_blocks, ops.slabs_per_block(bs, d), heads * group), float("nan"),
+                          device="cuda")
+    lens_d, table_d = torch.tensor(lens, dtype=torch.int32).cuda(), table.cuda()
+    ops.paged_decode(torch.empty_like(q), q, k, v, table_d, lens_d, d ** -0.5, num_splits=3,
+                     lse=lse, slab_lse=slab_lse)
+    mass = torch.zeros(num_blocks, device="cuda")
+    ops.page_mass(mass, slab_lse, table_d, lens_d, lse, bs, heads, weight=1.0 / heads)
+    per_seq = torch.zeros(len(lens)).index_add_(0, owner[1:], mass.cpu()[1:])
+    assert torch.allclose(per_seq, torch.ones(len(lens)), atol=1e-4), per_seq
