@@ -32,6 +32,10 @@
 #   4. carry gguf.part_c (cp to /tmp/models): this script: setup greedy verify serve (~9 min;
 #      setup assembles the GGUF once the 4 parts are there)
 #   5. E2E_B_KV=fp8 E2E_B_N=64 this script: e2e_b                               (~3.5 min)
+#   2026-12-02 (H200): .bundle1 (44 MB) + gguf.part_a + the other 7 pieces is over 64 MiB:
+#   leave gguf.part_a for a later call. One `sweep` call holds about two kv dtypes (a server
+#   starts in ~3 min): SWEEP_ARGS="--kv auto fp8 --rates 4 16 inf --num-prompts 128
+#   --gpu-util 0.35", then --kv mikv in the next call (benchmarks/results/2026-12-02-h200/).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.

@@ -26,9 +26,9 @@ MAX_TOKENS = 4 << 20  # batch * ctx cap: one layer's bf16 cache stays under ~16 
 
 
 def step_overhead(layer_overhead: float, num_layers: int = 32) -> float:
-    """Page mass's share of a decode step of a `num_layers` model: the slab log-sum-exps and
-    page_mass run on `sampled_layers(num_layers)` only, on every step (CUDA graphs; page_mass
-    sees zero lengths on all but one step in REPORT_EVERY, so this is an upper bound)."""
+    """Page mass's share of a measured decode step of a `num_layers` model: the slab output and
+    page_mass run on `sampled_layers(num_layers)` only (and on one step in REPORT_EVERY; the
+    others pay `us_with_slab_gate_off`)."""
     return layer_overhead * len(sampled_layers(num_layers)) / num_layers
 
 
@@ -113,6 +113,10 @@ def run(args) -> list[dict]:
                     rows[-1]["us_with_slab_lse"] = bench(lambda: ops.paged_decode(
                         out, q, k, v, table, lens, scale, 1.0, 1.0, splits, layout, lse,
                         slab_lse))
+                    gate = torch.zeros(1, dtype=torch.int32, device="cuda")  # unmeasured step
+                    rows[-1]["us_with_slab_gate_off"] = bench(lambda: ops.paged_decode(
+                        out, q, k, v, table, lens, scale, 1.0, 1.0, splits, layout, lse,
+                        slab_lse, gate))
                     rows[-1]["us_with_page_mass"] = us_mass
                     rows[-1]["page_mass_overhead_layer"] = us_mass / us - 1
                     rows[-1]["page_mass_overhead_step"] = step_overhead(us_mass / us - 1)

@@ -33,7 +33,9 @@ def main() -> None:
                             ha="center", va="bottom", fontsize=8)
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xticks(range(len(these)), labels, fontsize=7)
-            ax.set_title(f"{workload}: {title} (x auto)", fontsize=9)
+            device = these[0].get("device", "")
+            ax.set_title(f"{workload.replace(', ', chr(10))}\n{device}: {title} (x auto)",
+                         fontsize=8)
     fig.tight_layout()
     out = os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=120)

@@ -327,7 +327,8 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
                     float* __restrict__ part_acc, float* __restrict__ part_ml,
                     int num_q_heads, int group, int head_chunks, int block_size,
                     float scale_log2, float k_scale, float v_scale, const LoLayout lo,
-                    float* __restrict__ lse, float* __restrict__ slab_lse) {
+                    float* __restrict__ lse, float* __restrict__ slab_lse,
+                    const int32_t* __restrict__ slab_gate) {
   constexpr int LPT = D / kElems;   // lanes per token row
   constexpr int SUBS = 32 / LPT;    // rows per warp per step
   using vec_t = typename RowVec<kv_t>::type;
@@ -342,6 +343,9 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   const int sub = lane / LPT;
   const int sl = lane % LPT;
 
+  // The slab output only where asked and, with a gate (a device flag, so CUDA graphs stay the
+  // same), only on the steps that measure importance: it costs the hi pass up to ~18%.
+  const bool write_slabs = slab_lse != nullptr && (slab_gate == nullptr || *slab_gate != 0);
   const int h0 = kvh * group + chunk * MAX_G;                 // first query head of this CTA
   const int ng = min(MAX_G, group - chunk * MAX_G);           // query heads of this CTA
 
@@ -443,7 +447,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     }
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) l[g] += slab_sum[g];
-    if (slab_lse != nullptr && slab < t_end)
+    if (write_slabs && slab < t_end)
       write_slab_lse<LPT, MAX_G>(m, slab_sum, slab_lse, entry, slab, block_size, kSlab,
                                  num_q_heads, h0, ng);
   }
@@ -555,7 +559,7 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
       a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
       a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale,
-      a.lo, a.lse, a.slab_lse);
+      a.lo, a.lse, a.slab_lse, a.slab_gate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
     decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
@@ -619,7 +623,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
                   int64_t lo_group, const std::optional<torch::Tensor>& lse,
-                  const std::optional<torch::Tensor>& slab_lse) {
+                  const std::optional<torch::Tensor>& slab_lse,
+                  const std::optional<torch::Tensor>& slab_gate) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
   // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
@@ -687,6 +692,12 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                     slab_lse->size(1) == slabs && slab_lse->size(2) == a.num_q_heads,
                 "slab_lse must be fp32 contiguous [num_blocks, ", slabs, ", ", a.num_q_heads, "]");
     a.slab_lse = slab_lse->data_ptr<float>();
+  }
+  if (slab_gate.has_value()) {
+    TORCH_CHECK(slab_lse.has_value() && slab_gate->is_cuda() &&
+                    slab_gate->scalar_type() == at::kInt && slab_gate->numel() >= 1,
+                "slab_gate must be a CUDA int32 flag, given with slab_lse");
+    a.slab_gate = slab_gate->data_ptr<int32_t>();
   }
 
   const at::cuda::OptionalCUDAGuard guard(device_of(query));

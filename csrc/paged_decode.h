@@ -35,6 +35,7 @@ struct DecodeArgs {
   LoLayout lo;
   float* lse = nullptr;     // optional [seqs, q_heads]: log2 of each head's softmax sum
   float* slab_lse = nullptr;  // optional [blocks, block / slab rows, q_heads]: the same per slab
+  const int32_t* slab_gate = nullptr;  // optional device flag: write slab_lse only when nonzero
 };
 
 // The lo-page layout of a layer whose keys are `key_cache` ([blocks, block, heads, D] view).
@@ -46,7 +47,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
                   int64_t lo_group, const std::optional<torch::Tensor>& lse,
-                  const std::optional<torch::Tensor>& slab_lse);
+                  const std::optional<torch::Tensor>& slab_lse,
+                  const std::optional<torch::Tensor>& slab_gate);
 
 // Adds each hi page's attention mass of one decode step to `mass[block]`, from the slab
 // log-sum-exps paged_decode left and the step's `lse` (csrc/page_mass.cu).

@@ -10,7 +10,7 @@ TORCH_LIBRARY(mikv, m) {
       "paged_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, float scale, float k_scale, float v_scale, "
       "int num_splits, int lo_pack_factor, int lo_bits, int lo_group, Tensor(b!)? lse=None, "
-      "Tensor(c!)? slab_lse=None) -> ()");
+      "Tensor(c!)? slab_lse=None, Tensor? slab_gate=None) -> ()");
   m.def(
       "page_mass(Tensor(a!) mass, Tensor slab_lse, Tensor block_table, Tensor seq_lens, "
       "Tensor lse, int block_size, int num_kv_heads, float weight) -> ()");

@@ -5,9 +5,9 @@ Fused into decode and sampled: on two layers, `paged_decode`'s hi pass also leav
 log-sum-exp of every slab of a hi page it reads (and each head's final one), and `page_mass`
 turns them into every hi page's probability mass, added into one fp32 entry per physical block
 without reading a key again. The report goes to the scheduler on one decode step out of
-`REPORT_EVERY` (the host copy and the tensor-parallel all-reduce are what cost); on the other
-steps the worker zeroes the lengths page_mass sees, through a device flag, so the captured CUDA
-graphs stay the same.
+`REPORT_EVERY`; on the other steps a device flag turns the slab output off and zeroes the
+lengths page_mass sees, so the captured CUDA graphs stay the same and only measured steps pay
+(the slab output costs the hi pass up to ~18% on the H200, see benchmarks/results).
 Indexing by block id needs no row -> request map on the GPU; the scheduler knows which request
 owns which block. After a measured step the worker sums the buffer over tensor-parallel ranks,
 copies it to the host without stalling the stream and zeroes it; the copy rides to the
@@ -46,7 +46,8 @@ class PageMassMeter:
         # Average over every KV head of the model (all ranks) and the sampled layers, so one
         # step's masses of a request sum to at most 1.
         self.weight = 1.0 / (num_kv_heads * tp_size * num_sampled_layers)
-        # 1 on measured steps, 0 otherwise: page_mass reads seq_lens * active.
+        # 1 on measured steps, 0 otherwise: page_mass reads seq_lens * active, and the decode
+        # kernel writes slab_lse only while it is 1 (its slab_gate).
         self.active = torch.zeros(1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.steps = 0

@@ -55,7 +55,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                  scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
                  num_splits: int = 1, layout: PageLayout | None = None,
                  lse: torch.Tensor | None = None,
-                 slab_lse: torch.Tensor | None = None) -> torch.Tensor:
+                 slab_lse: torch.Tensor | None = None,
+                 slab_gate: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query token per sequence over its hi and lo pages.
 
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
@@ -64,7 +65,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     lo pages; seq_lens: [seqs] int32. With `lse` (fp32 [seqs, q_heads]) it also leaves each
     head's softmax normaliser (log2 domain), and with `slab_lse` (fp32 [num_blocks,
     slabs_per_block, q_heads]) the same over each slab of every hi page it reads: what
-    `page_mass` turns into page masses."""
+    `page_mass` turns into page masses. `slab_gate` (CUDA int32 [1]) writes slab_lse only
+    while it holds a nonzero value, so a captured graph pays for it on measured steps only."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
                          f"{tuple(query.shape)} and {tuple(key_cache.shape)}")
@@ -78,7 +80,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     load_kernels()
     torch.ops.mikv.paged_decode(out, query, key_cache, value_cache, block_table, seq_lens,
                                 float(scale), float(k_scale), float(v_scale), int(num_splits),
-                                *_lo_args(layout, query.shape[-1]), lse, slab_lse)
+                                *_lo_args(layout, query.shape[-1]), lse, slab_lse, slab_gate)
     return out
 
 

@@ -72,7 +72,8 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
                              md.decode_block_table, md.decode_seq_lens, self.scale,
                              layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
                              self.layout, lse=None if meter is None else meter.lse[:nd],
-                             slab_lse=None if meter is None else meter.slab_lse)
+                             slab_lse=None if meter is None else meter.slab_lse,
+                             slab_gate=None if meter is None else meter.active)
             if meter is not None:
                 ops.page_mass(meter.mass, meter.slab_lse, md.decode_block_table,
                               meter.lengths(md.decode_seq_lens), meter.lse[:nd],

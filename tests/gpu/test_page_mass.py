@@ -97,3 +97,29 @@ def test_all_hi_masses_sum_to_one():
     ops.page_mass(mass, slab_lse, table_d, lens_d, lse, bs, heads, weight=1.0 / heads)
     per_seq = torch.zeros(len(lens)).index_add_(0, owner[1:], mass.cpu()[1:])
     assert torch.allclose(per_seq, torch.ones(len(lens)), atol=1e-4), per_seq
+
+
+def test_slab_gate_turns_the_slab_output_off():
+    gen = torch.Generator().manual_seed(11)
+    bs, heads, group, d, n = 16, 2, 4, 128, 300
+    pages = -(-n // bs)
+    k = torch.randn(pages, bs, heads, d, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(pages, bs, heads, d, generator=gen).to(torch.bfloat16).cuda()
+    table = torch.arange(pages, dtype=torch.int32).reshape(1, -1).cuda()
+    lens = torch.tensor([n], dtype=torch.int32).cuda()
+    q = torch.randn(1, heads * group, d, generator=gen).to(torch.bfloat16).cuda()
+    lse = torch.empty(1, heads * group, device="cuda")
+    shape = (pages, ops.slabs_per_block(bs, d), heads * group)
+    ungated, gated = torch.full(shape, float("nan"), device="cuda"), \
+        torch.full(shape, float("nan"), device="cuda")
+    gate = torch.zeros(1, dtype=torch.int32, device="cuda")
+    outs = [torch.empty_like(q) for _ in range(3)]
+    ops.paged_decode(outs[0], q, k, v, table, lens, d ** -0.5, lse=lse, slab_lse=ungated)
+    ops.paged_decode(outs[1], q, k, v, table, lens, d ** -0.5, lse=lse, slab_lse=gated,
+                     slab_gate=gate)
+    assert torch.isnan(gated).all()  # gate 0: nothing written
+    gate.fill_(1)
+    ops.paged_decode(outs[2], q, k, v, table, lens, d ** -0.5, lse=lse, slab_lse=gated,
+                     slab_gate=gate)
+    assert torch.equal(gated, ungated)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
