@@ -76,7 +76,7 @@ stage_setup() {
 }
 
 stage_kernels() {
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py 2>&1 | tee "$OUT/kernels.log" | tail -15
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py tests/gpu/test_split_decode.py 2>&1 | tee "$OUT/kernels.log" | tail -15
   if [ "${PIPESTATUS[0]}" != 0 ] && ls .whl_fallback/mikv_vllm-*.whl >/dev/null 2>&1; then
     # A kernel change that fails its tests must not measure anything: back to the carried
     # last-known-good build (same op schemas) for the stages that follow.

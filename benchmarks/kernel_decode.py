@@ -66,6 +66,28 @@ def make_case(batch, ctx, head_dim, gqa, hi_fraction, fp8_hi, layout):
     return q, k, v, table, lens, lo_pages, pages
 
 
+def split_step(q, k, v, table, lens, scale, splits, layout, ctx, fa_utils):
+    """One decode of the split_decode knob: FlashAttention over the hi pages, the mikv kernel
+    over the lo pages, merged (the tables are split outside the timed call, as the metadata
+    builder does once per step for all layers)."""
+    from mikv_vllm.attention.split_decode import SplitTables, merge
+
+    hi_t, hi_lens, lo_t, lo_lens = SplitTables(*table.shape, q.device).fill(table, lens, BLOCK)
+    cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device="cuda")
+    lo_out, merged = torch.empty_like(q), torch.empty_like(q)
+    lo_lse = torch.empty(q.shape[0], q.shape[1], device="cuda")
+
+    def step():
+        hi_out, hi_lse = fa_utils.flash_attn_varlen_func(
+            q=q, k=k, v=v, out=None, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=hi_lens,
+            max_seqlen_k=ctx, softmax_scale=scale, causal=True, block_table=hi_t,
+            return_softmax_lse=True, fa_version=fa_utils.get_flash_attn_version())
+        ops.paged_decode(lo_out, q, k, v, lo_t, lo_lens, scale, 1.0, 1.0, splits, layout,
+                         lo_lse)
+        merge(merged, hi_out, hi_lse, lo_out, lo_lse)
+    return step
+
+
 def bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, hi_elem, layout) -> int:
     hi_rows = (pages - lo_pages) * BLOCK
     kv = batch * (hi_rows * KV_HEADS * 2 * head_dim * hi_elem + lo_pages * layout.lo_page_bytes)
@@ -120,6 +142,13 @@ def run(args) -> list[dict]:
                     rows[-1]["us_with_page_mass"] = us_mass
                     rows[-1]["page_mass_overhead_layer"] = us_mass / us - 1
                     rows[-1]["page_mass_overhead_step"] = step_overhead(us_mass / us - 1)
+                if args.split and not fp8_hi:  # the split_decode knob's path
+                    us_split = bench(split_step(q, k, v, table, lens, scale, splits, layout,
+                                                ctx, fa_utils))
+                    rows.append(dict(rows[-1], kernel="mikv_split_bf16hi", us=us_split,
+                                     gbps=b / us_split / 1e3, frac_of_hbm=b / us_split / 1e3 / hbm))
+                    for f in [f for f in rows[-1] if f.startswith(("us_with", "page_mass"))]:
+                        del rows[-1][f]
                 if hi == 1.0:  # FlashAttention on the same all-hi cache
                     kf, vf = (k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)) \
                         if fp8_hi else (k, v)
@@ -149,12 +178,13 @@ def plot(rows: list[dict], path: str) -> None:
     fa = {(r["batch"], r["ctx"], r["gqa"]): r["us"] for r in rows
           if r["kernel"] == "flash_attn_bf16"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for hi in sorted({r["hi_fraction"] for r in rows}, reverse=True):
-        pts = sorted((r["ctx"], fa[(r["batch"], r["ctx"], r["gqa"])] / r["us"]) for r in rows
-                     if r["kernel"] == "mikv_bf16hi" and r["hi_fraction"] == hi
-                     and r["batch"] == 16 and r["gqa"] == 4 and (16, r["ctx"], 4) in fa)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"mikv, {hi:.0%} hi")
+    for kernel, name, style in (("mikv_bf16hi", "mikv", "-"), ("mikv_split_bf16hi", "split", "--")):
+        for i, hi in enumerate(sorted({r["hi_fraction"] for r in rows}, reverse=True)):
+            pts = sorted((r["ctx"], fa[(r["batch"], r["ctx"], r["gqa"])] / r["us"]) for r in rows
+                         if r["kernel"] == kernel and r["hi_fraction"] == hi
+                         and r["batch"] == 16 and r["gqa"] == 4 and (16, r["ctx"], 4) in fa)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{name}, {hi:.0%} hi")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context tokens (batch 16, GQA 4, head_dim 128)")
     ax.set_ylabel("speedup vs FlashAttention bf16 decode")
@@ -173,6 +203,8 @@ def main() -> None:
     p.add_argument("--gqa", type=int, nargs="+", default=[4, 8])
     p.add_argument("--no-mass", dest="mass", action="store_false",
                    help="skip timing the page-mass output")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="skip timing the split_decode path (bf16 hi only)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     rows = run(args)

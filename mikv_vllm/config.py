@@ -37,6 +37,9 @@ class MikvConfig:
     value_group_size: int = 64
     # MiKV outlier balancing of key channels before quantization (measured not to pay).
     outlier_balancing: bool = False
+    # Experimental: decode hi pages with vLLM's FlashAttention and only lo pages with the mikv
+    # kernel, merged by log-sum-exp (mikv_vllm/attention/split_decode.py). Not yet measured.
+    split_decode: bool = False
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "MikvConfig":
@@ -94,6 +97,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "hi_budget": (float, int, type(None)),
     "value_group_size": (int,),
     "outlier_balancing": (bool,),
+    "split_decode": (bool,),
 }
 
 

@@ -108,3 +108,31 @@ def test_num_splits_depends_on_batch_shape_only(builder):
     a = builder.build(0, common_metadata(query_lens=[1, 1], seq_lens=[5, 900]))
     b = builder.build(0, common_metadata(query_lens=[1, 1], seq_lens=[700, 2]))
     assert a.decode_num_splits == b.decode_num_splits
+
+
+def test_split_decode_knob_fills_persistent_hi_and_lo_tables(tiny_llama):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    config = EngineArgs(model=tiny_llama, kv_cache_dtype="mikv", worker_cls=GPU_WORKER,
+                        block_size=16, additional_config={"mikv": {"split_decode": True}}
+                        ).create_engine_config()
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    builder = MikvMetadataBuilder(spec, [LAYER], config, torch.device("cpu"))
+    cm = common_metadata(query_lens=[1, 1, 5], seq_lens=[40, 17, 5])
+    cm.block_table_tensor[0, 1] = -9  # the first decode's second page is lo
+    md = builder.build(0, cm)
+    s = md.split
+    assert s is not None and s.max_seq_len == 40
+    assert s.hi_table.shape[0] == 2 and s.hi_table.data_ptr() == builder.split_tables.hi_table.data_ptr()
+    assert s.hi_table[0, :2].tolist() == [1, 3] and s.lo_table[0, :1].tolist() == [-9]
+    assert s.hi_lens.tolist() == [24, 17] and s.lo_lens.tolist() == [16, 0]
+    assert s.query_start_loc.tolist() == [0, 1, 2]
+    assert s.fa_splits >= 0
+    again = builder.build(0, cm)  # the next step writes the same buffers
+    assert again.split.lo_table.data_ptr() == s.lo_table.data_ptr()
+
+
+def test_split_decode_is_off_by_default(builder):
+    assert builder.split_tables is None
+    assert builder.build(0, common_metadata(query_lens=[1], seq_lens=[10])).split is None

@@ -6,6 +6,7 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from mikv_vllm import ops
+from mikv_vllm.attention import split_decode
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.attention.metadata import MikvAttentionMetadata
 from mikv_vllm.config import MikvConfig
@@ -66,7 +67,9 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         if self.layout is None:
             self.layout = cache_layout(key_cache, self.mikv.lo_bits, self.mikv.value_group_size)
         nd = md.num_decodes
-        if nd:
+        if nd and md.split is not None and self.mass_meter is None:
+            self._split_decode(layer, query[:nd], key_cache, value_cache, output[:nd], md)
+        elif nd:
             meter = self.mass_meter
             ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
                              md.decode_block_table, md.decode_seq_lens, self.scale,
@@ -84,6 +87,30 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         return output
 
     def _prefill(self, layer, query, key_cache, value_cache, output, md) -> None:
+        self._flash(layer, query, key_cache, value_cache, output, md.prefill_query_start_loc,
+                    md.prefill_max_query_len, md.prefill_seq_lens, md.prefill_max_seq_len,
+                    md.prefill_block_table, md.num_prefills)
+
+    def _split_decode(self, layer, query, key_cache, value_cache, output, md) -> None:
+        """Hi pages through FlashAttention, lo pages through the mikv kernel, then merged
+        (mikv_vllm/attention/split_decode.py); layers that measure importance keep the fused
+        kernel, whose hi pass leaves the slab log-sum-exps."""
+        s = md.split
+        hi_out, hi_lse = self._flash(
+            layer, query, key_cache, value_cache, None, s.query_start_loc, 1, s.hi_lens,
+            s.max_seq_len, s.hi_table, md.num_decodes, return_lse=True, num_splits=s.fa_splits)
+        lo_out = torch.empty_like(query)
+        lo_lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32,
+                             device=query.device)
+        ops.paged_decode(lo_out, query, key_cache, value_cache, s.lo_table, s.lo_lens,
+                         self.scale, layer._k_scale_float, layer._v_scale_float,
+                         md.decode_num_splits, self.layout, lse=lo_lse)
+        split_decode.merge(output, hi_out, hi_lse, lo_out, lo_lse)
+
+    def _flash(self, layer, query, key_cache, value_cache, output, query_start_loc,
+               max_query_len, seq_lens, max_seq_len, block_table, num_seqs,
+               return_lse=False, num_splits=0):
+        """vLLM's FlashAttention over hi pages of the cache (fp8 caches with vLLM's scales)."""
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         descale = {}
@@ -91,15 +118,16 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             fp8 = torch.float8_e4m3fn
             key_cache, value_cache = key_cache.view(fp8), value_cache.view(fp8)
             query = (query / layer._q_scale_float).clamp_(-FP8_MAX, FP8_MAX).to(fp8)
-            shape = (md.num_prefills, self.num_kv_heads)
+            shape = (num_seqs, self.num_kv_heads)
             descale = {"q_descale": layer._q_scale.expand(shape),
                        "k_descale": layer._k_scale.expand(shape),
                        "v_descale": layer._v_scale.expand(shape)}
-        flash_attn_varlen_func(
+        return flash_attn_varlen_func(
             q=query, k=key_cache, v=value_cache, out=output,
-            cu_seqlens_q=md.prefill_query_start_loc, max_seqlen_q=md.prefill_max_query_len,
-            seqused_k=md.prefill_seq_lens, max_seqlen_k=md.prefill_max_seq_len,
-            softmax_scale=self.scale, causal=True, block_table=md.prefill_block_table,
+            cu_seqlens_q=query_start_loc, max_seqlen_q=max_query_len,
+            seqused_k=seq_lens, max_seqlen_k=max_seq_len,
+            softmax_scale=self.scale, causal=True, block_table=block_table,
+            return_softmax_lse=return_lse, num_splits=num_splits,
             fa_version=self.fa_version, **descale)
 
 

@@ -1,5 +1,7 @@
 """Per-step attention metadata: decodes (one query token each, first in the batch, as vLLM
-orders them) go to the mikv decode kernel, the rest to FlashAttention's varlen prefill."""
+orders them) go to the mikv decode kernel (or, with the `split_decode` knob, their hi pages to
+FlashAttention and their lo pages to the mikv kernel), the rest to FlashAttention's varlen
+prefill."""
 from __future__ import annotations
 
 import os
@@ -10,7 +12,21 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuil
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
+from mikv_vllm.attention.split_decode import SplitTables
+from mikv_vllm.config import MikvConfig
 from mikv_vllm.ops import decode_num_splits
+
+
+@dataclass
+class SplitDecodeMetadata:
+    """The decode rows' hi-only and lo-only tables (views of persistent buffers)."""
+    query_start_loc: torch.Tensor
+    hi_table: torch.Tensor
+    hi_lens: torch.Tensor
+    lo_table: torch.Tensor
+    lo_lens: torch.Tensor
+    max_seq_len: int
+    fa_splits: int  # FlashAttention's num_splits: a fixed bound under CUDA graphs, else 0
 
 
 @dataclass
@@ -30,6 +46,7 @@ class MikvAttentionMetadata:
     prefill_block_table: torch.Tensor | None
     prefill_max_query_len: int
     prefill_max_seq_len: int
+    split: SplitDecodeMetadata | None = None
 
 
 class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
@@ -49,6 +66,18 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
         self.group = model_config.get_num_attention_heads(parallel_config) // self.num_kv_heads
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if torch.device(device).type == "cuda" else 1)
+        self.split_tables: SplitTables | None = None
+        if MikvConfig.from_additional_config(vllm_config.additional_config).split_decode:
+            from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+            sched = vllm_config.scheduler_config
+            rows = max(sched.max_num_seqs,
+                       vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+            pages = -(-model_config.max_model_len // kv_cache_spec.block_size)
+            self.split_tables = SplitTables(rows, pages, torch.device(device))
+            full_graphs = self._cudagraph_support != AttentionCGSupport.NEVER
+            self.fa_splits = (vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
+                              if full_graphs and get_flash_attn_version() == 3 else 0)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MikvAttentionMetadata:
@@ -71,6 +100,13 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
             prefill_max_query_len=0,
             prefill_max_seq_len=0,
         )
+        if num_decodes and self.split_tables is not None:
+            hi_table, hi_lens, lo_table, lo_lens = self.split_tables.fill(
+                md.decode_block_table, md.decode_seq_lens, self.kv_cache_spec.block_size)
+            md.split = SplitDecodeMetadata(
+                query_start_loc=cm.query_start_loc[:num_decodes + 1], hi_table=hi_table,
+                hi_lens=hi_lens, lo_table=lo_table, lo_lens=lo_lens,
+                max_seq_len=cm.max_seq_len, fa_splits=self.fa_splits)
         if num_prefills:
             end = num_decodes + num_prefills
             md.prefill_query_start_loc = (cm.query_start_loc[num_decodes:end + 1]

@@ -1,0 +1,70 @@
+"""Split decode (knob `split_decode`): hi pages through vLLM's FlashAttention, lo pages through
+the mikv kernel, the two partial softmaxes merged by their log-sum-exps.
+
+Why it is exact: decode attention of one query token over a set of pages does not depend on the
+pages' order, and only a sequence's last page can be partly filled. A stable partition of each
+block-table row into its hi pages and its lo pages keeps that page last in its part, so each
+part is a valid paged sequence of its own (hi: `hi_lens` tokens for FlashAttention's
+`seqused_k`; lo: `lo_lens` tokens for the mikv kernel, which then skips its hi pass).
+
+The tables are split once per step by the metadata builder, into persistent buffers that the
+captured CUDA graphs read."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class SplitTables:
+    """Persistent hi-only and lo-only block tables and lengths of a step's decode rows."""
+
+    def __init__(self, max_rows: int, max_pages: int, device: torch.device) -> None:
+        self.hi_table = torch.zeros(max_rows, max_pages, dtype=torch.int32, device=device)
+        self.lo_table = torch.zeros_like(self.hi_table)
+        self.hi_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.lo_lens = torch.zeros_like(self.hi_lens)
+
+    def fill(self, block_table: torch.Tensor, seq_lens: torch.Tensor,
+             block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split `block_table` [rows, pages] (hi block ids >= 0, lo codes < 0) of sequences
+        `seq_lens` [rows]; returns views (hi_table, hi_lens, lo_table, lo_lens) of the buffers."""
+        rows, pages = block_table.shape
+        if rows > self.hi_table.shape[0] or pages > self.hi_table.shape[1]:
+            raise ValueError(f"split decode: table {tuple(block_table.shape)} exceeds the "
+                             f"buffers {tuple(self.hi_table.shape)}")
+        hi_table, lo_table = self.hi_table[:rows, :pages], self.lo_table[:rows, :pages]
+        hi_lens, lo_lens = self.hi_lens[:rows], self.lo_lens[:rows]
+        split_page_table(block_table, seq_lens, block_size, hi_table, hi_lens, lo_table, lo_lens)
+        return hi_table, hi_lens, lo_table, lo_lens
+
+
+def split_page_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                     hi_table: torch.Tensor, hi_lens: torch.Tensor, lo_table: torch.Tensor,
+                     lo_lens: torch.Tensor) -> None:
+    """Stable partition of each row's used pages into hi and lo, written into the given tensors
+    (table entries past a part's pages are 0 and never read). No host sync."""
+    rows, pages = block_table.shape
+    col = torch.arange(pages, device=block_table.device)
+    seq_lens = seq_lens.to(torch.int64)
+    used = col[None, :] < ((seq_lens + block_size - 1) // block_size)[:, None]
+    tokens = (seq_lens[:, None] - col[None, :] * block_size).clamp(0, block_size)
+    for part, table, lens in ((used & (block_table >= 0), hi_table, hi_lens),
+                              (used & (block_table < 0), lo_table, lo_lens)):
+        # Each entry of the part goes to its rank within the part; the rest to a spill column.
+        dest = torch.where(part, part.cumsum(1) - 1, pages)
+        spill = torch.zeros(rows, pages + 1, dtype=block_table.dtype, device=block_table.device)
+        spill.scatter_(1, dest, block_table)
+        table.copy_(spill[:, :pages])
+        lens.copy_((tokens * part).sum(1))
+
+
+def merge(out: torch.Tensor, hi_out: torch.Tensor, hi_lse: torch.Tensor, lo_out: torch.Tensor,
+          lo_lse_log2: torch.Tensor) -> None:
+    """out = the softmax-weighted merge of the hi part (FlashAttention's output and natural-log
+    lse [heads, rows]) and the lo part (the mikv kernel's output and log2 lse [rows, heads]);
+    an empty lo part has lse -inf and weight 0. vLLM's merge kernel does the arithmetic."""
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    lo_lse = (lo_lse_log2 * math.log(2.0)).t().contiguous()
+    merge_attn_states(out, hi_out, hi_lse, lo_out, lo_lse)
