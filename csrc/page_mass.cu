@@ -45,8 +45,9 @@ page_mass_kernel(const float* __restrict__ slab_lse, const int32_t* __restrict__
     for (int slab = 0; slab < slabs; ++slab) {
       for (int g = 0; g < group; ++g) {
         const float t = total[g], x = part[slab * num_q_heads + g];
-        // A slab's share is at most 1 (min guards fp32 rounding); empty heads give nothing.
-        if (t != -INFINITY && x != -INFINITY) acc += exp2f(fminf(x - t, 0.f));
+        // A slab's share is at most 1 (fp32 rounding can put it above); empty heads give
+        // nothing; a NaN stays NaN (an unwritten slab must not pass for a real one).
+        if (t != -INFINITY && x != -INFINITY) acc += x - t > 0.f ? 1.f : exp2f(x - t);
       }
     }
     atomicAdd(mass + entry, acc * weight / group);
@@ -65,15 +66,16 @@ void page_mass(torch::Tensor& mass, const torch::Tensor& slab_lse, const torch::
   TORCH_CHECK(mass.is_cuda() && mass.scalar_type() == at::kFloat && mass.is_contiguous() &&
                   mass.numel() >= slab_lse.size(0),
               "mass must be a contiguous CUDA fp32 tensor with one entry per cache block");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 2 &&
-                  lse.size(1) == slab_lse.size(2),
+  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.dim() == 2 && lse.size(1) == slab_lse.size(2),
               "lse must be fp32 contiguous [seqs, q_heads] (from paged_decode)");
   const int64_t num_seqs = lse.size(0), num_q_heads = lse.size(1);
   TORCH_CHECK(num_kv_heads >= 1 && num_q_heads % num_kv_heads == 0,
               "query heads must be a multiple of KV heads");
-  TORCH_CHECK(block_size >= 1 && block_size % slab_lse.size(1) == 0,
+  TORCH_CHECK(slab_lse.size(1) >= 1 && block_size >= 1 && block_size % slab_lse.size(1) == 0,
               "block_size must be a multiple of slab_lse's slabs per block");
-  TORCH_CHECK(block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+  TORCH_CHECK(block_table.is_cuda() && seq_lens.is_cuda() &&
+                  block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   block_table.stride(1) == 1 && block_table.size(0) >= num_seqs &&
                   seq_lens.size(0) >= num_seqs,
               "block_table/seq_lens must be int32 with a row per lse row");

@@ -687,7 +687,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   }
   if (slab_lse.has_value()) {
     const int slabs = a.block_size * a.head_dim / 1024;  // rows of a slab: 1024 / head_dim
-    TORCH_CHECK(slab_lse->scalar_type() == at::kFloat && slab_lse->is_contiguous() &&
+    TORCH_CHECK(slab_lse->is_cuda() && slab_lse->scalar_type() == at::kFloat &&
+                    slab_lse->is_contiguous() &&
                     slab_lse->dim() == 3 && slab_lse->size(0) >= key_cache.size(0) &&
                     slab_lse->size(1) == slabs && slab_lse->size(2) == a.num_q_heads,
                 "slab_lse must be fp32 contiguous [num_blocks, ", slabs, ", ", a.num_q_heads, "]");

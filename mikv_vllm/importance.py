@@ -9,9 +9,11 @@ without reading a key again. The report goes to the scheduler on one decode step
 lengths page_mass sees, so the captured CUDA graphs stay the same and only measured steps pay
 (the slab output costs the hi pass up to ~18% on the H200, see benchmarks/results).
 Indexing by block id needs no row -> request map on the GPU; the scheduler knows which request
-owns which block. After a measured step the worker sums the buffer over tensor-parallel ranks,
-copies it to the host without stalling the stream and zeroes it; the copy rides to the
-scheduler on the step's ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`)."""
+owns which block (a prefix-cache block that several decode rows share keeps the slab values of
+one of them, so its mass is approximate; shared blocks are never demoted). After a measured
+step the worker sums the buffer over tensor-parallel ranks, copies it to the host without
+stalling the stream and zeroes it; the copy rides to the scheduler on the step's
+ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`)."""
 from __future__ import annotations
 
 import numpy as np

@@ -102,3 +102,12 @@ def test_merged_parts_equal_attention_over_the_whole_map():
         w = (lse - torch.logsumexp(lse, 0)).exp()            # each part's softmax share
         merged = sum(w[j][:, None] * parts[j][0] for j in range(len(parts)))
         assert torch.allclose(merged, want[i], atol=1e-5), (merged - want[i]).abs().max()
+
+
+def test_columns_past_the_buffers_are_ignored():
+    """vLLM's block table is wider than max_model_len's pages (rounded up to 128 tokens)."""
+    table = torch.tensor([[4, -2, 9, 123, 456]], dtype=torch.int32)  # 3 used pages + padding
+    tables = SplitTables(2, 3, torch.device("cpu"))
+    hi, hi_lens, lo, lo_lens = tables.fill(table, torch.tensor([40]), BS)
+    assert hi.tolist() == [[4, 9, 0]] and lo.tolist() == [[-2, 0, 0]]
+    assert hi_lens.tolist() == [24] and lo_lens.tolist() == [16]

@@ -96,8 +96,11 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         (mikv_vllm/attention/split_decode.py); layers that measure importance keep the fused
         kernel, whose hi pass leaves the slab log-sum-exps."""
         s = md.split
-        hi_out, hi_lse = self._flash(
-            layer, query, key_cache, value_cache, None, s.query_start_loc, 1, s.hi_lens,
+        # In the model's dtype (FlashAttention would pick bf16 for an fp8 query), zeroed for
+        # CUDA-graph padding rows, which FlashAttention does not write.
+        hi_out = torch.zeros_like(output)
+        _, hi_lse = self._flash(
+            layer, query, key_cache, value_cache, hi_out, s.query_start_loc, 1, s.hi_lens,
             s.max_seq_len, s.hi_table, md.num_decodes, return_lse=True, num_splits=s.fa_splits)
         lo_out = torch.empty_like(query)
         lo_lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32,

@@ -75,9 +75,15 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
                        vllm_config.compilation_config.max_cudagraph_capture_size or 0)
             pages = -(-model_config.max_model_len // kv_cache_spec.block_size)
             self.split_tables = SplitTables(rows, pages, torch.device(device))
-            full_graphs = self._cudagraph_support != AttentionCGSupport.NEVER
-            self.fa_splits = (vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
-                              if full_graphs and get_flash_attn_version() == 3 else 0)
+            # As vLLM's FlashAttention backend: under full CUDA graphs FA3 gets a fixed bound
+            # on its splits (its scratch buffers are allocated at capture), else its heuristic.
+            compilation = vllm_config.compilation_config
+            self.fa_graph_splits = (
+                vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
+                if (self._cudagraph_support != AttentionCGSupport.NEVER
+                    and compilation.cudagraph_mode.has_full_cudagraphs()
+                    and get_flash_attn_version() == 3) else 0)
+            self.max_graph_tokens = compilation.max_cudagraph_capture_size or 0
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MikvAttentionMetadata:
@@ -106,7 +112,9 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
             md.split = SplitDecodeMetadata(
                 query_start_loc=cm.query_start_loc[:num_decodes + 1], hi_table=hi_table,
                 hi_lens=hi_lens, lo_table=lo_table, lo_lens=lo_lens,
-                max_seq_len=cm.max_seq_len, fa_splits=self.fa_splits)
+                max_seq_len=cm.max_seq_len,
+                fa_splits=(self.fa_graph_splits
+                           if cm.num_actual_tokens <= self.max_graph_tokens else 0))
         if num_prefills:
             end = num_decodes + num_prefills
             md.prefill_query_start_loc = (cm.query_start_loc[num_decodes:end + 1]

@@ -29,10 +29,13 @@ class SplitTables:
              block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split `block_table` [rows, pages] (hi block ids >= 0, lo codes < 0) of sequences
         `seq_lens` [rows]; returns views (hi_table, hi_lens, lo_table, lo_lens) of the buffers."""
+        # vLLM rounds the table's width up (to 128 tokens of pages); the columns past
+        # max_model_len's pages are never used.
+        block_table = block_table[:, :self.hi_table.shape[1]]
         rows, pages = block_table.shape
-        if rows > self.hi_table.shape[0] or pages > self.hi_table.shape[1]:
-            raise ValueError(f"split decode: table {tuple(block_table.shape)} exceeds the "
-                             f"buffers {tuple(self.hi_table.shape)}")
+        if rows > self.hi_table.shape[0]:
+            raise ValueError(f"split decode: {rows} decode rows exceed the buffers' "
+                             f"{self.hi_table.shape[0]}")
         hi_table, lo_table = self.hi_table[:rows, :pages], self.lo_table[:rows, :pages]
         hi_lens, lo_lens = self.hi_lens[:rows], self.lo_lens[:rows]
         split_page_table(block_table, seq_lens, block_size, hi_table, hi_lens, lo_table, lo_lens)
