@@ -36,6 +36,9 @@
 #   leave gguf.part_a for a later call. One `sweep` call holds about two kv dtypes (a server
 #   starts in ~3 min): SWEEP_ARGS="--kv auto fp8 --rates 4 16 inf --num-prompts 128
 #   --gpu-util 0.35", then --kv mikv in the next call (benchmarks/results/2026-12-02-h200/).
+#   Next lease, first: `setup kernels kernelbench` (runs tests/gpu/test_split_decode.py, the
+#   slab_gate test and kernelbench's mikv_split_bf16hi rows, none run yet), then the sweep with
+#   SWEEP_ARGS="--kv mikv ... --mikv-knobs {\"split_decode\":true}" beside auto and fp8.
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
