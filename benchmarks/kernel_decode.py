@@ -67,25 +67,23 @@ def make_case(batch, ctx, head_dim, gqa, hi_fraction, fp8_hi, layout):
 
 
 def split_step(q, k, v, table, lens, scale, splits, layout, ctx, fa_utils):
-    """One decode of the split_decode knob: FlashAttention over the hi pages, the mikv kernel
-    over the lo pages, merged (the tables are split outside the timed call, as the metadata
-    builder does once per step for all layers)."""
-    from mikv_vllm.attention.split_decode import SplitTables, merge
+    """One decode of the split_decode knob, as the backend runs it (mikv_vllm.attention.
+    split_decode.decode; the tables are split outside the timed call, as the metadata builder
+    does once per step for all layers)."""
+    from mikv_vllm.attention.split_decode import SplitTables, decode
 
     hi_t, hi_lens, lo_t, lo_lens = SplitTables(*table.shape, q.device).fill(table, lens, BLOCK)
     cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device="cuda")
-    lo_out, merged = torch.empty_like(q), torch.empty_like(q)
-    lo_lse = torch.empty(q.shape[0], q.shape[1], device="cuda")
+    merged = torch.empty_like(q)
 
-    def step():
-        hi_out, hi_lse = fa_utils.flash_attn_varlen_func(
-            q=q, k=k, v=v, out=None, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=hi_lens,
+    def flash_hi(hi_out):
+        return fa_utils.flash_attn_varlen_func(
+            q=q, k=k, v=v, out=hi_out, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=hi_lens,
             max_seqlen_k=ctx, softmax_scale=scale, causal=True, block_table=hi_t,
-            return_softmax_lse=True, fa_version=fa_utils.get_flash_attn_version())
-        ops.paged_decode(lo_out, q, k, v, lo_t, lo_lens, scale, 1.0, 1.0, splits, layout,
-                         lo_lse)
-        merge(merged, hi_out, hi_lse, lo_out, lo_lse)
-    return step
+            return_softmax_lse=True, fa_version=fa_utils.get_flash_attn_version())[1]
+
+    return lambda: decode(merged, q, k, v, lo_t, lo_lens, flash_hi, scale, 1.0, 1.0, splits,
+                          layout)
 
 
 def bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, hi_elem, layout) -> int:

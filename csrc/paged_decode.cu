@@ -390,6 +390,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   // (1024 / D rows) divides every supported block size and splits start on page boundaries, so
   // a slab lies in one page: one table lookup per slab, and hi/lo is uniform across the warp.
   constexpr int kSlab = kUnroll * SUBS;
+  static_assert(kSlab * D == kSlabElems, "slab size and kSlabElems disagree");
   for (int base = t_begin; base < t_end; base += kRowsPerStep) {
     const int slab = base + warp * kSlab;
     const int entry = slab < t_end ? bt[slab / block_size] : 0;
@@ -656,8 +657,9 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   TORCH_CHECK(block_table.size(0) >= a.num_seqs && seq_lens.size(0) >= a.num_seqs,
               "block_table/seq_lens have fewer rows than query");
   a.group = a.num_q_heads / a.num_kv_heads;
-  TORCH_CHECK(a.head_dim >= 64 && a.block_size % (1024 / a.head_dim) == 0,
-              "block_size ", a.block_size, " must be a multiple of ", 1024 / std::max<int>(a.head_dim, 1),
+  TORCH_CHECK(a.head_dim >= 64 && a.block_size % (kSlabElems / a.head_dim) == 0,
+              "block_size ", a.block_size, " must be a multiple of ",
+              kSlabElems / std::max<int>(a.head_dim, 1),
               " (a warp's row slab must stay inside one page)");
   if (a.num_seqs == 0) return;
   a.num_splits = static_cast<int>(num_splits);
@@ -686,7 +688,7 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
     a.lse = lse->data_ptr<float>();
   }
   if (slab_lse.has_value()) {
-    const int slabs = a.block_size * a.head_dim / 1024;  // rows of a slab: 1024 / head_dim
+    const int slabs = a.block_size * a.head_dim / kSlabElems;
     TORCH_CHECK(slab_lse->is_cuda() && slab_lse->scalar_type() == at::kFloat &&
                     slab_lse->is_contiguous() &&
                     slab_lse->dim() == 3 && slab_lse->size(0) >= key_cache.size(0) &&

@@ -6,6 +6,10 @@
 
 namespace mikv {
 
+// Elements of a hi-pass slab: a warp's rows per step (1024 / head_dim) times head_dim. A slab
+// lies in one page; paged_decode's slab_lse has one entry per slab (mikv_vllm/ops.SLAB_ELEMS).
+constexpr int kSlabElems = 1024;
+
 // Where and how this layer's lo (2/4-bit) pages are stored; see mikv_vllm/quant.py.
 struct LoLayout {
   const uint8_t* base = nullptr;  // byte 0 of block 0 of the layer's cache

@@ -96,19 +96,14 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         (mikv_vllm/attention/split_decode.py); layers that measure importance keep the fused
         kernel, whose hi pass leaves the slab log-sum-exps."""
         s = md.split
-        # In the model's dtype (FlashAttention would pick bf16 for an fp8 query), zeroed for
-        # CUDA-graph padding rows, which FlashAttention does not write.
-        hi_out = torch.zeros_like(output)
-        _, hi_lse = self._flash(
-            layer, query, key_cache, value_cache, hi_out, s.query_start_loc, 1, s.hi_lens,
-            s.max_seq_len, s.hi_table, md.num_decodes, return_lse=True, num_splits=s.fa_splits)
-        lo_out = torch.empty_like(query)
-        lo_lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32,
-                             device=query.device)
-        ops.paged_decode(lo_out, query, key_cache, value_cache, s.lo_table, s.lo_lens,
-                         self.scale, layer._k_scale_float, layer._v_scale_float,
-                         md.decode_num_splits, self.layout, lse=lo_lse)
-        split_decode.merge(output, hi_out, hi_lse, lo_out, lo_lse)
+        split_decode.decode(
+            output, query, key_cache, value_cache, s.lo_table, s.lo_lens,
+            lambda hi_out: self._flash(
+                layer, query, key_cache, value_cache, hi_out, s.query_start_loc, 1, s.hi_lens,
+                s.max_seq_len, s.hi_table, md.num_decodes, return_lse=True,
+                num_splits=s.fa_splits)[1],
+            self.scale, layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
+            self.layout)
 
     def _flash(self, layer, query, key_cache, value_cache, output, query_start_loc,
                max_query_len, seq_lens, max_seq_len, block_table, num_seqs,

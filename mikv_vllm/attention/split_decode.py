@@ -12,8 +12,12 @@ captured CUDA graphs read."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+from mikv_vllm import ops
+from mikv_vllm.layout import PageLayout
 
 
 class SplitTables:
@@ -60,6 +64,24 @@ def split_page_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_si
         spill.scatter_(1, dest, block_table)
         table.copy_(spill[:, :pages])
         lens.copy_((tokens * part).sum(1))
+
+
+def decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+           value_cache: torch.Tensor, lo_table: torch.Tensor, lo_lens: torch.Tensor,
+           flash_hi: Callable[[torch.Tensor], torch.Tensor], scale: float, k_scale: float,
+           v_scale: float, num_splits: int, layout: PageLayout) -> None:
+    """One split decode into `out`: `flash_hi(hi_out)` runs FlashAttention over the hi table
+    into hi_out and returns its lse; the mikv kernel reads the lo table; then `merge`."""
+    # In the model's dtype (FlashAttention would pick bf16 for an fp8 query), zeroed for
+    # CUDA-graph padding rows, which FlashAttention does not write.
+    hi_out = torch.zeros_like(out)
+    hi_lse = flash_hi(hi_out)
+    lo_out = torch.empty_like(query)
+    lo_lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32,
+                         device=query.device)
+    ops.paged_decode(lo_out, query, key_cache, value_cache, lo_table, lo_lens, scale, k_scale,
+                     v_scale, num_splits, layout, lse=lo_lse)
+    merge(out, hi_out, hi_lse, lo_out, lo_lse)
 
 
 def merge(out: torch.Tensor, hi_out: torch.Tensor, hi_lse: torch.Tensor, lo_out: torch.Tensor,

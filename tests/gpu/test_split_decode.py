@@ -55,15 +55,21 @@ def test_split_decode_matches_fused_kernel(fa_splits, lo_share):
     hi_t, hi_lens, lo_t, lo_lens = tables.fill(table_d, lens_d, bs)
     assert torch.equal(hi_lens + lo_lens, lens_d)
     cu_q = torch.arange(len(pages) + 1, dtype=torch.int32, device="cuda")
-    hi_out, hi_lse = fa.flash_attn_varlen_func(
-        q=q, k=k, v=v, out=None, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=hi_lens,
-        max_seqlen_k=int(lens.max()), softmax_scale=scale, causal=True, block_table=hi_t,
-        return_softmax_lse=True, num_splits=fa_splits, fa_version=fa.get_flash_attn_version())
+
+    def flash_hi(hi_out):
+        return fa.flash_attn_varlen_func(
+            q=q, k=k, v=v, out=hi_out, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=hi_lens,
+            max_seqlen_k=int(lens.max()), softmax_scale=scale, causal=True, block_table=hi_t,
+            return_softmax_lse=True, num_splits=fa_splits,
+            fa_version=fa.get_flash_attn_version())[1]
+    # the lo-only table alone: every row written (a row without lo pages gives 0 and -inf)
     lo_out = torch.full_like(q, float("nan"))
     lo_lse = torch.full((len(pages), heads * group), float("nan"), device="cuda")
     ops.paged_decode(lo_out, q, k, v, lo_t, lo_lens, scale, 1.0, 1.0, splits, layout, lo_lse)
+    assert torch.isfinite(lo_out).all() and not torch.isnan(lo_lse).any()
     merged = torch.full_like(q, float("nan"))
-    split_decode.merge(merged, hi_out, hi_lse, lo_out, lo_lse)
+    split_decode.decode(merged, q, k, v, lo_t, lo_lens, flash_hi, scale, 1.0, 1.0, splits,
+                        layout)
 
     assert torch.isfinite(merged).all()
     raw = kv.view(torch.uint8).reshape(blocks, -1)
