@@ -12,10 +12,12 @@
 // - lo pass (lo_pass below): a warp takes whole lo pages, 16 tokens at a time, on tensor cores
 //   (mma.m16n8k16, fp16 in, fp32 accumulate): S^T = K Q^T with the tile's tokens as M and up to
 //   8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's codes, scales and
-//   zero points in fragment order (mikv_vllm/quant.py), so a lane reads them with wide loads
-//   and turns 2 codes into an fp16x2 operand with a shift, a mask, an fma and a multiply. With several splits the CTAs write unnormalised partials and
-// decode_reduce_kernel combines them; it also leaves each head's log-sum-exp when asked, and
-// the hi pass each slab's (the importance signal, csrc/page_mass.cu).
+//   zero points in fragment order (mikv_vllm/quant.py); each warp stages its next tiles into
+//   shared memory with cp.async (kLoStages deep), and a lane turns 2 codes into an fp16x2
+//   operand with a shift, a mask, an fma and a multiply.
+// With several splits the CTAs write unnormalised partials and decode_reduce_kernel combines
+// them; it also leaves each head's log-sum-exp when asked, and the hi pass each slab's (the
+// importance signal, csrc/page_mass.cu).
 #include <torch/all.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -98,6 +100,29 @@ __device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, u
   }
 }
 
+// ---- lo-tile staging: cp.async into a per-warp shared-memory ring ---------------------------
+// The lo pass is latency-bound when each warp holds one tile's loads in flight (0.16 of HBM on
+// an H200 at 0% hi); a ring of kLoStages tiles per warp keeps several tiles' bytes in flight
+// without spending registers on them.
+constexpr int kLoStages = 3;
+
+// Bytes of one staged (KV head, 16-token tile): K and V codes, then the page's K scales and
+// zeros of this head, then the tile's V scales and zeros (sized for the smallest group, 16).
+template <int D, int BITS> constexpr int lo_tile_bytes() { return D * (4 * BITS + 6); }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// A warp's copy of `bytes` (a multiple of 16, both ends 16-byte aligned).
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  for (int i = lane * 16; i < bytes; i += 32 * 16) cp_async16(dst + i, src + i);
+}
+
 template <int LW>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[LW]) {
   if constexpr (LW == 2) {
@@ -116,6 +141,44 @@ __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[LW]) 
   }
 }
 
+// Walks one warp's lo tiles in order: the warp's pages are p_begin + warp + kWarps * i; a window
+// of 32 of them is read with one load per lane and a ballot, so the table costs one load per
+// 32 pages and hi pages cost nothing.
+struct LoCursor {
+  int base;        // first page of the current window
+  int entry;       // this lane's table entry in the window
+  uint32_t todo;   // window lanes whose page is lo and not yet started
+  int code, page, tile;  // the current lo page (page < 0: none)
+
+  __device__ __forceinline__ void load_window(const int32_t* __restrict__ bt, int p_end, int lane) {
+    const int p = base + lane * kWarps;
+    entry = p < p_end ? bt[p] : 0;
+    todo = __ballot_sync(0xffffffffu, entry < 0);
+  }
+  // The next lo tile's page code and first token; false when the warp's share is done.
+  __device__ __forceinline__ bool next(const int32_t* __restrict__ bt, int p_end, int t_end,
+                                       int block_size, int lane, int& tile_code, int& tok0) {
+    if (page >= 0 && ++tile * 16 < block_size && page * block_size + tile * 16 < t_end) {
+      tile_code = code;
+      tok0 = page * block_size + tile * 16;
+      return true;
+    }
+    while (todo == 0) {
+      base += 32 * kWarps;
+      if (base >= p_end) { page = -1; return false; }
+      load_window(bt, p_end, lane);
+    }
+    const int i = __ffs(todo) - 1;
+    todo &= todo - 1;
+    page = base + i * kWarps;
+    code = -__shfl_sync(0xffffffffu, entry, i) - 1;
+    tile = 0;
+    tile_code = code;
+    tok0 = page * block_size;
+    return true;
+  }
+};
+
 // D[16 x 8] += A[16 x 16] B[16 x 8], fp16 in, fp32 accumulate (sm_80+).
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
@@ -129,18 +192,26 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // One warp's share of the lo pages in [p_begin, p_end), merged into the warp's slot of hi-pass
 // results (sm_ml / sm_acc, in the hi path's units: values / v_scale). Lane L = 4g + j holds the
 // scores of tokens {g, g + 8} x heads {2j, 2j + 1} of a tile and the outputs of channels
-// {16n + g, 16n + g + 8} x the same heads; the fragment layouts are mma.m16n8k16's.
+// {16n + g, 16n + g + 8} x the same heads; the fragment layouts are mma.m16n8k16's. Tiles are
+// staged through `ring` (kLoStages x lo_tile_bytes, this warp's) kLoStages - 1 ahead.
 template <int BITS, typename q_t, int D, int MAX_G>
 __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t q_stride_head,
                                         int ng, const int32_t* __restrict__ bt, int p_begin,
                                         int p_end, int t_end, int block_size, int kvh,
                                         float scale_log2, float inv_v_scale, const LoLayout& lo,
                                         float (&sm_ml)[MAX_G][2], float (&sm_acc)[MAX_G][D],
-                                        __half (&sm_p)[8][16]) {
+                                        __half (&sm_p)[8][16], uint8_t* __restrict__ ring,
+                                        int (&sm_tok)[kLoStages]) {
   constexpr int KC = D / 16;             // 16-channel chunks: k-steps of S, m-tiles of O
   constexpr int LW = D * BITS / 64;      // code words per lane per tile (K and V each)
+  constexpr int kCodeBytes = 32 * LW * 4;  // one tile's K (or V) codes of one head
+  constexpr int kTileBytes = lo_tile_bytes<D, BITS>();
+  // Sections of a staged tile: K codes, V codes, K scales (4 runs of KC x 8 B), K zeros (4 runs
+  // of KC x 4 B), V scales (groups x 4 x 8 B), V zeros (groups x 4 x 4 B).
+  constexpr int kKs = 2 * kCodeBytes, kKz = kKs + 32 * KC, kVs = kKz + 16 * KC;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, j = lane % 4;
   const int tiles = block_size / 16, groups = D / lo.group;
+  const int kVz = kVs + 32 * groups;
 
   // Q^T as the B operand of S^T = K Q^T: channels 16c + 2j + {0, 1} (+8) of head g.
   uint32_t qb[KC][2];
@@ -161,100 +232,101 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
 #pragma unroll
   for (int n = 0; n < KC; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
-  int next_entry = p_begin + warp < p_end ? bt[p_begin + warp] : 0;  // one page ahead
-  for (int p = p_begin + warp; p < p_end; p += kWarps) {
-    const int entry = next_entry;
-    next_entry = p + kWarps < p_end ? bt[p + kWarps] : 0;
-    if (entry >= 0) continue;  // a hi page: the hi pass read it
-    const int code = -entry - 1;
-    const uint8_t* page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
-                          static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
-    const int k_run = (kvh * 4 + j) * KC;  // this lane's first K scale / zero run
-    const uint2* k_scales = reinterpret_cast<const uint2*>(page + lo.k_scales) + k_run;
-    const uint32_t* k_zeros = reinterpret_cast<const uint32_t*>(page + lo.k_zeros) + k_run;
-    for (int tile = 0; tile < tiles; ++tile) {
-      const int tok0 = p * block_size + tile * 16;
-      if (tok0 >= t_end) break;
-      const int run = (kvh * tiles + tile) * 32 + lane;
-      uint32_t kw[LW], vw[LW];
-      load_words<LW>(page + run * LW * 4, kw);
-      load_words<LW>(page + lo.v_codes + run * LW * 4, vw);
-      // Values' scales and zeros of tokens 2j + {0, 1} (+8), per 16-channel m-tile n (its
-      // group's run): issued with the codes, before the softmax's warp syncs, where D allows
-      // the registers.
-      const int v_run = (kvh * tiles + tile) * groups * 4 + j;  // + group * 4
-      const uint2* v_scales = reinterpret_cast<const uint2*>(page + lo.v_scales) + v_run;
-      const uint32_t* v_zeros = reinterpret_cast<const uint32_t*>(page + lo.v_zeros) + v_run;
-      constexpr bool kEarlyParams = D <= 128;
-      uint2 vs_early[kEarlyParams ? KC : 1];
-      uint32_t vz_early[kEarlyParams ? KC : 1];
-      if constexpr (kEarlyParams) {
+  // Stage the next lo tile (if any) into ring slot `stage`; sm_tok says which tokens it holds
+  // (-1: none, and none after it). Every call commits one cp.async group, empty or not.
+  LoCursor cur{p_begin + warp, 0, 0u, 0, -1, 0};
+  cur.load_window(bt, p_end, lane);
+  auto stage_next = [&](int stage) {
+    int code, tok0;
+    if (cur.next(bt, p_end, t_end, block_size, lane, code, tok0)) {
+      const int tile = (tok0 % block_size) / 16;
+      const uint8_t* page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
+                            static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
+      const int run0 = (kvh * tiles + tile) * 32;  // the tile's first code run of this head
+      uint8_t* dst = ring + stage * kTileBytes;
+      warp_copy(dst, page + run0 * LW * 4, kCodeBytes, lane);
+      warp_copy(dst + kCodeBytes, page + lo.v_codes + run0 * LW * 4, kCodeBytes, lane);
+      warp_copy(dst + kKs, page + lo.k_scales + kvh * 32 * KC, 32 * KC, lane);
+      warp_copy(dst + kKz, page + lo.k_zeros + kvh * 16 * KC, 16 * KC, lane);
+      const int v_run0 = (kvh * tiles + tile) * groups * 4;
+      warp_copy(dst + kVs, page + lo.v_scales + v_run0 * 8, 32 * groups, lane);
+      warp_copy(dst + kVz, page + lo.v_zeros + v_run0 * 4, 16 * groups, lane);
+    } else {
+      tok0 = -1;
+    }
+    if (lane == 0) sm_tok[stage] = tok0;
+    cp_async_commit();
+  };
 #pragma unroll
-        for (int n = 0; n < KC; ++n) {
-          vs_early[n] = v_scales[16 * n / lo.group * 4];
-          vz_early[n] = v_zeros[16 * n / lo.group * 4];
-        }
-      }
+  for (int s = 0; s < kLoStages - 1; ++s) stage_next(s);
 
-      // S^T[tokens x heads] = K Q^T, K dequantized to fp16 per chunk.
-      float s[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int it = 0;; ++it) {
+    cp_async_wait<kLoStages - 2>();
+    __syncwarp();  // the stage's bytes and sm_tok are visible; the last stage is free again
+    const int stage = it % kLoStages;
+    const int tok0 = sm_tok[stage];
+    if (tok0 < 0) break;
+    stage_next((it + kLoStages - 1) % kLoStages);
+    const uint8_t* tile_smem = ring + stage * kTileBytes;
+    uint32_t kw[LW], vw[LW];
+    load_words<LW>(tile_smem + lane * LW * 4, kw);
+    load_words<LW>(tile_smem + kCodeBytes + lane * LW * 4, vw);
+    const uint2* k_scales = reinterpret_cast<const uint2*>(tile_smem + kKs) + j * KC;
+    const uint32_t* k_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kKz) + j * KC;
+    const uint2* v_scales = reinterpret_cast<const uint2*>(tile_smem + kVs) + j;
+    const uint32_t* v_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kVz) + j;
+    // S^T[tokens x heads] = K Q^T, K dequantized to fp16 per chunk.
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int c = 0; c < KC; ++c) {
-        uint32_t a[4];
-        a_fragment<BITS>(kw, c, k_scales[c], k_zeros[c], a);
-        mma_16816(s, a, qb[c][0], qb[c][1]);
-      }
+    for (int c = 0; c < KC; ++c) {
+      uint32_t a[4];
+      a_fragment<BITS>(kw, c, k_scales[c], k_zeros[c], a);
+      mma_16816(s, a, qb[c][0], qb[c][1]);
+    }
 
-      // Online softmax; s[e], s[e + 2] are head 2j + e at tokens g, g + 8.
-      const bool tok_lo = tok0 + g < t_end, tok_hi = tok0 + g + 8 < t_end;
-      float pr[4];
+    // Online softmax; s[e], s[e + 2] are head 2j + e at tokens g, g + 8.
+    const bool tok_lo = tok0 + g < t_end, tok_hi = tok0 + g + 8 < t_end;
+    float pr[4];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool head = 2 * j + e < ng;
-        const float s0 = head && tok_lo ? s[e] : -INFINITY;
-        const float s1 = head && tok_hi ? s[e + 2] : -INFINITY;
-        float mx = fmaxf(s0, s1);
+    for (int e = 0; e < 2; ++e) {
+      const bool head = 2 * j + e < ng;
+      const float s0 = head && tok_lo ? s[e] : -INFINITY;
+      const float s1 = head && tok_hi ? s[e + 2] : -INFINITY;
+      float mx = fmaxf(s0, s1);
 #pragma unroll
-        for (int o = 4; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        const float mn = fmaxf(m[e], mx);
-        const float alpha = exp2_diff(m[e], mn);
-        pr[e] = s0 == -INFINITY ? 0.f : exp2f(s0 - mn);
-        pr[e + 2] = s1 == -INFINITY ? 0.f : exp2f(s1 - mn);
-        l[e] = l[e] * alpha + pr[e] + pr[e + 2];
-#pragma unroll
-        for (int n = 0; n < KC; ++n) {
-          acc[n][e] *= alpha;
-          acc[n][e + 2] *= alpha;
-        }
-        m[e] = mn;
-      }
-      // P^T as the B operand of O^T += V^T P^T: tokens 2j + {0, 1} (+8) of head g.
-      __syncwarp();
-      sm_p[2 * j][g] = __float2half_rn(pr[0]);
-      sm_p[2 * j + 1][g] = __float2half_rn(pr[1]);
-      sm_p[2 * j][g + 8] = __float2half_rn(pr[2]);
-      sm_p[2 * j + 1][g + 8] = __float2half_rn(pr[3]);
-      __syncwarp();
-      const uint32_t pb0 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j]);
-      const uint32_t pb1 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j + 8]);
-
+      for (int o = 4; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float mn = fmaxf(m[e], mx);
+      const float alpha = exp2_diff(m[e], mn);
+      pr[e] = s0 == -INFINITY ? 0.f : exp2f(s0 - mn);
+      pr[e + 2] = s1 == -INFINITY ? 0.f : exp2f(s1 - mn);
+      l[e] = l[e] * alpha + pr[e] + pr[e + 2];
 #pragma unroll
       for (int n = 0; n < KC; ++n) {
-        uint2 vs;
-        uint32_t vz;
-        if constexpr (kEarlyParams) {
-          vs = vs_early[n];
-          vz = vz_early[n];
-        } else {
-          vs = v_scales[16 * n / lo.group * 4];
-          vz = v_zeros[16 * n / lo.group * 4];
-        }
-        uint32_t a[4];
-        a_fragment<BITS>(vw, n, vs, vz, a);
-        mma_16816(acc[n], a, pb0, pb1);
+        acc[n][e] *= alpha;
+        acc[n][e + 2] *= alpha;
       }
+      m[e] = mn;
+    }
+    // P^T as the B operand of O^T += V^T P^T: tokens 2j + {0, 1} (+8) of head g.
+    __syncwarp();
+    sm_p[2 * j][g] = __float2half_rn(pr[0]);
+    sm_p[2 * j + 1][g] = __float2half_rn(pr[1]);
+    sm_p[2 * j][g + 8] = __float2half_rn(pr[2]);
+    sm_p[2 * j + 1][g + 8] = __float2half_rn(pr[3]);
+    __syncwarp();
+    const uint32_t pb0 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j]);
+    const uint32_t pb1 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j + 8]);
+
+    // Values' scales and zeros of tokens 2j + {0, 1} (+8), per 16-channel m-tile n (its
+    // group's run).
+#pragma unroll
+    for (int n = 0; n < KC; ++n) {
+      uint32_t a[4];
+      a_fragment<BITS>(vw, n, v_scales[16 * n / lo.group * 4], v_zeros[16 * n / lo.group * 4], a);
+      mma_16816(acc[n], a, pb0, pb1);
     }
   }
+  cp_async_wait<0>();
 
   // Sum the lanes' partial l over tokens, then merge into the hi pass's slot.
 #pragma unroll
@@ -488,14 +560,18 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   }
   __syncwarp();
   __shared__ __align__(16) __half sm_p[kWarps][8][16];  // read back as fp16x2 words
+  __shared__ int sm_tok[kWarps][kLoStages];
+  extern __shared__ __align__(16) uint8_t lo_ring[];  // kWarps x kLoStages staged lo tiles
   const q_t* q_heads = q + seq * q_stride_tok + h0 * q_stride_head;
   const int p_begin = t_begin / block_size, p_end = (t_end + block_size - 1) / block_size;
   if (lo.bits == 2)
     lo_pass<2, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
-                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp]);
+                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
+                              lo_ring + warp * kLoStages * lo_tile_bytes<D, 2>(), sm_tok[warp]);
   else
     lo_pass<4, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
-                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp]);
+                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
+                              lo_ring + warp * kLoStages * lo_tile_bytes<D, 4>(), sm_tok[warp]);
   __syncthreads();
 
   for (int i = threadIdx.x; i < ng * D; i += kThreads) {
@@ -554,7 +630,22 @@ template <typename q_t, typename kv_t, int D, int MAX_G>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   const int head_chunks = (a.group + MAX_G - 1) / MAX_G;
   dim3 grid(a.num_seqs, a.num_kv_heads * head_chunks, a.num_splits);
-  paged_decode_kernel<q_t, kv_t, D, MAX_G><<<grid, kThreads, 0, stream>>>(
+  const int ring_bytes =
+      kWarps * kLoStages * (a.lo.bits == 2 ? lo_tile_bytes<D, 2>() : lo_tile_bytes<D, 4>());
+  auto* kernel = paged_decode_kernel<q_t, kv_t, D, MAX_G>;
+  // The default dynamic limit is 48 KB less the kernel's static shared memory, which D 256 or
+  // 8 heads per CTA exceed with the ring: raise it once per instantiation and device (a
+  // host-side call, allowed during CUDA-graph capture).
+  static int allowed[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  TORCH_CHECK(device < 64, "mikv paged_decode: device index ", device, " >= 64");
+  if (allowed[device] < ring_bytes) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        ring_bytes));
+    allowed[device] = ring_bytes;
+  }
+  kernel<<<grid, kThreads, ring_bytes, stream>>>(
       static_cast<const q_t*>(a.q), a.q_stride_tok, a.q_stride_head,
       static_cast<const kv_t*>(a.k_cache), static_cast<const kv_t*>(a.v_cache),
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
@@ -616,6 +707,11 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   lo.page_bytes = lo.v_zeros + v_groups;
   TORCH_CHECK(lo.page_bytes * pack_factor <= lo.block_bytes, "lo pages (", lo.page_bytes, " B x ",
               pack_factor, ") exceed a block (", lo.block_bytes, " B)");
+  // The lo pass stages tiles with 16-byte cp.async: every section starts 16-byte aligned when
+  // the cache, its blocks and the pages do (section sizes are multiples of 16 by construction).
+  TORCH_CHECK(pack_factor == 1 || (reinterpret_cast<uintptr_t>(lo.base) % 16 == 0 &&
+                                   lo.block_bytes % 16 == 0 && lo.page_bytes % 16 == 0),
+              "lo pages must be 16-byte aligned (cache, block stride and page size)");
   return lo;
 }
 
