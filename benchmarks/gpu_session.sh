@@ -36,9 +36,13 @@
 #   leave gguf.part_a for a later call. One `sweep` call holds about two kv dtypes (a server
 #   starts in ~3 min): SWEEP_ARGS="--kv auto fp8 --rates 4 16 inf --num-prompts 128
 #   --gpu-util 0.35", then --kv mikv in the next call (benchmarks/results/2026-12-02-h200/).
-#   Next lease, first: `setup kernels kernelbench` (runs tests/gpu/test_split_decode.py, the
-#   slab_gate test and kernelbench's mikv_split_bf16hi rows, none run yet), then the sweep with
-#   SWEEP_ARGS="--kv mikv ... --mikv-knobs {\"split_decode\":true}" beside auto and fp8.
+#   Second lease of 2026-12-02 (benchmarks/results/2026-12-02-h200-staged/): wheels built for
+#   sm90 only (TORCH_CUDA_ARCH_LIST=9.0: half the size and build time), so .bundle0 holds one
+#   and .bundle1's call the other. Ran: setup kernels kernelbench; sweep with split_decode;
+#   setup abkernels kernelbench. Next lease, first: `greedy verify` with
+#   FORCED_KNOBS='{"split_decode":true,"hi_budget":0.1}' (split_decode is off by default until
+#   its greedy tokens are checked), then the sweep with mikv hi_dtype fp8 beside fp8, and
+#   int4_per_token_head on (b) and (c).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
@@ -118,6 +122,9 @@ stage_e2e() {
 }
 
 KV_ALL="auto fp8 int4_per_token_head mikv"
+# mikv knobs of the forced-demotion stages (demote, greedy, verify, tp2); e.g.
+# FORCED_KNOBS='{"hi_budget":0.1,"split_decode":true}'
+FORCED_KNOBS=${FORCED_KNOBS:-'{"hi_budget":0.1}'}
 # (a) 256 x (2048 + 256), issue 4's workload a, every kv dtype.
 stage_e2e_a() {
   E2E_ARGS="--kv $KV_ALL --tag a --timeout 280 ${E2E_A_ARGS:-}" stage_e2e
@@ -128,13 +135,13 @@ stage_e2e_b() {
 }
 # Demotion forced on (tiny hi budget): every request completes; greedy tokens vs auto.
 stage_demote() {
-  E2E_ARGS="--kv auto mikv --tag forced --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs {\"hi_budget\":0.1} --timeout 200" stage_e2e
+  E2E_ARGS="--kv auto mikv --tag forced --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 200" stage_e2e
 }
 # Real model, demotion forced on: SmolLM2 greedy continuations of 16 Wikipedia prompts (1536
 # tokens each, from .models/parts/probe_wiki.json) under mikv with hi_budget 0.1 vs auto.
 stage_greedy() {
   [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: greedy stage skipped"; return; }
-  E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_forced --num-prompts 0 --probe-prompts 16 --probe-tokens 128 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs {\"hi_budget\":0.1}" stage_e2e
+  E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_forced --num-prompts 0 --probe-prompts 16 --probe-tokens 128 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs $FORCED_KNOBS" stage_e2e
 }
 
 # The same with MIKV_VERIFY_DEMOTIONS=1 (mikv_vllm/verify.py): the worker checks each demoted
@@ -142,14 +149,14 @@ stage_greedy() {
 # put (GPU syncs every step: a debugging run, not a measurement). Look for "mikv verify" lines.
 stage_verify() {
   [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: verify stage skipped"; return; }
-  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_verify --num-prompts 0 --probe-prompts 4 --probe-tokens 32 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs {\"hi_budget\":0.1}" stage_e2e
+  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_verify --num-prompts 0 --probe-prompts 4 --probe-tokens 32 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs $FORCED_KNOBS" stage_e2e
   grep -h "mikv verify" "$OUT"/e2e_mikv_smollm2_verify.log | head -40 | tee "$OUT/verify.log"
 }
 
 # Tensor parallelism (2 GPUs, e.g. nvidia-h200-x2): demotion forced on, every rank checking its
 # own packs (MIKV_VERIFY_DEMOTIONS=1), greedy tokens vs auto at the same TP size.
 stage_tp2() {
-  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag tp2_forced --tensor-parallel-size 2 --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs {\"hi_budget\":0.1} --timeout 300" stage_e2e
+  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag tp2_forced --tensor-parallel-size 2 --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
   grep -h "mikv verify" "$OUT"/e2e_mikv_tp2_forced.log | head -20 | tee "$OUT/verify_tp2.log"
 }
 
