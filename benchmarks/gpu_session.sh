@@ -37,11 +37,12 @@
 #   starts in ~3 min): SWEEP_ARGS="--kv auto fp8 --rates 4 16 inf --num-prompts 128
 #   --gpu-util 0.35", then --kv mikv in the next call (benchmarks/results/2026-12-02-h200/).
 #   Second lease of 2026-12-02 (benchmarks/results/2026-12-02-h200-staged/): wheels built for
-#   sm90 only (TORCH_CUDA_ARCH_LIST=9.0: half the size and build time), so .bundle0 holds one
-#   and .bundle1's call the other. Ran: setup kernels kernelbench; sweep with split_decode;
+#   sm90 only (TORCH_CUDA_ARCH_LIST=9.0: half the size and build time), one riding with
+#   .bundle0 and, for an A/B, another with .bundle1. Ran: setup kernels kernelbench; sweep with split_decode;
 #   setup abkernels kernelbench. Next lease, first: `greedy verify` with
 #   FORCED_KNOBS='{"split_decode":true,"hi_budget":0.1}' (split_decode is off by default until
-#   its greedy tokens are checked), then the sweep with mikv hi_dtype fp8 beside fp8, and
+#   its greedy tokens are checked), then the sweep with mikv {"hi_dtype":"fp8","split_decode":
+#   true} beside fp8 (FA3 fp8 on the hi pages, 2x the hi pool), and
 #   int4_per_token_head on (b) and (c).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree

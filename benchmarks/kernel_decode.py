@@ -17,7 +17,6 @@ import os
 import torch
 
 from mikv_vllm import ops
-from mikv_vllm.importance import sampled_layers
 from mikv_vllm.layout import PageLayout
 
 KV_HEADS = 8
@@ -29,6 +28,7 @@ def step_overhead(layer_overhead: float, num_layers: int = 32) -> float:
     """Page mass's share of a measured decode step of a `num_layers` model: the slab output and
     page_mass run on `sampled_layers(num_layers)` only (and on one step in REPORT_EVERY; the
     others pay `us_with_slab_gate_off`)."""
+    from mikv_vllm.importance import sampled_layers
     return layer_overhead * len(sampled_layers(num_layers)) / num_layers
 
 
@@ -97,7 +97,9 @@ def run(args) -> list[dict]:
     hbm = hbm_copy_gbps()
     print(f"device-to-device copy: {hbm:.0f} GB/s")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    from vllm.v1.attention.backends import fa_utils
+    fa_utils = None
+    if args.flash:
+        from vllm.v1.attention.backends import fa_utils
     rows = []
     for head_dim, gqa, batch, ctx in itertools.product(args.head_dims, args.gqa, args.batches,
                                                        args.ctxs):
@@ -140,14 +142,14 @@ def run(args) -> list[dict]:
                     rows[-1]["us_with_page_mass"] = us_mass
                     rows[-1]["page_mass_overhead_layer"] = us_mass / us - 1
                     rows[-1]["page_mass_overhead_step"] = step_overhead(us_mass / us - 1)
-                if args.split and not fp8_hi:  # the split_decode knob's path
+                if args.split and args.flash and not fp8_hi:  # the split_decode knob's path
                     us_split = bench(split_step(q, k, v, table, lens, scale, splits, layout,
                                                 ctx, fa_utils))
                     rows.append(dict(rows[-1], kernel="mikv_split_bf16hi", us=us_split,
                                      gbps=b / us_split / 1e3, frac_of_hbm=b / us_split / 1e3 / hbm))
                     for f in [f for f in rows[-1] if f.startswith(("us_with", "page_mass"))]:
                         del rows[-1][f]
-                if hi == 1.0:  # FlashAttention on the same all-hi cache
+                if hi == 1.0 and args.flash:  # FlashAttention on the same all-hi cache
                     kf, vf = (k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)) \
                         if fp8_hi else (k, v)
                     qf = q.to(torch.float8_e4m3fn) if fp8_hi else q
@@ -203,6 +205,8 @@ def main() -> None:
                    help="skip timing the page-mass output")
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="skip timing the split_decode path (bf16 hi only)")
+    p.add_argument("--no-flash", dest="flash", action="store_false",
+                   help="mikv rows only, without vLLM (a kernel A/B on a machine without it)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     rows = run(args)
