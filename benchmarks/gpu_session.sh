@@ -38,12 +38,13 @@
 #   --gpu-util 0.35", then --kv mikv in the next call (benchmarks/results/2026-12-02-h200/).
 #   Second lease of 2026-12-02 (benchmarks/results/2026-12-02-h200-staged/): wheels built for
 #   sm90 only (TORCH_CUDA_ARCH_LIST=9.0: half the size and build time), one riding with
-#   .bundle0 and, for an A/B, another with .bundle1. Ran: setup kernels kernelbench; sweep with split_decode;
-#   setup abkernels kernelbench. Next lease, first: `greedy verify` with
+#   .bundle0 and, for an A/B, another with .bundle1. Ran: setup kernels kernelbench; sweep
+#   with split_decode; setup abkernels kernelbench. Next lease, first: `greedy verify` with
 #   FORCED_KNOBS='{"split_decode":true,"hi_budget":0.1}' (split_decode is off by default until
 #   its greedy tokens are checked), then the sweep with mikv {"hi_dtype":"fp8","split_decode":
-#   true} beside fp8 (FA3 fp8 on the hi pages, 2x the hi pool), and
-#   int4_per_token_head on (b) and (c).
+#   true} beside fp8 (FA3 fp8 on the hi pages, 2x the hi pool), int4_per_token_head on (b)
+#   and (c). A kernel-only A/B needs no vLLM: one call carrying two wheels, the GPU kernel
+#   tests and `kernel_decode.py --no-flash` with each wheel's _C.so in turn.
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.

@@ -141,7 +141,8 @@ def run(args) -> list[dict]:
                         slab_lse, gate))
                     rows[-1]["us_with_page_mass"] = us_mass
                     rows[-1]["page_mass_overhead_layer"] = us_mass / us - 1
-                    rows[-1]["page_mass_overhead_step"] = step_overhead(us_mass / us - 1)
+                    if args.flash:  # sampled_layers lives with vLLM's imports
+                        rows[-1]["page_mass_overhead_step"] = step_overhead(us_mass / us - 1)
                 if args.split and args.flash and not fp8_hi:  # the split_decode knob's path
                     us_split = bench(split_step(q, k, v, table, lens, scale, splits, layout,
                                                 ctx, fa_utils))
