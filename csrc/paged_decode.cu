@@ -101,9 +101,10 @@ __device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, u
 }
 
 // ---- lo-tile staging: cp.async into a per-warp shared-memory ring ---------------------------
-// The lo pass is latency-bound when each warp holds one tile's loads in flight (0.16 of HBM on
-// an H200 at 0% hi); a ring of kLoStages tiles per warp keeps several tiles' bytes in flight
-// without spending registers on them.
+// A ring of kLoStages tiles per warp keeps several tiles' bytes in flight without spending
+// registers on them. Measured on an H200 it saved only 5-13% over one tile's loads in flight:
+// the lo pass is bound by its instructions per tile, not by its loads
+// (benchmarks/results/2026-12-02-h200-staged/).
 constexpr int kLoStages = 3;
 
 // Bytes of one staged (KV head, 16-token tile): K and V codes, then the page's K scales and
