@@ -14,7 +14,8 @@
 //   8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's codes, scales and
 //   zero points in fragment order (mikv_vllm/quant.py); each warp stages its next tiles into
 //   shared memory with cp.async (kLoStages deep), and a lane turns 2 codes into an fp16x2
-//   operand with a shift, a mask, an fma and a multiply.
+//   operand of code - zero with a shift, a mask and an fma; the scales multiply the other
+//   operand (Q per key channel, P per value token), once per 16-channel chunk or value group.
 // With several splits the CTAs write unnormalised partials and decode_reduce_kernel combines
 // them; it also leaves each head's log-sum-exp when asked, and the hi pass each slab's (the
 // importance signal, csrc/page_mass.cu).
@@ -66,38 +67,37 @@ __device__ __forceinline__ __half2 code_pair(uint32_t w, int i) {
   return bits_h2((x & kMask) | 0x3C003C00u);
 }
 
-// (code - zero) * scale from code_pair's f = 1 + code / 2^BITS: f * 2^BITS - (2^BITS + zero) is
-// the whole number code - zero (exact in fp16), then one rounding in the multiply. `nz` holds
-// -(2^BITS + zero) of the pair's two elements.
-template <int BITS>
-__device__ __forceinline__ uint32_t dequant_pair(__half2 f, uint32_t scale, __half2 nz) {
-  const __half2 m = __float2half2_rn(static_cast<float>(1 << BITS));
-  return h2_bits(__hmul2(__hfma2(f, m, nz), bits_h2(scale)));
-}
-
-// -(2^BITS + zero) of the two int8 zero points in bytes 2 * half and 2 * half + 1 of `zeros`.
+// -(2^BITS + zero) of the two int8 zero points in bytes 2 * half and 2 * half + 1 of `zeros`,
+// without integer-to-float conversions: each zero, biased to an unsigned byte (z + 128), is
+// permuted into the low mantissa byte of fp16 1024 (0x64XX = 1024 + byte, exact), so one
+// subtraction from 1152 - 2^BITS gives the whole number -(2^BITS + z).
 template <int BITS>
 __device__ __forceinline__ __half2 neg_zero_pair(uint32_t zeros, int half) {
-  const int z0 = static_cast<int8_t>(zeros >> (16 * half));
-  const int z1 = static_cast<int8_t>(zeros >> (16 * half + 8));
-  return __floats2half2_rn(static_cast<float>(-(1 << BITS) - z0),
-                           static_cast<float>(-(1 << BITS) - z1));
+  const uint32_t biased = zeros ^ 0x80808080u;
+  const uint32_t f = __byte_perm(biased, 0x64646464u, half ? 0x4342u : 0x4140u);
+  return __hsub2(__float2half2_rn(1152.f - static_cast<float>(1 << BITS)), bits_h2(f));
 }
 
 // The A operand (4 fp16x2 registers) of 16-channel chunk (keys) or m-tile (values) `c` from a
-// lane's code words, its 8-byte run of fp16 scales and its 4-byte run of int8 zero points:
-// registers 0, 1 use the pairs of the runs' first half, registers 2, 3 those of their second.
+// lane's code words: the whole numbers code - zero, exact in fp16 (f * 2^BITS + nz with
+// code_pair's f = 1 + code / 2^BITS and nz = neg_zero_pair's -(2^BITS + zero)); registers 0, 1
+// take `nz0`, registers 2, 3 `nz1`. The scales go into the B operand instead (keys: per channel,
+// into Q; values: per token, into P), where one multiply serves a whole chunk or group.
 template <int BITS, int LW>
-__device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, uint2 scales,
-                                           uint32_t zeros, uint32_t (&a)[4]) {
+__device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, __half2 nz0,
+                                           __half2 nz1, uint32_t (&a)[4]) {
   constexpr int PPW = 16 / BITS;  // code pairs per word
-  const __half2 nz0 = neg_zero_pair<BITS>(zeros, 0), nz1 = neg_zero_pair<BITS>(zeros, 1);
+  const __half2 m = __float2half2_rn(static_cast<float>(1 << BITS));
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int pair = c * 4 + r;
-    a[r] = dequant_pair<BITS>(code_pair<BITS>(words[pair / PPW], pair % PPW),
-                              r < 2 ? scales.x : scales.y, r < 2 ? nz0 : nz1);
+    a[r] = h2_bits(__hfma2(code_pair<BITS>(words[pair / PPW], pair % PPW), m, r < 2 ? nz0 : nz1));
   }
+}
+
+// A B-operand register times a pair of fp16 scales.
+__device__ __forceinline__ uint32_t scaled(uint32_t b, uint32_t scales) {
+  return h2_bits(__hmul2(bits_h2(b), bits_h2(scales)));
 }
 
 // ---- lo-tile staging: cp.async into a per-warp shared-memory ring ---------------------------
@@ -110,6 +110,10 @@ constexpr int kLoStages = 3;
 // Bytes of one staged (KV head, 16-token tile): K and V codes, then the page's K scales and
 // zeros of this head, then the tile's V scales and zeros (sized for the smallest group, 16).
 template <int D, int BITS> constexpr int lo_tile_bytes() { return D * (4 * BITS + 6); }
+// One warp's ring of staged tiles.
+template <int D, int BITS> constexpr int lo_ring_bytes() {
+  return kLoStages * lo_tile_bytes<D, BITS>();
+}
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -119,9 +123,15 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-// A warp's copy of `bytes` (a multiple of 16, both ends 16-byte aligned).
+// A warp's copy of `bytes` <= kMaxBytes (a multiple of 16, both ends 16-byte aligned): the
+// bound makes it straight-line code, one predicated cp.async per lane and 512 bytes.
+template <int kMaxBytes>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
-  for (int i = lane * 16; i < bytes; i += 32 * 16) cp_async16(dst + i, src + i);
+#pragma unroll
+  for (int k = 0; k < (kMaxBytes + 511) / 512; ++k) {
+    const int i = k * 512 + lane * 16;
+    if (i < bytes) cp_async16(dst + i, src + i);
+  }
 }
 
 template <int LW>
@@ -156,14 +166,10 @@ struct LoCursor {
     entry = p < p_end ? bt[p] : 0;
     todo = __ballot_sync(0xffffffffu, entry < 0);
   }
-  // The next lo tile's page code and first token; false when the warp's share is done.
+  // Moves to the next lo tile (code, page, tile); false when the warp's share is done.
   __device__ __forceinline__ bool next(const int32_t* __restrict__ bt, int p_end, int t_end,
-                                       int block_size, int lane, int& tile_code, int& tok0) {
-    if (page >= 0 && ++tile * 16 < block_size && page * block_size + tile * 16 < t_end) {
-      tile_code = code;
-      tok0 = page * block_size + tile * 16;
-      return true;
-    }
+                                       int block_size, int lane) {
+    if (page >= 0 && ++tile * 16 < block_size && page * block_size + tile * 16 < t_end) return true;
     while (todo == 0) {
       base += 32 * kWarps;
       if (base >= p_end) { page = -1; return false; }
@@ -174,10 +180,9 @@ struct LoCursor {
     page = base + i * kWarps;
     code = -__shfl_sync(0xffffffffu, entry, i) - 1;
     tile = 0;
-    tile_code = code;
-    tok0 = page * block_size;
     return true;
   }
+  __device__ __forceinline__ int tok0(int block_size) const { return page * block_size + tile * 16; }
 };
 
 // D[16 x 8] += A[16 x 16] B[16 x 8], fp16 in, fp32 accumulate (sm_80+).
@@ -212,6 +217,8 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
   constexpr int kKs = 2 * kCodeBytes, kKz = kKs + 32 * KC, kVs = kKz + 16 * KC;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, j = lane % 4;
   const int tiles = block_size / 16, groups = D / lo.group;
+  // Value groups are 16 << gshift channels (multiples of 16 dividing D: powers of two).
+  const int gshift = max(__ffs(lo.group >> 4) - 1, 0);
   const int kVz = kVs + 32 * groups;
 
   // Q^T as the B operand of S^T = K Q^T: channels 16c + 2j + {0, 1} (+8) of head g.
@@ -238,22 +245,22 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
   LoCursor cur{p_begin + warp, 0, 0u, 0, -1, 0};
   cur.load_window(bt, p_end, lane);
   auto stage_next = [&](int stage) {
-    int code, tok0;
-    if (cur.next(bt, p_end, t_end, block_size, lane, code, tok0)) {
-      const int tile = (tok0 % block_size) / 16;
+    int tok0 = -1;
+    if (cur.next(bt, p_end, t_end, block_size, lane)) {
+      const int code = cur.code, tile = cur.tile;
+      tok0 = cur.tok0(block_size);
       const uint8_t* page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
                             static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
       const int run0 = (kvh * tiles + tile) * 32;  // the tile's first code run of this head
       uint8_t* dst = ring + stage * kTileBytes;
-      warp_copy(dst, page + run0 * LW * 4, kCodeBytes, lane);
-      warp_copy(dst + kCodeBytes, page + lo.v_codes + run0 * LW * 4, kCodeBytes, lane);
-      warp_copy(dst + kKs, page + lo.k_scales + kvh * 32 * KC, 32 * KC, lane);
-      warp_copy(dst + kKz, page + lo.k_zeros + kvh * 16 * KC, 16 * KC, lane);
+      warp_copy<kCodeBytes>(dst, page + run0 * LW * 4, kCodeBytes, lane);
+      warp_copy<kCodeBytes>(dst + kCodeBytes, page + lo.v_codes + run0 * LW * 4, kCodeBytes, lane);
+      warp_copy<32 * KC>(dst + kKs, page + lo.k_scales + kvh * 32 * KC, 32 * KC, lane);
+      warp_copy<16 * KC>(dst + kKz, page + lo.k_zeros + kvh * 16 * KC, 16 * KC, lane);
       const int v_run0 = (kvh * tiles + tile) * groups * 4;
-      warp_copy(dst + kVs, page + lo.v_scales + v_run0 * 8, 32 * groups, lane);
-      warp_copy(dst + kVz, page + lo.v_zeros + v_run0 * 4, 16 * groups, lane);
-    } else {
-      tok0 = -1;
+      // groups <= KC: lo groups are multiples of 16 channels.
+      warp_copy<32 * KC>(dst + kVs, page + lo.v_scales + v_run0 * 8, 32 * groups, lane);
+      warp_copy<16 * KC>(dst + kVz, page + lo.v_zeros + v_run0 * 4, 16 * groups, lane);
     }
     if (lane == 0) sm_tok[stage] = tok0;
     cp_async_commit();
@@ -276,18 +283,20 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
     const uint32_t* k_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kKz) + j * KC;
     const uint2* v_scales = reinterpret_cast<const uint2*>(tile_smem + kVs) + j;
     const uint32_t* v_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kVz) + j;
-    // S^T[tokens x heads] = K Q^T, K dequantized to fp16 per chunk.
+    // S^T[tokens x heads] = (K codes - zeros) (Q^T x the channels' key scales), per chunk.
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < KC; ++c) {
       uint32_t a[4];
-      a_fragment<BITS>(kw, c, k_scales[c], k_zeros[c], a);
-      mma_16816(s, a, qb[c][0], qb[c][1]);
+      const uint2 ks = k_scales[c];
+      const uint32_t kz = k_zeros[c];
+      a_fragment<BITS>(kw, c, neg_zero_pair<BITS>(kz, 0), neg_zero_pair<BITS>(kz, 1), a);
+      mma_16816(s, a, scaled(qb[c][0], ks.x), scaled(qb[c][1], ks.y));
     }
 
     // Online softmax; s[e], s[e + 2] are head 2j + e at tokens g, g + 8.
     const bool tok_lo = tok0 + g < t_end, tok_hi = tok0 + g + 8 < t_end;
-    float pr[4];
+    float pr[4], alpha[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const bool head = 2 * j + e < ng;
@@ -297,16 +306,21 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
 #pragma unroll
       for (int o = 4; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       const float mn = fmaxf(m[e], mx);
-      const float alpha = exp2_diff(m[e], mn);
+      alpha[e] = exp2_diff(m[e], mn);
       pr[e] = s0 == -INFINITY ? 0.f : exp2f(s0 - mn);
       pr[e + 2] = s1 == -INFINITY ? 0.f : exp2f(s1 - mn);
-      l[e] = l[e] * alpha + pr[e] + pr[e + 2];
+      l[e] = l[e] * alpha[e] + pr[e] + pr[e + 2];
+      m[e] = mn;
+    }
+    // Once the running maxima settle, alpha is exactly 1 for every lane: skip the rescale.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int n = 0; n < KC; ++n) {
-        acc[n][e] *= alpha;
-        acc[n][e + 2] *= alpha;
+        acc[n][0] *= alpha[0];
+        acc[n][2] *= alpha[0];
+        acc[n][1] *= alpha[1];
+        acc[n][3] *= alpha[1];
       }
-      m[e] = mn;
     }
     // P^T as the B operand of O^T += V^T P^T: tokens 2j + {0, 1} (+8) of head g.
     __syncwarp();
@@ -318,13 +332,23 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
     const uint32_t pb0 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j]);
     const uint32_t pb1 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j + 8]);
 
-    // Values' scales and zeros of tokens 2j + {0, 1} (+8), per 16-channel m-tile n (its
-    // group's run).
+    // O^T += (V codes - zeros)^T (P^T x the tokens' value scales); a lane's tokens are
+    // 2j + {0, 1} (+8), whose scales and zeros are read once per value group.
+    uint32_t vb0 = 0, vb1 = 0;
+    __half2 vnz0, vnz1;
 #pragma unroll
     for (int n = 0; n < KC; ++n) {
+      if ((n & ((1 << gshift) - 1)) == 0) {  // the first m-tile of a value group
+        const uint2 vs = v_scales[(n >> gshift) * 4];
+        const uint32_t vz = v_zeros[(n >> gshift) * 4];
+        vb0 = scaled(pb0, vs.x);
+        vb1 = scaled(pb1, vs.y);
+        vnz0 = neg_zero_pair<BITS>(vz, 0);
+        vnz1 = neg_zero_pair<BITS>(vz, 1);
+      }
       uint32_t a[4];
-      a_fragment<BITS>(vw, n, v_scales[16 * n / lo.group * 4], v_zeros[16 * n / lo.group * 4], a);
-      mma_16816(acc[n], a, pb0, pb1);
+      a_fragment<BITS>(vw, n, vnz0, vnz1, a);
+      mma_16816(acc[n], a, vb0, vb1);
     }
   }
   cp_async_wait<0>();
@@ -568,11 +592,11 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   if (lo.bits == 2)
     lo_pass<2, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
                               kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
-                              lo_ring + warp * kLoStages * lo_tile_bytes<D, 2>(), sm_tok[warp]);
+                              lo_ring + warp * lo_ring_bytes<D, 2>(), sm_tok[warp]);
   else
     lo_pass<4, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
                               kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
-                              lo_ring + warp * kLoStages * lo_tile_bytes<D, 4>(), sm_tok[warp]);
+                              lo_ring + warp * lo_ring_bytes<D, 4>(), sm_tok[warp]);
   __syncthreads();
 
   for (int i = threadIdx.x; i < ng * D; i += kThreads) {
@@ -631,8 +655,7 @@ template <typename q_t, typename kv_t, int D, int MAX_G>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   const int head_chunks = (a.group + MAX_G - 1) / MAX_G;
   dim3 grid(a.num_seqs, a.num_kv_heads * head_chunks, a.num_splits);
-  const int ring_bytes =
-      kWarps * kLoStages * (a.lo.bits == 2 ? lo_tile_bytes<D, 2>() : lo_tile_bytes<D, 4>());
+  const int ring_bytes = kWarps * (a.lo.bits == 2 ? lo_ring_bytes<D, 2>() : lo_ring_bytes<D, 4>());
   auto* kernel = paged_decode_kernel<q_t, kv_t, D, MAX_G>;
   // The default dynamic limit is 48 KB less the kernel's static shared memory, which D 256 or
   // 8 heads per CTA exceed with the ring: raise it once per instantiation and device (a
