@@ -192,6 +192,8 @@ BAD_KNOBS = [
                  id="bool-for-float"),
     pytest.param({"outlier_balancing": 1}, r"knob 'outlier_balancing' must be bool, got int",
                  id="int-for-bool"),
+    pytest.param({"split_decode": "auto"}, r"knob 'split_decode' must be bool or null, got str",
+                 id="str-for-optional-bool"),
     pytest.param({"hi_dtype": "fp16"}, r"hi_dtype must be 'bf16' or 'fp8', got 'fp16'",
                  id="hi-dtype"),
     pytest.param({"lo_bits": 3}, r"lo_bits must be 2 or 4, got 3", id="lo-bits-3"),

@@ -163,7 +163,7 @@ def test_fa_utils_exposes_prefill_functions():
     from vllm.v1.attention.backends import fa_utils
 
     assert callable(getattr(fa_utils, "get_flash_attn_version", None)), (
-        "fa_utils.get_flash_attn_version is gone (MikvAttentionImpl.__init__)")
+        "fa_utils.get_flash_attn_version is gone (MikvAttentionImpl.__init__, the split_decode default)")
     assert "head_size" in _param_names(fa_utils.get_flash_attn_version)
     names = ("flash_attn_varlen_func", "reshape_and_cache_flash")
     if all(hasattr(fa_utils, n) for n in names):  # CUDA platform: the real objects

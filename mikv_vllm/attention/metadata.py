@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuilder,
                                        CommonAttentionMetadata)
+from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from mikv_vllm.attention.split_decode import SplitTables
@@ -67,9 +68,9 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if torch.device(device).type == "cuda" else 1)
         self.split_tables: SplitTables | None = None
-        if MikvConfig.from_additional_config(vllm_config.additional_config).split_decode:
-            from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-
+        knob = MikvConfig.from_additional_config(vllm_config.additional_config).split_decode
+        fa_version = get_flash_attn_version()
+        if knob or (knob is None and fa_version == 3):
             sched = vllm_config.scheduler_config
             rows = max(sched.max_num_seqs,
                        vllm_config.compilation_config.max_cudagraph_capture_size or 0)
@@ -82,7 +83,7 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
                 vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
                 if (self._cudagraph_support != AttentionCGSupport.NEVER
                     and compilation.cudagraph_mode.has_full_cudagraphs()
-                    and get_flash_attn_version() == 3) else 0)
+                    and fa_version == 3) else 0)
             self.max_graph_tokens = compilation.max_cudagraph_capture_size or 0
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
