@@ -38,13 +38,16 @@
 #   --gpu-util 0.35", then --kv mikv in the next call (benchmarks/results/2026-12-02-h200/).
 #   Second lease of 2026-12-02 (benchmarks/results/2026-12-02-h200-staged/): wheels built for
 #   sm90 only (TORCH_CUDA_ARCH_LIST=9.0: half the size and build time), one riding with
-#   .bundle0 and, for an A/B, another with .bundle1. Ran: setup kernels kernelbench; sweep
-#   with split_decode; setup abkernels kernelbench. Next lease, first: `greedy verify` with
-#   FORCED_KNOBS='{"split_decode":true,"hi_budget":0.1}' (split_decode is off by default until
-#   its greedy tokens are checked), then the sweep with mikv {"hi_dtype":"fp8","split_decode":
-#   true} beside fp8 (FA3 fp8 on the hi pages, 2x the hi pool), int4_per_token_head on (b)
-#   and (c). A kernel-only A/B needs no vLLM: one call carrying two wheels, the GPU kernel
-#   tests and `kernel_decode.py --no-flash` with each wheel's _C.so in turn.
+#   .bundle0 and, for an A/B, another with .bundle1.
+#   Third (benchmarks/results/2026-12-02-h200-lease3/, 4 calls, 23 device minutes): .bundle0 +
+#   .whl; .bundle1 + .whl_ab + tok.tar.gz + probe_wiki.json: setup kernels kernelbench
+#   abkernels; gguf.part_a/b/d + the 4 wheels of .models/parts: setup sweep; gguf.part_c: setup
+#   greedy (GREEDY_KV / GREEDY_TAG for a second knob set). A kernel-only A/B needs no vLLM: one
+#   call carrying two wheels, the GPU kernel tests and `kernel_decode.py --no-flash` with each
+#   wheel's _C.so in turn (one output folder per run: names must not prefix each other).
+#   Next lease: int4_per_token_head on workloads (b) and (c); the sweep with mikv's default
+#   knobs (split_decode now on with FA3) beside auto and fp8; split_decode over the tree's
+#   kernel in kernelbench; tp2 on nvidia-h200-x2.
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
@@ -141,9 +144,11 @@ stage_demote() {
 }
 # Real model, demotion forced on: SmolLM2 greedy continuations of 16 Wikipedia prompts (1536
 # tokens each, from .models/parts/probe_wiki.json) under mikv with hi_budget 0.1 vs auto.
+# GREEDY_KV / GREEDY_TAG run another knob set beside an earlier one (each run's e2e_<kv>_<tag>.json
+# keeps its probe tokens, for a token match between two mikv runs).
 stage_greedy() {
   [ -f "$GGUF" ] || { log "no SmolLM2 GGUF assembled: greedy stage skipped"; return; }
-  E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv auto mikv --tag smollm2_forced --num-prompts 0 --probe-prompts 16 --probe-tokens 128 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs $FORCED_KNOBS" stage_e2e
+  E2E_ARGS="--model $GGUF --tokenizer $TOK --load-format auto --dtype bfloat16 --kv ${GREEDY_KV:-auto mikv} --tag ${GREEDY_TAG:-smollm2_forced} --num-prompts 0 --probe-prompts 16 --probe-tokens 128 --probe-file .models/parts/probe_wiki.json --max-model-len 2048 --mikv-knobs $FORCED_KNOBS" stage_e2e
 }
 
 # The same with MIKV_VERIFY_DEMOTIONS=1 (mikv_vllm/verify.py): the worker checks each demoted

@@ -1,5 +1,6 @@
 """PNG of e2e_capacity.json: resident KV tokens and total throughput of every kv dtype, per
-workload, as ratios to `auto` (the numbers are printed on the bars).
+workload, as ratios to `auto` (or to the workload's first row where auto did not run; the
+numbers are printed on the bars).
 
     python benchmarks/plot_capacity.py benchmarks/results/<run>/e2e_capacity.json"""
 from __future__ import annotations
@@ -20,7 +21,8 @@ def main() -> None:
     fig, axes = plt.subplots(2, len(workloads), figsize=(5 * len(workloads), 7), squeeze=False)
     for col, workload in enumerate(workloads):
         these = [r for r in rows if r["workload"] == workload]
-        base = next((r for r in these if r["kv"] == "auto"), None)
+        # Ratios to auto, or to the workload's first row where auto did not run beside it.
+        base = next((r for r in these if r["kv"] == "auto"), these[0])
         labels = [r["kv"] + (f"\n{r['knobs']}" if r.get("knobs") else "") for r in these]
         for row, (key, title) in enumerate([("kv_tokens", "max resident KV tokens"),
                                             ("total_tok_s", "total tok/s")]):
@@ -34,7 +36,7 @@ def main() -> None:
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xticks(range(len(these)), labels, fontsize=7)
             device = these[0].get("device", "")
-            ax.set_title(f"{workload.replace(', ', chr(10))}\n{device}: {title} (x auto)",
+            ax.set_title(f"{workload.replace(', ', chr(10))}\n{device}: {title} (x {base['kv']})",
                          fontsize=8)
     fig.tight_layout()
     out = os.path.splitext(path)[0] + ".png"
