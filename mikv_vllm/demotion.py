@@ -63,7 +63,11 @@ class PageDemoter:
             mask[[p for p in state.lo_pages if p < num_pages]] = True
         return mask
 
-    def num_lo_pages(self) -> int:
+    def num_lo_pages(self, req_id: str | None = None) -> int:
+        """Lo pages of one request, or of all."""
+        if req_id is not None:
+            state = self.requests.get(req_id)
+            return len(state.lo_pages) if state is not None else 0
         return sum(len(s.lo_pages) for s in self.requests.values())
 
     def num_pack_blocks(self) -> int:

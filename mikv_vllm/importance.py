@@ -113,12 +113,12 @@ def attach(output, pending: PendingMass):
     return output
 
 
-def request_page_mass(block_mass: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
-    """One request's per-page mass from a block-indexed report (null/lo pages read block 0,
-    which no hi page uses, so they get 0)."""
-    if not block_ids:
-        return block_mass.new_zeros(0)
-    ids = torch.tensor(block_ids, dtype=torch.long)
-    out = block_mass[ids]
+def request_page_mass(block_mass, block_ids: list[int]) -> torch.Tensor:
+    """Per-page mass of the pages in `block_ids` (one request's, or several requests' one after
+    the other) from a block-indexed report (a numpy array or CPU tensor; null/lo pages read
+    block 0, which no hi page uses, so they get 0). In numpy: a report covers every running
+    request's pages, on the engine's critical path."""
+    ids = np.asarray(block_ids, dtype=np.int64)
+    out = np.asarray(block_mass, dtype=np.float32)[ids]
     out[ids == 0] = 0.0
-    return out
+    return torch.from_numpy(out)

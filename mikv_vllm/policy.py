@@ -54,15 +54,20 @@ class DemotionPolicy:
         order = torch.sort(m, stable=True).indices[:k]  # stable: ties keep older pages first
         return (order + pages.start).tolist()
 
+    def budget_excess(self, num_tokens: int, block_size: int, lo_pages: int) -> int:
+        """How many hi pages a request with `lo_pages` lo pages holds beyond `hi_budget` (0
+        without a budget). Cheap: the scheduler asks it every step before ranking anything."""
+        limit = self.hi_page_limit(num_tokens, block_size)
+        if limit is None:
+            return 0
+        return max(0, -(-num_tokens // block_size) - lo_pages - limit)
+
     def over_budget(self, mass: torch.Tensor, is_lo: torch.Tensor, num_tokens: int,
                     block_size: int) -> list[int]:
         """Pages to demote now so the request's hi pages fit `hi_budget`."""
-        limit = self.hi_page_limit(num_tokens, block_size)
-        if limit is None:
-            return []
         total_pages = -(-num_tokens // block_size)
-        hi_pages = total_pages - int(is_lo[:total_pages].sum())
-        return self.coldest(mass, is_lo, num_tokens, block_size, hi_pages - limit)
+        excess = self.budget_excess(num_tokens, block_size, int(is_lo[:total_pages].sum()))
+        return self.coldest(mass, is_lo, num_tokens, block_size, excess)
 
     def accumulate(self, acc: torch.Tensor, step_mass: torch.Tensor) -> torch.Tensor:
         """Decayed accumulated mass after one step (grows with the request's page count)."""

@@ -85,17 +85,24 @@ class MikvSchedulerMixin:
     def update_from_output(self, scheduler_output, model_runner_output):
         block_mass = getattr(model_runner_output, BLOCK_MASS_ATTR, None)
         if block_mass is not None:
-            self.report_block_mass(torch.as_tensor(block_mass))
+            self.report_block_mass(block_mass)
         return super().update_from_output(scheduler_output, model_runner_output)
 
-    def report_block_mass(self, block_mass: torch.Tensor) -> None:
-        """Fold a worker report (mass per physical block) into every running request's ranking."""
+    def report_block_mass(self, block_mass) -> None:
+        """Fold a worker report (mass per physical block) into every running request's ranking
+        (one gather for all of them: this runs on the engine's critical path)."""
         req_to_blocks = self.demoter.manager.req_to_blocks
+        owners, sizes, block_ids = [], [], []
         for r in self.running:
             blocks = req_to_blocks.get(r.request_id)
             if blocks:
-                self.report_page_mass(r.request_id, request_page_mass(
-                    block_mass, [b.block_id for b in blocks]))
+                owners.append(r.request_id)
+                sizes.append(len(blocks))
+                block_ids.extend(b.block_id for b in blocks)
+        if owners:
+            pages = request_page_mass(block_mass, block_ids).split(sizes)
+            for req_id, step_mass in zip(owners, pages):
+                self.report_page_mass(req_id, step_mass)
 
     def report_page_mass(self, req_id: str, step_mass: torch.Tensor) -> None:
         """Fold one report's per-page attention mass into the request's ranking."""
@@ -108,9 +115,11 @@ class MikvSchedulerMixin:
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
         moves: list[Demotion] = []
         if self.mikv_policy.hi_budget is not None:
-            for r in decoding:  # 1. the per-request hi budget
-                moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
-                    *self._ranking(r), r.num_computed_tokens, bs))
+            for r in decoding:  # 1. the per-request hi budget (ranked only when exceeded)
+                if self.mikv_policy.budget_excess(r.num_computed_tokens, bs,
+                                                  self.demoter.num_lo_pages(r.request_id)):
+                    moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
+                        *self._ranking(r), r.num_computed_tokens, bs))
         # 2. memory pressure: room for this step's pages plus a watermark.
         short = (self._blocks_wanted() + self.watermark_blocks
                  - self.kv_cache_manager.block_pool.get_num_free_blocks())

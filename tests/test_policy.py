@@ -40,6 +40,14 @@ def test_budget_limits_hi_pages_but_never_below_the_protected_ones():
     assert DemotionPolicy().over_budget(mass, is_lo, 100, 16) == []  # no budget: no demotion
 
 
+def test_budget_excess_is_what_over_budget_demotes():
+    p = DemotionPolicy(sink_pages=1, recent_pages=2, hi_budget=0.5)
+    assert p.budget_excess(100, 16, lo_pages=0) == 3      # 7 pages, limit 4
+    assert p.budget_excess(100, 16, lo_pages=3) == 0
+    assert p.budget_excess(100, 16, lo_pages=5) == 0      # never negative
+    assert DemotionPolicy().budget_excess(100, 16, lo_pages=0) == 0
+
+
 def test_accumulated_mass_decays_and_grows_with_the_request():
     p = DemotionPolicy(decay=0.5)
     acc = p.accumulate(torch.zeros(0), torch.tensor([1.0, 0.0]))

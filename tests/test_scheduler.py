@@ -152,6 +152,28 @@ def test_importance_reports_rank_pages(tiny_llama):
     assert len(demoted) == 17 and len(hot - demoted) == 1, sorted(demoted)
 
 
+def test_one_report_reaches_every_running_request(tiny_llama):
+    """The report is gathered for all running requests at once: each gets its own pages."""
+    from mikv_vllm.importance import BLOCK_MASS_ATTR
+
+    rng = random.Random(4)
+    sched = make_scheduler(tiny_llama, num_blocks=400)
+    for rid, pages in (("a", 12), ("b", 7), ("c", 20)):
+        sched.add_request(request(rid, pages * BLOCK, 10, rng))
+    step(sched)                                       # prefill all three
+    block_mass = torch.zeros(400)
+    hot = {"a": 2, "b": 5, "c": 11}
+    for rid, page in hot.items():
+        block_mass[sched.demoter.manager.req_to_blocks[rid][page].block_id] = 0.5
+    out, runner_out = schedule(sched)
+    setattr(runner_out, BLOCK_MASS_ATTR, block_mass.numpy())
+    sched.update_from_output(out, runner_out)
+    for rid, page in hot.items():
+        mass = sched.page_mass[rid]
+        assert mass.numel() == len(sched.demoter.manager.req_to_blocks[rid])
+        assert mass.nonzero().flatten().tolist() == [page] and float(mass[page]) == 0.5
+
+
 def test_block_mass_of_lo_and_null_pages_is_zero():
     from mikv_vllm.importance import request_page_mass
 
