@@ -203,3 +203,22 @@ def test_long_prompts_are_admitted_beyond_the_hi_pool(tiny_llama):
     assert preempted == 0
     assert sched.make_stats().mikv["max_resident_tokens"] > 199 * BLOCK * 1.5
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 200 - 1
+
+
+def test_scheduler_step_benchmark_runs_real_schedulers():
+    """benchmarks/scheduler_step.py drives vLLM's Scheduler and MikvScheduler to completion
+    (timings are not checked: benchmarks are not timed tests)."""
+    import argparse
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "scheduler_step.py")
+    spec = importlib.util.spec_from_file_location("scheduler_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(model=os.path.join(os.path.dirname(path), "configs", "llama-3.1-8b"),
+                              requests=4, prompt=64, output=24, chunk=256, blocks=0)
+    auto = bench.run("auto", None, args)
+    mikv = bench.run("mikv", {"hi_budget": 0.5}, args)
+    assert auto["scheduler"] == "Scheduler" and mikv["scheduler"] == "MikvScheduler"
+    assert auto["steps"] == mikv["steps"] and mikv["report_steps"] > 0
