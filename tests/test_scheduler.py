@@ -124,6 +124,48 @@ def test_abort_mid_demotion_returns_everything(tiny_llama):
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 200 - 1
 
 
+def test_random_arrivals_aborts_and_preemption_fallback_lose_nothing(tiny_llama):
+    """Random arrivals, lengths and aborts on a pool that demotion alone cannot stretch far
+    enough (every request keeps sink + recent pages hi): vLLM still preempts when demotion can
+    free nothing, every request that was not aborted finishes with all its tokens, and the pool
+    is whole at the end."""
+    from vllm.v1.request import RequestStatus
+
+    rng = random.Random(5)
+    blocks = 60
+    sched = make_scheduler(tiny_llama, num_blocks=blocks, log_stats=True,
+                           knobs={"sink_pages": 1, "recent_pages": 4})
+    reqs, want, aborted, finished, preempted, moves, next_id = {}, {}, set(), set(), 0, 0, 0
+    for _ in range(3000):
+        if next_id < 24 and rng.random() < 0.2:
+            rid = f"r{next_id}"
+            next_id += 1
+            want[rid] = rng.randrange(8, 120)
+            reqs[rid] = request(rid, rng.randrange(16, 200), want[rid], rng)
+            sched.add_request(reqs[rid])
+        if sched.running and rng.random() < 0.01:
+            rid = rng.choice(sched.running).request_id
+            sched.finish_requests([rid], finished_status=RequestStatus.FINISHED_ABORTED)
+            aborted.add(rid)
+        if not sched.has_requests():
+            if next_id == 24:
+                break
+            continue
+        out = step(sched)
+        moves += len(getattr(out, DEMOTIONS_ATTR))
+        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+        for rid in out.finished_req_ids:
+            if rid not in aborted:
+                finished.add(rid)
+                assert reqs[rid].num_output_tokens == want[rid]
+    assert not sched.has_requests() and next_id == 24
+    assert finished | aborted == set(want), "a request was lost"
+    print(f"{moves} pages demoted, {preempted} preemptions, {len(aborted)} aborted")
+    assert moves > 0 and preempted > 0  # demotion first, preemption as the fallback
+    assert sched.demoter.num_pack_blocks() == 0 and not sched.demoter.requests
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == blocks - 1
+
+
 def test_importance_reports_rank_pages(tiny_llama):
     """A worker report (mass per physical block, on the step's ModelRunnerOutput) reaches the
     request's ranking; the budget then demotes the pages that got no attention first."""
