@@ -114,10 +114,9 @@ def attach(output, pending: PendingMass):
 
 
 def request_page_mass(block_mass, block_ids: list[int]) -> torch.Tensor:
-    """Per-page mass of the pages in `block_ids` (one request's, or several requests' one after
-    the other) from a block-indexed report (a numpy array or CPU tensor; null/lo pages read
-    block 0, which no hi page uses, so they get 0). In numpy: a report covers every running
-    request's pages, on the engine's critical path."""
+    """Per-page mass of the pages in `block_ids` from a block-indexed array (a report or the
+    scheduler's accumulated mass; numpy or a CPU tensor). Null/lo pages read block 0, which no
+    hi page uses, so they get 0."""
     ids = np.asarray(block_ids, dtype=np.int64)
     out = np.asarray(block_mass, dtype=np.float32)[ids]
     out[ids == 0] = 0.0

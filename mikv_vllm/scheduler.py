@@ -51,7 +51,10 @@ class MikvSchedulerMixin:
         self.demoter = PageDemoter(self.kv_cache_manager, self.mikv_layout)
         self.page_stats = PageStatsRecorder(self.mikv_layout.hi_page_bytes,
                                             self.mikv_layout.lo_page_bytes)
-        self.page_mass: dict[str, torch.Tensor] = {}
+        # Decayed attention mass per physical block: the ranking of the hi page each block
+        # holds. A block's entry is cleared when it leaves its last owner (finish, abort,
+        # preemption, demotion), so a reused block starts cold.
+        self.block_mass = torch.zeros(self.kv_cache_config.num_blocks)
         self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
         blocks, bs, n = self.kv_cache_config.num_blocks, self.mikv_layout.block_size, \
             self.mikv_layout.pack_factor
@@ -61,9 +64,10 @@ class MikvSchedulerMixin:
         free = self.kv_cache_manager.free
 
         def free_with_packs(request) -> None:
+            blocks = self.demoter.manager.req_to_blocks.get(request.request_id, ())
+            self.block_mass[[b.block_id for b in blocks if b.ref_cnt == 1]] = 0.0
             free(request)
             self.demoter.release(request.request_id)
-            self.page_mass.pop(request.request_id, None)
 
         self.kv_cache_manager.free = free_with_packs
 
@@ -89,25 +93,11 @@ class MikvSchedulerMixin:
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def report_block_mass(self, block_mass) -> None:
-        """Fold a worker report (mass per physical block) into every running request's ranking
-        (one gather for all of them: this runs on the engine's critical path)."""
-        req_to_blocks = self.demoter.manager.req_to_blocks
-        owners, sizes, block_ids = [], [], []
-        for r in self.running:
-            blocks = req_to_blocks.get(r.request_id)
-            if blocks:
-                owners.append(r.request_id)
-                sizes.append(len(blocks))
-                block_ids.extend(b.block_id for b in blocks)
-        if owners:
-            pages = request_page_mass(block_mass, block_ids).split(sizes)
-            for req_id, step_mass in zip(owners, pages):
-                self.report_page_mass(req_id, step_mass)
-
-    def report_page_mass(self, req_id: str, step_mass: torch.Tensor) -> None:
-        """Fold one report's per-page attention mass into the request's ranking."""
-        acc = self.page_mass.get(req_id, torch.zeros(0))
-        self.page_mass[req_id] = self.mikv_policy.accumulate(acc, step_mass)
+        """Fold a worker report (mass per physical block) into the ranking: one decayed sum
+        over the whole pool, whatever the number of running requests (this runs on the
+        engine's critical path)."""
+        self.block_mass = self.mikv_policy.accumulate(
+            self.block_mass, torch.as_tensor(block_mass, dtype=torch.float32))
 
     def plan_demotions(self) -> tuple[list[Demotion], int]:
         """This step's moves, and how many of them memory pressure asked for."""
@@ -135,6 +125,7 @@ class MikvSchedulerMixin:
             short -= len(done) - -(-len(done) // n)
             moves += done
         self.demoter.free_sources()  # only now: no pack of this step may be a source of it
+        self.block_mass[[m.src_block for m in moves]] = 0.0
         return moves, len(moves) - budget_moves
 
     def _blocks_wanted(self) -> int:
@@ -154,12 +145,18 @@ class MikvSchedulerMixin:
             want += -(-tokens // bs) + self.kv_cache_manager.watermark_blocks
         return want
 
-    def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor]:
+    def page_mass(self, request) -> torch.Tensor:
+        """The request's accumulated mass per page (0 for lo pages)."""
         pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
-        mass = self.page_mass.get(request.request_id, torch.zeros(0))
+        blocks = self.demoter.manager.req_to_blocks.get(request.request_id, [])[:pages]
+        mass = request_page_mass(self.block_mass, [b.block_id for b in blocks])
         if mass.numel() < pages:
             mass = torch.cat([mass, mass.new_zeros(pages - mass.numel())])
-        return mass, self.demoter.lo_mask(request.request_id, pages)
+        return mass
+
+    def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor]:
+        pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
+        return self.page_mass(request), self.demoter.lo_mask(request.request_id, pages)
 
 
 class MikvScheduler(MikvSchedulerMixin, Scheduler):

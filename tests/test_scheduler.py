@@ -184,7 +184,7 @@ def test_importance_reports_rank_pages(tiny_llama):
                                    sampled_token_ids=[[5]])
     setattr(runner_out, BLOCK_MASS_ATTR, block_mass.numpy())
     sched.update_from_output(out, runner_out)
-    mass = sched.page_mass["a"]
+    mass = sched.page_mass(sched.requests["a"])
     assert mass[sorted(hot)].tolist() == pytest.approx([0.3] * 3)
     assert float(mass.sum()) == pytest.approx(0.9)
     # A budget of 4 hi pages of 21 keeps sink + 2 recent + 1 more: the 15 cold demotable pages
@@ -211,9 +211,35 @@ def test_one_report_reaches_every_running_request(tiny_llama):
     setattr(runner_out, BLOCK_MASS_ATTR, block_mass.numpy())
     sched.update_from_output(out, runner_out)
     for rid, page in hot.items():
-        mass = sched.page_mass[rid]
+        mass = sched.page_mass(sched.requests[rid])
         assert mass.numel() == len(sched.demoter.manager.req_to_blocks[rid])
         assert mass.nonzero().flatten().tolist() == [page] and float(mass[page]) == 0.5
+
+
+def test_a_reused_block_starts_cold(tiny_llama):
+    """Mass is kept per physical block: a block that leaves its request (here an abort) is
+    cleared, so the next request that gets it does not inherit the old page's ranking."""
+    from vllm.v1.request import RequestStatus
+
+    from mikv_vllm.importance import BLOCK_MASS_ATTR
+
+    rng = random.Random(6)
+    sched = make_scheduler(tiny_llama, num_blocks=40)
+    sched.add_request(request("a", 10 * BLOCK, 50, rng))
+    step(sched)
+    old = {b.block_id for b in sched.demoter.manager.req_to_blocks["a"]}
+    out, runner_out = schedule(sched)
+    report = torch.zeros(40)
+    report[sorted(old)] = 1.0  # workers report mass only for the blocks decodes read
+    setattr(runner_out, BLOCK_MASS_ATTR, report.numpy())
+    sched.update_from_output(out, runner_out)
+    assert sched.page_mass(sched.requests["a"])[:10].tolist() == [1.0] * 10
+    sched.finish_requests(["a"], finished_status=RequestStatus.FINISHED_ABORTED)
+    sched.add_request(request("b", 30 * BLOCK, 5, rng))
+    step(sched)
+    new = {b.block_id for b in sched.demoter.manager.req_to_blocks["b"]}
+    assert old & new, "the pool did not hand a's blocks to b"
+    assert float(sched.page_mass(sched.requests["b"]).abs().sum()) == 0.0
 
 
 def test_block_mass_of_lo_and_null_pages_is_zero():
