@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.worker.gpu_worker import Worker
 
 from mikv_vllm import ops
@@ -101,9 +102,11 @@ class MikvWorker(Worker):
         if clash:  # one launch reads every source while it writes every pack slot
             raise RuntimeError(f"mikv: blocks {sorted(clash)[:8]} are both demotion sources and "
                                "packs of one step (scheduler bug): refusing to corrupt them")
+        # Pinned, non-blocking copies: a blocking one would wait for the previous step's GPU
+        # work, which async scheduling lets run while this step is prepared.
         device = self.device
-        src = torch.tensor([m.src_block for m in moves], dtype=torch.int32).to(device)
-        dst = torch.tensor([m.dst_code for m in moves], dtype=torch.int32).to(device)
+        src = async_tensor_h2d([m.src_block for m in moves], device, torch.int32)
+        dst = async_tensor_h2d([m.dst_code for m in moves], device, torch.int32)
         if self.verifier is not None:
             self.verifier.save_sources(self.attention_layers[0], src)
         for layer in self.attention_layers:
@@ -119,10 +122,11 @@ class MikvWorker(Worker):
         kept = [m for m in moves if m.req_id in index]
         if kept:
             table = runner.block_tables.block_tables[0].gpu
-            rows = torch.tensor([index[m.req_id] for m in kept], dtype=torch.long)
-            pages = torch.tensor([m.page for m in kept], dtype=torch.long)
-            codes = torch.tensor([-(1 + m.dst_code) for m in kept], dtype=table.dtype)  # encode_lo
-            table[rows.to(device), pages.to(device)] = codes.to(device)
+            rows = async_tensor_h2d([index[m.req_id] for m in kept], device, torch.long)
+            pages = async_tensor_h2d([m.page for m in kept], device, torch.long)
+            codes = async_tensor_h2d([-(1 + m.dst_code) for m in kept], device,
+                                     table.dtype)  # encode_lo
+            table[rows, pages] = codes
         if self.verifier is not None:
             self.verifier.check_moves(self.attention_layers[0], layout, moves,
                                       {m.req_id: index[m.req_id] for m in kept})

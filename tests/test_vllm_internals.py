@@ -383,6 +383,14 @@ def test_gpu_worker_hooks_of_mikv_worker():
     assert extract_layer_index("model.layers.12.self_attn.attn") == 12
 
 
+def test_async_tensor_h2d_of_a_list():
+    from vllm.utils.torch_utils import async_tensor_h2d
+
+    assert _param_names(async_tensor_h2d)[:3] == ["data", "device", "dtype"], (
+        "async_tensor_h2d(data, device, dtype) changed: MikvWorker copies demotion moves with it")
+    assert "non_blocking=True" in inspect.getsource(async_tensor_h2d)
+
+
 def test_model_runner_output_carries_an_extra_attribute():
     """The importance report rides on ModelRunnerOutput as an attribute: it must survive the
     pickling of the multiprocessing executor, and the scheduler hook must keep its signature."""
