@@ -53,8 +53,10 @@ class MikvSchedulerMixin:
                                             self.mikv_layout.lo_page_bytes)
         # Decayed attention mass per physical block: the ranking of the hi page each block
         # holds. A block's entry is cleared when it leaves its last owner (finish, abort,
-        # preemption, demotion), so a reused block starts cold.
+        # preemption, demotion), so a reused block starts cold; and again after the next
+        # report, which under async scheduling may still carry the old page's mass.
         self.block_mass = torch.zeros(self.kv_cache_config.num_blocks)
+        self._released: list[int] = []
         self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
         blocks, bs, n = self.kv_cache_config.num_blocks, self.mikv_layout.block_size, \
             self.mikv_layout.pack_factor
@@ -64,8 +66,8 @@ class MikvSchedulerMixin:
         free = self.kv_cache_manager.free
 
         def free_with_packs(request) -> None:
-            blocks = self.demoter.manager.req_to_blocks.get(request.request_id, ())
-            self.block_mass[[b.block_id for b in blocks if b.ref_cnt == 1]] = 0.0
+            held = self.demoter.manager.req_to_blocks.get(request.request_id, ())
+            self._release_mass([b.block_id for b in held if b.ref_cnt == 1])
             free(request)
             self.demoter.release(request.request_id)
 
@@ -98,6 +100,12 @@ class MikvSchedulerMixin:
         engine's critical path)."""
         self.block_mass = self.mikv_policy.accumulate(
             self.block_mass, torch.as_tensor(block_mass, dtype=torch.float32))
+        self.block_mass[self._released] = 0.0
+        self._released.clear()
+
+    def _release_mass(self, block_ids: list[int]) -> None:
+        self.block_mass[block_ids] = 0.0
+        self._released += block_ids
 
     def plan_demotions(self) -> tuple[list[Demotion], int]:
         """This step's moves, and how many of them memory pressure asked for."""
@@ -125,7 +133,7 @@ class MikvSchedulerMixin:
             short -= len(done) - -(-len(done) // n)
             moves += done
         self.demoter.free_sources()  # only now: no pack of this step may be a source of it
-        self.block_mass[[m.src_block for m in moves]] = 0.0
+        self._release_mass([m.src_block for m in moves])
         return moves, len(moves) - budget_moves
 
     def _blocks_wanted(self) -> int:

@@ -242,6 +242,26 @@ def test_a_reused_block_starts_cold(tiny_llama):
     assert float(sched.page_mass(sched.requests["b"]).abs().sum()) == 0.0
 
 
+def test_a_report_late_for_a_demoted_page_is_dropped(tiny_llama):
+    """Under async scheduling the report of step N arrives after step N + 1 was scheduled, so
+    it can still carry mass for a page that N + 1 demoted: the freed block keeps none of it."""
+    from mikv_vllm.importance import BLOCK_MASS_ATTR
+
+    rng = random.Random(7)
+    sched = make_scheduler(tiny_llama, num_blocks=100,
+                           knobs={"hi_budget": 0.3, "sink_pages": 1, "recent_pages": 2})
+    sched.add_request(request("a", 20 * BLOCK, 30, rng))
+    step(sched)                                   # prefill
+    out, runner_out = schedule(sched)             # the budget demotes here
+    sources = [m.src_block for m in getattr(out, DEMOTIONS_ATTR)]
+    assert sources
+    late = torch.zeros(100)
+    late[sources] = 1.0                           # read by the step before the demotion
+    setattr(runner_out, BLOCK_MASS_ATTR, late.numpy())
+    sched.update_from_output(out, runner_out)
+    assert float(sched.block_mass[sources].abs().sum()) == 0.0
+
+
 def test_block_mass_of_lo_and_null_pages_is_zero():
     from mikv_vllm.importance import request_page_mass
 
