@@ -45,9 +45,10 @@
 #   greedy (GREEDY_KV / GREEDY_TAG for a second knob set). A kernel-only A/B needs no vLLM: one
 #   call carrying two wheels, the GPU kernel tests and `kernel_decode.py --no-flash` with each
 #   wheel's _C.so in turn (one output folder per run: names must not prefix each other).
-#   Next lease: int4_per_token_head on workloads (b) and (c); the sweep with mikv's default
-#   knobs (split_decode now on with FA3) beside auto and fp8; split_decode over the tree's
-#   kernel in kernelbench; tp2 on nvidia-h200-x2.
+#   Next lease: the sweep with mikv's default knobs (split_decode now on with FA3; the
+#   worker's demotion copies now non-blocking; the scheduler's step cheaper) beside auto and
+#   fp8; int4_per_token_head on workloads (b) and (c); split_decode over the tree's kernel in
+#   kernelbench; tp2 on nvidia-h200-x2.
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
