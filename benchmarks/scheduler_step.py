@@ -19,22 +19,11 @@ import statistics
 import time
 
 import numpy as np
-import torch
+
+from mikv_vllm.eval.vllm_cpu import one_layer_kv_cache_config, pin_cpu_platform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 16
-
-
-def kv_cache_config(num_blocks: int, num_kv_heads: int, head_size: int):
-    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
-                                            KVCacheTensor)
-    layer = "model.layers.0.self_attn.attn"
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=num_kv_heads, head_size=head_size,
-                             dtype=torch.bfloat16)
-    return KVCacheConfig(num_blocks=num_blocks,
-                         kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks,
-                                                         shared_by=[layer])],
-                         kv_cache_groups=[KVCacheGroupSpec([layer], spec)])
 
 
 def make(kv: str, knobs: dict | None, num_blocks: int, max_seqs: int, chunk: int, model: str):
@@ -51,8 +40,8 @@ def make(kv: str, knobs: dict | None, num_blocks: int, max_seqs: int, chunk: int
                         enable_prefix_caching=True, **extra).create_engine_config()
     config.cache_config.num_gpu_blocks = num_blocks
     hf = config.model_config.hf_config
-    kv_config = kv_cache_config(num_blocks, hf.num_key_value_heads,
-                                hf.hidden_size // hf.num_attention_heads)
+    kv_config = one_layer_kv_cache_config(num_blocks, BLOCK, hf.num_key_value_heads,
+                                          hf.hidden_size // hf.num_attention_heads)
     cls = MikvScheduler if kv == "mikv" else Scheduler
     return cls(config, kv_config, StructuredOutputManager(config), block_size=BLOCK,
                log_stats=True)
@@ -107,16 +96,6 @@ def run(kv: str, knobs: dict | None, args) -> dict:
             "report_steps": len(report_ms), "report_ms_p50": pct(report_ms, 50),
             "mean_decode_step_ms": statistics.fmean(decode_ms + report_ms)
             if decode_ms or report_ms else None, "total_s": total}
-
-
-def pin_cpu_platform() -> None:
-    """Without a GPU, vLLM's CUDA build cannot infer a platform: pin its CPU platform before
-    any config is built (as tests/conftest.py does); the scheduler does not depend on it."""
-    if not torch.cuda.is_available():
-        import vllm.platforms as platforms
-        from vllm.platforms.cpu import CpuPlatform
-
-        platforms._current_platform = CpuPlatform()
 
 
 def main() -> None:

@@ -1,10 +1,8 @@
 """Shared setup of the mikv-vllm test suite.
 
-On a machine without an NVIDIA GPU, the CUDA build of vLLM cannot infer a platform and even
-building the `vllm serve` parser fails ("Failed to infer device type"). Pinning vLLM's
-CpuPlatform *before* anything imports vLLM's config machinery makes the real parser, EngineArgs
-and create_engine_config work here. Where CUDA is available nothing is pinned, so the GPU tests
-see vLLM's normal CUDA platform.
+On a machine without an NVIDIA GPU, vLLM's CpuPlatform is pinned *before* anything imports
+vLLM's config machinery (mikv_vllm.eval.vllm_cpu says why). Where CUDA is available nothing is
+pinned, so the GPU tests see vLLM's normal CUDA platform.
 
 Tests marked `gpu` are skipped without CUDA."""
 from __future__ import annotations
@@ -14,13 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mikv_vllm.eval.vllm_cpu import one_layer_kv_cache_config, pin_cpu_platform  # noqa: F401
+
 HAS_CUDA = torch.cuda.is_available()
 
-if not HAS_CUDA:
-    import vllm.platforms as _platforms
-    from vllm.platforms.cpu import CpuPlatform
-
-    _platforms._current_platform = CpuPlatform()
+pin_cpu_platform()
 
 GPU_SKIP_REASON = "needs an NVIDIA GPU and the built mikv CUDA kernels"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -83,17 +79,3 @@ def serve_engine_config(parse_serve):
         engine_args = AsyncEngineArgs.from_cli_args(parse_serve(*argv, model=model))
         return engine_args, engine_args.create_engine_config()
     return build
-
-
-def one_layer_kv_cache_config(num_blocks: int, block_size: int, num_kv_heads: int,
-                              head_size: int, layer: str = "model.layers.0.self_attn.attn"):
-    """A real vLLM KVCacheConfig: one full-attention layer, `num_blocks` bf16 blocks."""
-    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
-                                            KVCacheTensor)
-
-    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
-                             head_size=head_size, dtype=torch.bfloat16)
-    return KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks, shared_by=[layer])],
-        kv_cache_groups=[KVCacheGroupSpec([layer], spec)])
