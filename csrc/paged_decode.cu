@@ -9,13 +9,14 @@
 // - hi pass: lanes grouped D/8 per token row (8 elements, a 16-byte load for bf16), kUnroll
 //   rows in flight per group; a warp's slab of rows lies in one page, so lo pages are skipped
 //   per slab.
-// - lo pass (lo_pass below): a warp takes whole lo pages, 16 tokens at a time, on tensor cores
-//   (mma.m16n8k16, fp16 in, fp32 accumulate): S^T = K Q^T with the tile's tokens as M and up to
-//   8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's codes, scales and
-//   zero points in fragment order (mikv_vllm/quant.py); each warp stages its next tiles into
-//   shared memory with cp.async (kLoStages deep), and a lane turns 2 codes into an fp16x2
-//   operand of code - zero with a shift, a mask and an fma; the scales multiply the other
-//   operand (Q per key channel, P per value token), once per 16-channel chunk or value group.
+// - lo pass (lo_pass below): a warp takes whole lo pages, two 16-token tiles at a time, on
+//   tensor cores (mma.m16n8k16, fp16 in, fp32 accumulate): S^T = K Q^T with the tile's tokens
+//   as M and up to 8 query heads as N, then O^T += V^T P^T. The lo format stores every lane's
+//   codes, scales and zero points in fragment order (mikv_vllm/quant.py); each warp stages its
+//   next pair of tiles into shared memory with cp.async while it computes the current one, and
+//   a lane turns 2 codes into an fp16x2 operand of code - zero with a mask-or and an fma;
+//   the scales multiply the other operand (Q per key channel, P per value token), once per
+//   16-channel chunk or value group.
 // With several splits the CTAs write unnormalised partials and decode_reduce_kernel combines
 // them; it also leaves each head's log-sum-exp when asked, and the hi pass each slab's (the
 // importance signal, csrc/page_mass.cu).
@@ -55,44 +56,55 @@ __device__ __forceinline__ float exp2_diff(float a, float b) {
 __device__ __forceinline__ uint32_t h2_bits(__half2 x) { return *reinterpret_cast<uint32_t*>(&x); }
 __device__ __forceinline__ __half2 bits_h2(uint32_t x) { return *reinterpret_cast<__half2*>(&x); }
 
-// Pair i of a code word as fp16x2 (1 + code / 2^BITS each): the codes are masked straight into
-// the mantissa of 1.0, so no integer-to-float conversion is needed. `i` is a constant once the
-// callers' loops are unrolled, so the shift is an immediate.
-template <int BITS>
-__device__ __forceinline__ __half2 code_pair(uint32_t w, int i) {
-  constexpr int kMant = 10 - BITS;  // lowest mantissa bit the code lands on
-  constexpr uint32_t kMask = (((1u << BITS) - 1u) << kMant) * 0x00010001u;
-  const int shift = i * BITS - kMant;
-  const uint32_t x = shift >= 0 ? (w >> shift) : (w << -shift);
-  return bits_h2((x & kMask) | 0x3C003C00u);
+// (x & mask) | bits in one instruction: written as lop3 so that the compiler cannot split it
+// into an and and an or with two immediates (it did, one extra instruction per code pair).
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t bits) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(x), "r"(mask), "r"(bits));
+  return d;
 }
 
-// -(2^BITS + zero) of the two int8 zero points in bytes 2 * half and 2 * half + 1 of `zeros`,
-// without integer-to-float conversions: each zero, biased to an unsigned byte (z + 128), is
-// permuted into the low mantissa byte of fp16 1024 (0x64XX = 1024 + byte, exact), so one
-// subtraction from 1152 - 2^BITS gives the whole number -(2^BITS + z).
-template <int BITS>
-__device__ __forceinline__ __half2 neg_zero_pair(uint32_t zeros, int half) {
-  const uint32_t biased = zeros ^ 0x80808080u;
-  const uint32_t f = __byte_perm(biased, 0x64646464u, half ? 0x4342u : 0x4140u);
-  return __hsub2(__float2half2_rn(1152.f - static_cast<float>(1 << BITS)), bits_h2(f));
+// Two int8 zero points (bytes 2 * half and 2 * half + 1 of `zeros`), biased to unsigned bytes
+// (z + 128) and permuted into the low mantissa byte of fp16 1024: fp16x2 of 1152 + z, exact,
+// without integer-to-float conversions.
+__device__ __forceinline__ uint32_t zero_pair_bits(uint32_t zeros, int half) {
+  return __byte_perm(zeros ^ 0x80808080u, 0x64646464u, half ? 0x4342u : 0x4140u);
 }
 
 // The A operand (4 fp16x2 registers) of 16-channel chunk (keys) or m-tile (values) `c` from a
-// lane's code words: the whole numbers code - zero, exact in fp16 (f * 2^BITS + nz with
-// code_pair's f = 1 + code / 2^BITS and nz = neg_zero_pair's -(2^BITS + zero)); registers 0, 1
-// take `nz0`, registers 2, 3 `nz1`. The scales go into the B operand instead (keys: per channel,
-// into Q; values: per token, into P), where one multiply serves a whole chunk or group.
+// lane's code words `w` (and the same words shifted down a byte, `w8`): the whole numbers
+// code - zero, exact in fp16. quant.pair_slot puts register r's pair in slot i of a word; its
+// codes are masked in place into the mantissa of fp16 1024 (f = 1024 + code * 2^p, p = i * BITS,
+// or p - 8 from `w8` where the code lies above the mantissa), and one fma with 2^-p and
+// -(1024 * 2^-p + zero) leaves code - zero. Registers 0, 1 take the zero points `zb0`, 2, 3
+// `zb1` (zero_pair_bits). The scales go into the B operand instead (keys: per channel, into Q;
+// values: per token, into P), where one multiply serves a whole chunk or group.
 template <int BITS, int LW>
-__device__ __forceinline__ void a_fragment(const uint32_t (&words)[LW], int c, __half2 nz0,
-                                           __half2 nz1, uint32_t (&a)[4]) {
-  constexpr int PPW = 16 / BITS;  // code pairs per word
-  const __half2 m = __float2half2_rn(static_cast<float>(1 << BITS));
+__device__ __forceinline__ void a_fragment(const uint32_t (&w)[LW], const uint32_t (&w8)[LW],
+                                           int c, uint32_t zb0, uint32_t zb1, uint32_t (&a)[4]) {
+  constexpr int kHalfWords = LW / 2;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const int pair = c * 4 + r;
-    a[r] = h2_bits(__hfma2(code_pair<BITS>(words[pair / PPW], pair % PPW), m, r < 2 ? nz0 : nz1));
+    const int q = 2 * c + (r >> 1);
+    const int word = (r & 1) + 2 * (q % kHalfWords);
+    const int p = (q / kHalfWords) * BITS;
+    const bool above = p + BITS > 10;  // not inside the 10 mantissa bits: take it from w8
+    const int pe = above ? p - 8 : p;
+    const uint32_t mask = (((1u << BITS) - 1u) << pe) * 0x00010001u;
+    const uint32_t f = and_or(above ? w8[word] : w[word], mask, 0x64006400u);
+    const float step = 1.f / static_cast<float>(1 << pe);
+    // 1152 - 1024 * 2^-p - (1152 + z) = -(1024 * 2^-p + z), exact.
+    const __half2 nz = __hsub2(__float2half2_rn(1152.f - 1024.f * step), bits_h2(r < 2 ? zb0 : zb1));
+    a[r] = h2_bits(__hfma2(bits_h2(f), __float2half2_rn(step), nz));
   }
+}
+
+// A lane's code words shifted down a byte, for the pairs whose codes lie above fp16's 10
+// mantissa bits (a_fragment).
+template <int LW>
+__device__ __forceinline__ void shifted_words(const uint32_t (&w)[LW], uint32_t (&w8)[LW]) {
+#pragma unroll
+  for (int i = 0; i < LW; ++i) w8[i] = w[i] >> 8;
 }
 
 // A B-operand register times a pair of fp16 scales.
@@ -105,7 +117,8 @@ __device__ __forceinline__ uint32_t scaled(uint32_t b, uint32_t scales) {
 // registers on them. Measured on an H200 it saved only 5-13% over one tile's loads in flight:
 // the lo pass is bound by its instructions per tile, not by its loads
 // (benchmarks/results/2026-12-02-h200-staged/).
-constexpr int kLoStages = 3;
+constexpr int kLoPair = 2;    // tiles a warp computes per iteration (their chains overlap)
+constexpr int kLoStages = 4;  // ring slots: one pair computed while the next is in flight
 
 // Bytes of one staged (KV head, 16-token tile): K and V codes, then the page's K scales and
 // zeros of this head, then the tile's V scales and zeros (sized for the smallest group, 16).
@@ -199,14 +212,15 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // results (sm_ml / sm_acc, in the hi path's units: values / v_scale). Lane L = 4g + j holds the
 // scores of tokens {g, g + 8} x heads {2j, 2j + 1} of a tile and the outputs of channels
 // {16n + g, 16n + g + 8} x the same heads; the fragment layouts are mma.m16n8k16's. Tiles are
-// staged through `ring` (kLoStages x lo_tile_bytes, this warp's) kLoStages - 1 ahead.
+// computed in pairs and staged through `ring` (kLoStages x lo_tile_bytes, this warp's) one pair
+// ahead.
 template <int BITS, typename q_t, int D, int MAX_G>
 __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t q_stride_head,
                                         int ng, const int32_t* __restrict__ bt, int p_begin,
                                         int p_end, int t_end, int block_size, int kvh,
                                         float scale_log2, float inv_v_scale, const LoLayout& lo,
                                         float (&sm_ml)[MAX_G][2], float (&sm_acc)[MAX_G][D],
-                                        __half (&sm_p)[8][16], uint8_t* __restrict__ ring,
+                                        __half (&sm_p)[kLoPair][8][16], uint8_t* __restrict__ ring,
                                         int (&sm_tok)[kLoStages]) {
   constexpr int KC = D / 16;             // 16-channel chunks: k-steps of S, m-tiles of O
   constexpr int LW = D * BITS / 64;      // code words per lane per tile (K and V each)
@@ -249,8 +263,11 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
     if (cur.next(bt, p_end, t_end, block_size, lane)) {
       const int code = cur.code, tile = cur.tile;
       tok0 = cur.tok0(block_size);
-      const uint8_t* page = lo.base + static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
-                            static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
+      const int blk = lo.pack_factor == 1
+                          ? code
+                          : static_cast<int>(__umulhi(static_cast<uint32_t>(code), lo.pack_magic));
+      const uint8_t* page = lo.base + static_cast<int64_t>(blk) * lo.block_bytes +
+                            static_cast<int64_t>(code - blk * lo.pack_factor) * lo.page_bytes;
       const int run0 = (kvh * tiles + tile) * 32;  // the tile's first code run of this head
       uint8_t* dst = ring + stage * kTileBytes;
       warp_copy<kCodeBytes>(dst, page + run0 * LW * 4, kCodeBytes, lane);
@@ -265,51 +282,75 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
     if (lane == 0) sm_tok[stage] = tok0;
     cp_async_commit();
   };
+  // Tiles go in pairs: slots {0, 1} and {2, 3} of the ring alternate, one pair computed while
+  // the other is in flight. A pair's second tile may be missing (the warp's last, odd tile):
+  // its scores are masked and its P x value-scale operand is zero, so whatever its slot holds
+  // (finite codes, any scales) adds nothing.
+  static_assert(kLoStages == 2 * kLoPair, "the ring holds two pairs");
 #pragma unroll
-  for (int s = 0; s < kLoStages - 1; ++s) stage_next(s);
+  for (int t = 0; t < kLoPair; ++t) stage_next(t);
 
   for (int it = 0;; ++it) {
-    cp_async_wait<kLoStages - 2>();
-    __syncwarp();  // the stage's bytes and sm_tok are visible; the last stage is free again
-    const int stage = it % kLoStages;
-    const int tok0 = sm_tok[stage];
-    if (tok0 < 0) break;
-    stage_next((it + kLoStages - 1) % kLoStages);
-    const uint8_t* tile_smem = ring + stage * kTileBytes;
-    uint32_t kw[LW], vw[LW];
-    load_words<LW>(tile_smem + lane * LW * 4, kw);
-    load_words<LW>(tile_smem + kCodeBytes + lane * LW * 4, vw);
-    const uint2* k_scales = reinterpret_cast<const uint2*>(tile_smem + kKs) + j * KC;
-    const uint32_t* k_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kKz) + j * KC;
-    const uint2* v_scales = reinterpret_cast<const uint2*>(tile_smem + kVs) + j;
-    const uint32_t* v_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kVz) + j;
-    // S^T[tokens x heads] = (K codes - zeros) (Q^T x the channels' key scales), per chunk.
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    const int cur_slot = (it & 1) * kLoPair;
+    __syncwarp();  // every lane is done with the other pair's slots (read last iteration)
 #pragma unroll
-    for (int c = 0; c < KC; ++c) {
-      uint32_t a[4];
-      const uint2 ks = k_scales[c];
-      const uint32_t kz = k_zeros[c];
-      a_fragment<BITS>(kw, c, neg_zero_pair<BITS>(kz, 0), neg_zero_pair<BITS>(kz, 1), a);
-      mma_16816(s, a, scaled(qb[c][0], ks.x), scaled(qb[c][1], ks.y));
+    for (int t = 0; t < kLoPair; ++t) stage_next(kLoPair - cur_slot + t);
+    cp_async_wait<kLoPair>();
+    __syncwarp();  // the current pair's bytes and sm_tok are visible
+    int tok0[kLoPair];
+#pragma unroll
+    for (int t = 0; t < kLoPair; ++t) tok0[t] = sm_tok[cur_slot + t];
+    if (tok0[0] < 0) break;
+    const bool have[kLoPair] = {true, tok0[1] >= 0};
+
+    // S^T[tokens x heads] = (K codes - zeros) (Q^T x the channels' key scales), per chunk; the
+    // pair's two accumulation chains are independent, so their mma latencies overlap.
+    uint32_t vw[kLoPair][LW];
+    float s[kLoPair][4];
+#pragma unroll
+    for (int t = 0; t < kLoPair; ++t) {
+      const uint8_t* tile_smem = ring + (cur_slot + t) * kTileBytes;
+      uint32_t kw[LW], kw8[LW];
+      load_words<LW>(tile_smem + lane * LW * 4, kw);
+      shifted_words<LW>(kw, kw8);
+      load_words<LW>(tile_smem + kCodeBytes + lane * LW * 4, vw[t]);
+      const uint2* k_scales = reinterpret_cast<const uint2*>(tile_smem + kKs) + j * KC;
+      const uint32_t* k_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kKz) + j * KC;
+      s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+      for (int c = 0; c < KC; ++c) {
+        uint32_t a[4];
+        const uint2 ks = k_scales[c];
+        const uint32_t kz = k_zeros[c];
+        a_fragment<BITS>(kw, kw8, c, zero_pair_bits(kz, 0), zero_pair_bits(kz, 1), a);
+        mma_16816(s[t], a, scaled(qb[c][0], ks.x), scaled(qb[c][1], ks.y));
+      }
     }
 
-    // Online softmax; s[e], s[e + 2] are head 2j + e at tokens g, g + 8.
-    const bool tok_lo = tok0 + g < t_end, tok_hi = tok0 + g + 8 < t_end;
-    float pr[4], alpha[2];
+    // Online softmax over the pair; s[t][e], s[t][e + 2] are head 2j + e at tokens g, g + 8.
+    float pr[kLoPair][4], alpha[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const bool head = 2 * j + e < ng;
-      const float s0 = head && tok_lo ? s[e] : -INFINITY;
-      const float s1 = head && tok_hi ? s[e + 2] : -INFINITY;
-      float mx = fmaxf(s0, s1);
+      float sv[kLoPair][2], mx = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < kLoPair; ++t) {
+        sv[t][0] = head && have[t] && tok0[t] + g < t_end ? s[t][e] : -INFINITY;
+        sv[t][1] = head && have[t] && tok0[t] + g + 8 < t_end ? s[t][e + 2] : -INFINITY;
+        mx = fmaxf(mx, fmaxf(sv[t][0], sv[t][1]));
+      }
 #pragma unroll
       for (int o = 4; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       const float mn = fmaxf(m[e], mx);
       alpha[e] = exp2_diff(m[e], mn);
-      pr[e] = s0 == -INFINITY ? 0.f : exp2f(s0 - mn);
-      pr[e + 2] = s1 == -INFINITY ? 0.f : exp2f(s1 - mn);
-      l[e] = l[e] * alpha[e] + pr[e] + pr[e + 2];
+      float sum = 0.f;
+#pragma unroll
+      for (int t = 0; t < kLoPair; ++t) {
+        pr[t][e] = sv[t][0] == -INFINITY ? 0.f : exp2f(sv[t][0] - mn);
+        pr[t][e + 2] = sv[t][1] == -INFINITY ? 0.f : exp2f(sv[t][1] - mn);
+        sum += pr[t][e] + pr[t][e + 2];
+      }
+      l[e] = l[e] * alpha[e] + sum;
       m[e] = mn;
     }
     // Once the running maxima settle, alpha is exactly 1 for every lane: skip the rescale.
@@ -323,32 +364,44 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
       }
     }
     // P^T as the B operand of O^T += V^T P^T: tokens 2j + {0, 1} (+8) of head g.
+    uint32_t pb[kLoPair][2];
+#pragma unroll
+    for (int t = 0; t < kLoPair; ++t) {
+      sm_p[t][2 * j][g] = __float2half_rn(pr[t][0]);
+      sm_p[t][2 * j + 1][g] = __float2half_rn(pr[t][1]);
+      sm_p[t][2 * j][g + 8] = __float2half_rn(pr[t][2]);
+      sm_p[t][2 * j + 1][g + 8] = __float2half_rn(pr[t][3]);
+    }
     __syncwarp();
-    sm_p[2 * j][g] = __float2half_rn(pr[0]);
-    sm_p[2 * j + 1][g] = __float2half_rn(pr[1]);
-    sm_p[2 * j][g + 8] = __float2half_rn(pr[2]);
-    sm_p[2 * j + 1][g + 8] = __float2half_rn(pr[3]);
-    __syncwarp();
-    const uint32_t pb0 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j]);
-    const uint32_t pb1 = *reinterpret_cast<const uint32_t*>(&sm_p[g][2 * j + 8]);
+#pragma unroll
+    for (int t = 0; t < kLoPair; ++t) {
+      pb[t][0] = *reinterpret_cast<const uint32_t*>(&sm_p[t][g][2 * j]);
+      pb[t][1] = *reinterpret_cast<const uint32_t*>(&sm_p[t][g][2 * j + 8]);
+    }
 
     // O^T += (V codes - zeros)^T (P^T x the tokens' value scales); a lane's tokens are
     // 2j + {0, 1} (+8), whose scales and zeros are read once per value group.
-    uint32_t vb0 = 0, vb1 = 0;
-    __half2 vnz0, vnz1;
+    uint32_t vb[kLoPair][2] = {}, vzb[kLoPair][2] = {}, vw8[kLoPair][LW];
+#pragma unroll
+    for (int t = 0; t < kLoPair; ++t) shifted_words<LW>(vw[t], vw8[t]);
 #pragma unroll
     for (int n = 0; n < KC; ++n) {
-      if ((n & ((1 << gshift) - 1)) == 0) {  // the first m-tile of a value group
-        const uint2 vs = v_scales[(n >> gshift) * 4];
-        const uint32_t vz = v_zeros[(n >> gshift) * 4];
-        vb0 = scaled(pb0, vs.x);
-        vb1 = scaled(pb1, vs.y);
-        vnz0 = neg_zero_pair<BITS>(vz, 0);
-        vnz1 = neg_zero_pair<BITS>(vz, 1);
+#pragma unroll
+      for (int t = 0; t < kLoPair; ++t) {
+        if ((n & ((1 << gshift) - 1)) == 0) {  // the first m-tile of a value group
+          const uint8_t* tile_smem = ring + (cur_slot + t) * kTileBytes;
+          const uint2 vs = reinterpret_cast<const uint2*>(tile_smem + kVs)[j + (n >> gshift) * 4];
+          const uint32_t vz =
+              reinterpret_cast<const uint32_t*>(tile_smem + kVz)[j + (n >> gshift) * 4];
+          vb[t][0] = have[t] ? scaled(pb[t][0], vs.x) : 0u;
+          vb[t][1] = have[t] ? scaled(pb[t][1], vs.y) : 0u;
+          vzb[t][0] = zero_pair_bits(vz, 0);
+          vzb[t][1] = zero_pair_bits(vz, 1);
+        }
+        uint32_t a[4];
+        a_fragment<BITS>(vw[t], vw8[t], n, vzb[t][0], vzb[t][1], a);
+        mma_16816(acc[n], a, vb[t][0], vb[t][1]);
       }
-      uint32_t a[4];
-      a_fragment<BITS>(vw, n, vnz0, vnz1, a);
-      mma_16816(acc[n], a, vb0, vb1);
     }
   }
   cp_async_wait<0>();
@@ -413,8 +466,13 @@ __device__ __forceinline__ void write_slab_lse(const float (&m)[MAX_G], const fl
   }
 }
 
+// CTAs per SM the register budget must allow: three where the kernel fits in 168 registers
+// (D <= 128, up to 4 heads per CTA), so that decode_num_splits' grid of about twice the SMs'
+// count runs in one wave; the rest take what they need.
+template <int D, int MAX_G> constexpr int min_ctas_per_sm() { return D <= 128 && MAX_G <= 4 ? 3 : 1; }
+
 template <typename q_t, typename kv_t, int D, int MAX_G>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, MAX_G>())
 paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_stride_head,
                     const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
                     int64_t kv_stride_block, int64_t kv_stride_tok, int64_t kv_stride_head,
@@ -584,7 +642,7 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     }
   }
   __syncwarp();
-  __shared__ __align__(16) __half sm_p[kWarps][8][16];  // read back as fp16x2 words
+  __shared__ __align__(16) __half sm_p[kWarps][kLoPair][8][16];  // read back as fp16x2 words
   __shared__ int sm_tok[kWarps][kLoStages];
   extern __shared__ __align__(16) uint8_t lo_ring[];  // kWarps x kLoStages staged lo tiles
   const q_t* q_heads = q + seq * q_stride_tok + h0 * q_stride_head;
@@ -719,6 +777,13 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   lo.base = static_cast<const uint8_t*>(key_cache.data_ptr());
   lo.block_bytes = key_cache.stride(0) * key_cache.element_size();
   lo.pack_factor = static_cast<int>(pack_factor);
+  // umulhi(code, ceil(2^32 / f)) == code / f for every code < 2^32 / f (the rounding error
+  // code * (magic * f - 2^32) / 2^32 stays below 1).
+  TORCH_CHECK(key_cache.size(0) * pack_factor * pack_factor < (int64_t{1} << 32),
+              "lo pages: too many blocks (", key_cache.size(0), ") for pack factor ", pack_factor);
+  lo.pack_magic = pack_factor == 1 ? 0u
+                                   : static_cast<uint32_t>(((int64_t{1} << 32) + pack_factor - 1) /
+                                                           pack_factor);
   lo.bits = static_cast<int>(bits);
   lo.group = static_cast<int>(group);
   lo.v_codes = static_cast<int>(codes);

@@ -15,6 +15,7 @@ struct LoLayout {
   const uint8_t* base = nullptr;  // byte 0 of block 0 of the layer's cache
   int64_t block_bytes = 0;        // bytes from one block to the next
   int pack_factor = 1;            // lo pages per block
+  uint32_t pack_magic = 0;        // ceil(2^32 / pack_factor): code / pack_factor as a umulhi
   int page_bytes = 0;             // bytes of one lo page (slot stride within a block)
   int bits = 2;
   int group = 64;                 // value channels per (scale, zero) group

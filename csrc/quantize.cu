@@ -53,9 +53,10 @@ __device__ __forceinline__ uint32_t quant_code(float x, GroupParams p, int level
 }
 
 // Writes codes[t * D + d] (one byte each in shared memory) of one KV head in the lo format's
-// fragment order (mikv_vllm/quant.py): per 16-token tile, lane L's run of D * bits / 64 words;
-// word w of a run holds pairs w * P .. w * P + P - 1 (P = 16 / bits), first elements in the
-// low half, second elements in the high half.
+// fragment order (mikv_vllm/quant.py): per 16-token tile, lane L's run of W = D * bits / 64
+// words; slot i of word w (bits i * bits of each half: first elements low, second high) holds
+// pair (chunk q / 2, r = 2 (q % 2) + w % 2) with q = i * W / 2 + w / 2 (quant.pair_slot's
+// inverse).
 __device__ void pack_fragment_codes(const uint8_t* codes, uint32_t* dst, int rows, int D,
                                     int bits, bool keys) {
   const int per_word = 16 / bits;
@@ -66,7 +67,7 @@ __device__ void pack_fragment_codes(const uint8_t* codes, uint32_t* dst, int row
     const int tile = run / 32, lane = run % 32, g = lane / 4, j = lane % 4;
     uint32_t word = 0;
     for (int i = 0; i < per_word; ++i) {
-      const int pair = w * per_word + i, chunk = pair / 4, r = pair % 4;
+      const int q = i * (lane_words / 2) + w / 2, chunk = q / 2, r = 2 * (q % 2) + w % 2;
       for (int e = 0; e < 2; ++e) {
         int t, d;
         if (keys) {

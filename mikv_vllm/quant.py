@@ -12,8 +12,12 @@ With g = L // 4 and j = L % 4, lane L's codes are pairs (two elements of one fp1
     K, pair (chunk c, r):  token 16T + g + 8 (r & 1),  channels 16c + 2j + 8 (r >> 1) + {0, 1}
     V, pair (tile n, r):   channel 16n + g + 8 (r & 1), tokens 16T + 2j + 8 (r >> 1) + {0, 1}
 A 32-bit word holds 16 / bits pairs: first elements in its low half, second elements in its
-high half, pair i at bit i * bits of each half. A lane's scales of a chunk are one 8-byte run,
-its zero points one 4-byte run.
+high half, the pair in slot i at bit i * bits of each half. Pair (chunk c, r) sits in word
+(r & 1) + 2 (q % (W / 2)), slot q // (W / 2), with q = 2c + (r >> 1) and W = D * bits / 64 words
+per lane (`pair_slot`): the two registers that share a zero point share a slot, so the kernel
+turns codes into fp16 in place (a mask and an or into fp16 1024, then one fma whose scale and
+offset depend on the slot only) instead of shifting every pair down first. A lane's scales of
+a chunk are one 8-byte run, its zero points one 4-byte run.
 
 Byte layout of a lo page (offsets: `PageLayout.lo_offsets`), all little-endian:
     K codes  [H, B / 16, 32 lanes, D * bits / 16]
@@ -87,6 +91,13 @@ def _lane_pairs(b: int, d: int) -> tuple[torch.Tensor, ...]:
     return tile, lane // 4, lane % 4, chunk, r, e
 
 
+def pair_slot(chunk: int, r: int, d: int, bits: int) -> tuple[int, int]:
+    """(word, slot) of a lane's code pair (chunk or m-tile `chunk`, fragment register `r`)."""
+    half_words = d * bits // 128
+    q = 2 * chunk + (r >> 1)
+    return (r & 1) + 2 * (q % half_words), q // half_words
+
+
 @functools.cache
 def code_order(kind: str, b: int, d: int, bits: int) -> torch.Tensor:
     """Flat index t * D + c of the code at each position of a head's packed code stream
@@ -97,7 +108,14 @@ def code_order(kind: str, b: int, d: int, bits: int) -> torch.Tensor:
     else:
         ch, tok = 16 * chunk + g + 8 * (r & 1), 16 * tile + 2 * j + 8 * (r >> 1) + e
     pairs_per_word = 16 // bits
-    idx = (tok * d + ch).reshape(b // 16, 32, -1, pairs_per_word, 2)
+    # Pair 4c + r of a lane goes to position word * pairs_per_word + slot of its run.
+    order = torch.empty(d // 4, dtype=torch.long)
+    for c in range(d // 16):
+        for reg in range(4):
+            word, slot = pair_slot(c, reg, d, bits)
+            order[word * pairs_per_word + slot] = 4 * c + reg
+    idx = (tok * d + ch).reshape(b // 16, 32, -1, 2)[:, :, order]
+    idx = idx.reshape(b // 16, 32, -1, pairs_per_word, 2)
     return idx.transpose(-1, -2).reshape(-1)  # per word: first elements, then second elements
 
 

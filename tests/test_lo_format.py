@@ -148,12 +148,12 @@ def test_codes_and_params_sit_where_the_kernel_fragments_read_them(bits):
     lay = layout(bits=bits, block_size=32, heads=2, head_dim=64, group=32)
     h, b, d = lay.num_kv_heads, lay.block_size, lay.head_size
     o = lay.lo_offsets
-    lane_bytes, pairs_per_word = d * bits // 16, 16 // bits
+    lane_bytes = d * bits // 16
     # K: head 1, tile 1, g = 3, j = 2, chunk 2, r = 3 (token +8, channels +8), element 1.
     k_codes = torch.zeros(h, b, d, dtype=torch.uint8)
     k_codes[1, 16 + 3 + 8, 16 * 2 + 2 * 2 + 8 + 1] = 1
     packed = quant._pack_codes(k_codes, "k", bits)
-    word, i = divmod(2 * 4 + 3, pairs_per_word)
+    word, i = quant.pair_slot(2, 3, d, bits)
     run = (1 * (b // 16) + 1) * 32 + 4 * 3 + 2       # (head 1, tile 1, lane 14)
     base = run * lane_bytes + 4 * word
     value = int.from_bytes(bytes(packed[base:base + 4].tolist()), "little")
@@ -162,7 +162,7 @@ def test_codes_and_params_sit_where_the_kernel_fragments_read_them(bits):
     v_codes = torch.zeros(h, b, d, dtype=torch.uint8)
     v_codes[0, 2 * 1 + 8, 16 * 3 + 5] = 1
     packed = quant._pack_codes(v_codes, "v", bits)
-    word, i = divmod(3 * 4 + 2, pairs_per_word)
+    word, i = quant.pair_slot(3, 2, d, bits)
     base = (4 * 5 + 1) * lane_bytes + 4 * word
     assert int.from_bytes(bytes(packed[base:base + 4].tolist()), "little") == 1 << (i * bits)
     # Scales and zero points: all-distinct values, codes 0, so each dequantized element is
