@@ -45,10 +45,14 @@
 #   greedy (GREEDY_KV / GREEDY_TAG for a second knob set). A kernel-only A/B needs no vLLM: one
 #   call carrying two wheels, the GPU kernel tests and `kernel_decode.py --no-flash` with each
 #   wheel's _C.so in turn (one output folder per run: names must not prefix each other).
-#   Next lease: the sweep with mikv's default knobs (split_decode now on with FA3; the
-#   worker's demotion copies now non-blocking; the scheduler's step cheaper) beside auto and
-#   fp8; int4_per_token_head on workloads (b) and (c); split_decode over the tree's kernel in
-#   kernelbench; tp2 on nvidia-h200-x2.
+#   Fourth (benchmarks/results/2026-12-02-h200-lease4/, 4 calls, 23 device minutes): .bundle0
+#   + .whl; .bundle1 + .whl_ab + tok.tar.gz + probe_wiki.json: setup kernels kernelbench
+#   abkernels (~4.7 min); then E2E_B_KV="fp8 mikv" E2E_B_N=64 ... setup e2e_b (~7.3 min) and
+#   E2E_B_KV="auto int4_per_token_head" (~8.7 min; int4 did not finish its prefill in 280 s).
+#   Next lease: the sweep (c) with mikv's default knobs beside auto and fp8 (measures the
+#   worker's non-blocking demotion copies, not yet isolated); int4_per_token_head on (c);
+#   (b) with more prompts than fit mikv's ceiling on the H200 (or gpu util ~0.5) to fill its
+#   pool; tp2 on nvidia-h200-x2 (not lent so far).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
