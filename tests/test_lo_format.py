@@ -201,3 +201,20 @@ def test_zero_points_are_whole_steps_in_int8():
     bound = quantization_error_bound(k.amax(0) - k.amin(0), 2, k.amin(0))
     assert ((k - k2).abs() <= bound).all()
     assert (k - k2)[:, :, 5].abs().max() > 1.0             # the offset channel got coarser
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pair_slots_fill_each_lane_run_once_and_zero_point_partners_share_a_slot(d, bits):
+    """The kernel's a_fragment unpacks registers r = 0, 1 (one zero point) and r = 2, 3 (the
+    other) with one fma constant per slot: partners must share the slot, and every (word,
+    slot) of a lane's run must hold exactly one pair."""
+    words, slots = d * bits // 64, 16 // bits
+    seen = set()
+    for chunk in range(d // 16):
+        placed = [quant.pair_slot(chunk, r, d, bits) for r in range(4)]
+        assert placed[0][1] == placed[1][1] and placed[2][1] == placed[3][1]
+        for word, slot in placed:
+            assert 0 <= word < words and 0 <= slot < slots
+            seen.add((word, slot))
+    assert len(seen) == words * slots
