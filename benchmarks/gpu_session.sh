@@ -49,6 +49,8 @@
 #   + .whl; .bundle1 + .whl_ab + tok.tar.gz + probe_wiki.json: setup kernels kernelbench
 #   abkernels (~4.7 min); then E2E_B_KV="fp8 mikv" E2E_B_N=64 ... setup e2e_b (~7.3 min) and
 #   E2E_B_KV="auto int4_per_token_head" (~8.7 min; int4 did not finish its prefill in 280 s).
+#   The last 7 minutes (a fresh lease: .bundle0 + .whl, then .bundle1): E2E_B_KV=mikv
+#   E2E_B_ARGS='--block-size 32 --mikv-knobs {"hi_dtype":"fp8"}' ... setup e2e_b (~4.4 min).
 #   Next lease: the sweep (c) with mikv's default knobs beside auto and fp8 (measures the
 #   worker's non-blocking demotion copies, not yet isolated); int4_per_token_head on (c);
 #   (b) with more prompts than fit mikv's ceiling on the H200 (or gpu util ~0.5) to fill its
