@@ -42,6 +42,8 @@ def run_one(kv: str, args, out_dir: str) -> dict:
         cmd += ["--knobs", args.mikv_knobs]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
+    if args.gpu_util is not None:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_util)]
     if args.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     for flag in ("load_format", "dtype", "tokenizer", "probe_file", "probe_tokens"):
@@ -123,6 +125,9 @@ def main() -> None:
     p.add_argument("--probe-prompts", type=int, default=16, help="greedy-match prompts")
     p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv run")
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--gpu-util", type=float, default=None,
+                   help="--gpu-memory-utilization of every engine (default e2e_llm's 0.9; lower "
+                        "it to put a larger GPU's pool under a smaller one's pressure)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of this run's file names")
     p.add_argument("--load-format", default=None, help="e.g. auto for a real model")

@@ -4,7 +4,12 @@
 Dummy weights of a real architecture (benchmarks/configs/llama-3.1-8b) with any tokenizer
 whose ids fit its vocabulary (e.g. SmolLM2's, see benchmarks/models/). Writes per-run JSON from
 `vllm bench serve` and a summary with rows {kv, workload, kv_tokens, wall_s, gen_tok_s,
-total_tok_s, preemptions, p50_ms, p99_ms} (latencies: end-to-end per request)."""
+total_tok_s, preemptions, p50_ms, p99_ms} (latencies: end-to-end per request).
+
+Each rate gets its own prompts (`vllm bench serve --seed`): with one seed for all, a later rate
+replays the earlier rate's prompts and a server whose pool still holds them answers from its
+prefix cache (fp8's did, at ~50% hits: its "2x auto" at the unbounded rate of 2026-12-02 was
+that, not decode speed). The prefix-cache hit rate of each run is recorded beside it."""
 from __future__ import annotations
 
 import argparse
@@ -22,32 +27,37 @@ from mikv_vllm.eval.server import running_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-PREEMPTIONS = re.compile(r"^vllm:num_preemptions_total\{[^}]*\} ([\d.e+]+)$", re.M)
+COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits")
 
 
-def preemptions(url: str) -> float | None:
+def counters(url: str) -> dict[str, float]:
+    """vLLM's Prometheus counters in COUNTERS (summed over label sets; 0 where absent)."""
     try:
         text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
     except OSError:
-        return None
-    return sum(float(m) for m in PREEMPTIONS.findall(text)) if PREEMPTIONS.search(text) else None
+        text = ""
+    return {name: sum(float(v) for v in re.findall(
+        rf"^vllm:{name}_total(?:\{{[^}}]*\}})? ([\d.e+]+)$", text, re.M)) for name in COUNTERS}
 
 
-def bench_one(kv: str, rate: str, url: str, server_log: str, a) -> dict:
+def bench_one(kv: str, rate: str, seed: int, url: str, server_log: str, a) -> dict:
     """One `vllm bench serve` run at `rate` against the running server -> a capacity row."""
     name = f"bench_{kv}_rate{rate}.json"
-    before = preemptions(url) or 0.0
+    before = counters(url)
     with open(os.path.join(a.out_dir, f"bench_{kv}.log"), "a") as log:
         subprocess.run(CLI + [
             "bench", "serve", "--backend", "vllm", "--model", a.model, "--tokenizer",
             a.tokenizer, "--port", str(a.port), "--dataset-name", "random",
             "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
             "--num-prompts", str(a.num_prompts), "--request-rate", str(rate), "--ignore-eos",
+            "--seed", str(seed),
             "--percentile-metrics", "e2el", "--metric-percentiles", "50,99",
             "--save-result", "--result-dir", a.out_dir, "--result-filename", name],
             check=True, timeout=a.bench_timeout, stdout=log, stderr=subprocess.STDOUT)
     r = json.load(open(os.path.join(a.out_dir, name)))
     time.sleep(2.5)  # one more `mikv stats` line after the run went idle
+    after = counters(url)
+    delta = {k: after[k] - before[k] for k in COUNTERS}
     return {
         "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
                               f"at {rate} req/s, gpu util {a.gpu_util}",
@@ -55,7 +65,9 @@ def bench_one(kv: str, rate: str, url: str, server_log: str, a) -> dict:
         **log_counters(open(server_log).read()),  # kv_tokens: most resident so far
         "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
         "total_tok_s": r.get("total_token_throughput"),
-        "preemptions": (preemptions(url) or 0.0) - before,
+        "preemptions": delta["num_preemptions"], "seed": seed,
+        "prefix_cache_hit_rate": (delta["prefix_cache_hits"] / delta["prefix_cache_queries"]
+                                  if delta["prefix_cache_queries"] else None),
         "p50_ms": r.get("p50_e2el_ms"), "p99_ms": r.get("p99_e2el_ms")}
 
 
@@ -72,8 +84,8 @@ def sweep_one(kv: str, a) -> list[dict]:
     rows = []
     try:
         with running_server(cmd, log_path, url, a.start_timeout, env):
-            for rate in a.rates:
-                rows.append(bench_one(kv, rate, url, log_path, a))
+            for i, rate in enumerate(a.rates):
+                rows.append(bench_one(kv, rate, a.seed + i, url, log_path, a))
                 print(json.dumps(rows[-1]), flush=True)
     except Exception as e:  # keep the other dtypes' rows
         rows.append({"kv": kv, "error": repr(e), "log_tail": open(log_path).read()[-2000:]})
@@ -96,6 +108,8 @@ def main() -> None:
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--bench-timeout", type=float, default=600)
     p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv server")
+    p.add_argument("--seed", type=int, default=1,
+                   help="prompts of the i-th rate: seed + i (the same for every kv dtype)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     a = p.parse_args()
     rows = [row for kv in a.kv for row in sweep_one(kv, a)]

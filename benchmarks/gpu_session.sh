@@ -55,6 +55,12 @@
 #   worker's non-blocking demotion copies, not yet isolated); int4_per_token_head on (c);
 #   (b) with more prompts than fit mikv's ceiling on the H200 (or gpu util ~0.5) to fill its
 #   pool; tp2 on nvidia-h200-x2 (not lent so far).
+#   Fifth (benchmarks/results/2026-12-02-lease5/): the sweep again with its own prompts per
+#   rate (e2e_serve_sweep.py --seed: until then every rate replayed the same prompts and fp8's
+#   large pool answered the unbounded rate from its prefix cache), then (a): .bundle0 + .whl;
+#   .bundle1 + tok.tar.gz: setup sweep (--kv auto fp8); setup sweep (--kv mikv
+#   int4_per_token_head); E2E_A_KV="..." E2E_A_ARGS="--gpu-util U" setup e2e_a, twice. On an
+#   H200, gpu util 0.35 for (c) and 0.51 for (a) give the H100's pools at 0.62 and 0.9.
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
@@ -139,7 +145,7 @@ KV_ALL="auto fp8 int4_per_token_head mikv"
 FORCED_KNOBS=${FORCED_KNOBS:-'{"hi_budget":0.1}'}
 # (a) 256 x (2048 + 256), issue 4's workload a, every kv dtype.
 stage_e2e_a() {
-  E2E_ARGS="--kv $KV_ALL --tag a --timeout 280 ${E2E_A_ARGS:-}" stage_e2e
+  E2E_ARGS="--kv ${E2E_A_KV:-$KV_ALL} --tag a --timeout ${E2E_A_TIMEOUT:-280} ${E2E_A_ARGS:-}" stage_e2e
 }
 # (b) long prompts: N x (32K + 512); N=64 in the issue, fewer where the call's 10 minutes end.
 stage_e2e_b() {

@@ -82,3 +82,28 @@ def test_benchmarks_read_the_last_logged_counters():
 @pytest.mark.parametrize("field", list(COUNTERS))
 def test_every_counter_has_a_meaning(field):
     assert field in PageStats.__dataclass_fields__
+
+
+def test_serve_sweep_reads_vllms_counters(monkeypatch):
+    """benchmarks/e2e_serve_sweep.py's counters come from the Prometheus text format, as
+    prometheus_client (vLLM's exporter) writes it: `_total` suffix, label sets summed."""
+    import os
+    import sys
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import e2e_serve_sweep
+
+    registry = CollectorRegistry()
+    for name, values in {"vllm:prefix_cache_hits": (496, 4), "vllm:prefix_cache_queries": (1000, 8),
+                         "vllm:num_preemptions": (3, 0)}.items():
+        counter = Counter(name, "", ["engine"], registry=registry)
+        for engine, value in enumerate(values):
+            counter.labels(engine=str(engine)).inc(value)
+    text = generate_latest(registry)
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: type("R", (), {"read": lambda self: text})())
+    assert e2e_serve_sweep.counters("http://x") == {
+        "num_preemptions": 3.0, "prefix_cache_queries": 1008.0, "prefix_cache_hits": 500.0}
