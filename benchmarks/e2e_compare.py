@@ -101,12 +101,14 @@ def load_row(kv: str, args) -> dict:
 
 CAPACITY_KEYS = ("kv", "workload", "kv_tokens", "kv_capacity_tokens", "wall_s", "gen_tok_s",
                  "total_tok_s", "preemptions", "p50_ms", "p99_ms", "knobs", "block_size")
+EXTRA_KEYS = ("demotions", "prefix_cache_hit_rate", "seed")  # kept where a run has them
 
 
 def append_capacity_rows(rows: list[dict], path: str) -> None:
     """Add this run's rows to e2e_capacity.json (rows of the same kv and workload replaced)."""
     old = json.load(open(path)) if os.path.exists(path) else []
-    new = [{k: r.get(k) for k in CAPACITY_KEYS} for r in rows if "total_tok_s" in r]
+    new = [{**{k: r.get(k) for k in CAPACITY_KEYS}, **{k: r[k] for k in EXTRA_KEYS if k in r}}
+           for r in rows if "total_tok_s" in r]
     keys = {(r["kv"], r["workload"], r["knobs"]) for r in new}
     old = [r for r in old if (r["kv"], r["workload"], r.get("knobs")) not in keys]
     json.dump(old + new, open(path, "w"), indent=1)

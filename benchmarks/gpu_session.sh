@@ -55,7 +55,7 @@
 #   worker's non-blocking demotion copies, not yet isolated); int4_per_token_head on (c);
 #   (b) with more prompts than fit mikv's ceiling on the H200 (or gpu util ~0.5) to fill its
 #   pool; tp2 on nvidia-h200-x2 (not lent so far).
-#   Fifth (benchmarks/results/2026-12-02-lease5/): the sweep again with its own prompts per
+#   Sixth (benchmarks/results/2026-12-02-h200-lease6/): the sweep again with its own prompts per
 #   rate (e2e_serve_sweep.py --seed: until then every rate replayed the same prompts and fp8's
 #   large pool answered the unbounded rate from its prefix cache), then (a): .bundle0 + .whl;
 #   .bundle1 + tok.tar.gz: setup sweep (--kv auto fp8); setup sweep (--kv mikv
