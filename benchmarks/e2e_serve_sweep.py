@@ -61,7 +61,7 @@ def bench_one(kv: str, rate: str, seed: int, url: str, server_log: str, a) -> di
     return {
         "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
                               f"at {rate} req/s, gpu util {a.gpu_util}",
-        "knobs": a.mikv_knobs if kv == "mikv" else None,
+        "knobs": a.mikv_knobs if kv == "mikv" else None, "block_size": a.block_size,
         **log_counters(open(server_log).read()),  # kv_tokens: most resident so far
         "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
         "total_tok_s": r.get("total_token_throughput"),
@@ -81,6 +81,8 @@ def sweep_one(kv: str, a) -> list[dict]:
     cmd = CLI + ["serve", a.model, "--tokenizer", a.tokenizer, "--load-format", "dummy",
                  "--kv-cache-dtype", kv, "--port", str(a.port), "--max-model-len",
                  str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", str(a.gpu_util), *extra]
+    if a.block_size:
+        cmd += ["--block-size", str(a.block_size)]
     rows = []
     try:
         with running_server(cmd, log_path, url, a.start_timeout, env):
@@ -108,6 +110,7 @@ def main() -> None:
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--bench-timeout", type=float, default=600)
     p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv server")
+    p.add_argument("--block-size", type=int, default=None, help="--block-size of every server")
     p.add_argument("--seed", type=int, default=1,
                    help="prompts of the i-th rate: seed + i (the same for every kv dtype)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))

@@ -51,16 +51,16 @@
 #   E2E_B_KV="auto int4_per_token_head" (~8.7 min; int4 did not finish its prefill in 280 s).
 #   The last 7 minutes (a fresh lease: .bundle0 + .whl, then .bundle1): E2E_B_KV=mikv
 #   E2E_B_ARGS='--block-size 32 --mikv-knobs {"hi_dtype":"fp8"}' ... setup e2e_b (~4.4 min).
-#   Next lease: the sweep (c) with mikv's default knobs beside auto and fp8 (measures the
-#   worker's non-blocking demotion copies, not yet isolated); int4_per_token_head on (c);
-#   (b) with more prompts than fit mikv's ceiling on the H200 (or gpu util ~0.5) to fill its
-#   pool; tp2 on nvidia-h200-x2 (not lent so far).
 #   Sixth (benchmarks/results/2026-12-02-h200-lease6/): the sweep again with its own prompts per
 #   rate (e2e_serve_sweep.py --seed: until then every rate replayed the same prompts and fp8's
 #   large pool answered the unbounded rate from its prefix cache), then (a): .bundle0 + .whl;
 #   .bundle1 + tok.tar.gz: setup sweep (--kv auto fp8); setup sweep (--kv mikv
 #   int4_per_token_head); E2E_A_KV="..." E2E_A_ARGS="--gpu-util U" setup e2e_a, twice. On an
 #   H200, gpu util 0.35 for (c) and 0.51 for (a) give the H100's pools at 0.62 and 0.9.
+#   A second, short lease: .bundle0 + .whl, then .bundle1: E2E_A_KV=mikv E2E_A_ARGS='--gpu-util
+#   0.51 --probe-prompts 0 --mikv-knobs {"hi_budget":0.25}' setup e2e_a (~2 min).
+#   Next lease: the sweep with a hi budget and with fp8 hi pages at --block-size 32; (b) with more prompts than fp8's pool holds (gpu util
+#   0.51 on an H200); tp2 on nvidia-h200-x2 (not lent so far).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
