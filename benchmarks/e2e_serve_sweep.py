@@ -8,8 +8,9 @@ total_tok_s, preemptions, p50_ms, p99_ms} (latencies: end-to-end per request).
 
 Each rate gets its own prompts (`vllm bench serve --seed`): with one seed for all, a later rate
 replays the earlier rate's prompts and a server whose pool still holds them answers from its
-prefix cache (fp8's did, at ~50% hits: its "2x auto" at the unbounded rate of 2026-12-02 was
-that, not decode speed). The prefix-cache hit rate of each run is recorded beside it."""
+prefix cache (fp8's did: 49.6% hits over two runs, nearly all of the second's, so its "2x
+auto" at the unbounded rate of 2026-12-02 was that, not decode speed). The prefix-cache hit
+rate of each run is recorded beside it."""
 from __future__ import annotations
 
 import argparse

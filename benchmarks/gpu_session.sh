@@ -59,8 +59,9 @@
 #   H200, gpu util 0.35 for (c) and 0.51 for (a) give the H100's pools at 0.62 and 0.9.
 #   A second, short lease: .bundle0 + .whl, then .bundle1: E2E_A_KV=mikv E2E_A_ARGS='--gpu-util
 #   0.51 --probe-prompts 0 --mikv-knobs {"hi_budget":0.25}' setup e2e_a (~2 min).
-#   Next lease: the sweep with a hi budget and with fp8 hi pages at --block-size 32; (b) with more prompts than fp8's pool holds (gpu util
-#   0.51 on an H200); tp2 on nvidia-h200-x2 (not lent so far).
+#   Next lease: the sweep with a hi budget and with fp8 hi pages at --block-size 32; (b) with
+#   more prompts than fp8's pool holds (gpu util 0.51 on an H200); tp2 on nvidia-h200-x2 (not
+#   lent so far).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.

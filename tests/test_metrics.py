@@ -88,17 +88,17 @@ def test_serve_sweep_reads_vllms_counters(monkeypatch):
     """benchmarks/e2e_serve_sweep.py's counters come from the Prometheus text format, as
     prometheus_client (vLLM's exporter) writes it: `_total` suffix, label sets summed."""
     import os
-    import sys
     import urllib.request
 
     from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import e2e_serve_sweep
 
     registry = CollectorRegistry()
-    for name, values in {"vllm:prefix_cache_hits": (496, 4), "vllm:prefix_cache_queries": (1000, 8),
-                         "vllm:num_preemptions": (3, 0)}.items():
+    per_engine = {"vllm:prefix_cache_hits": (496, 4), "vllm:prefix_cache_queries": (1000, 8),
+                  "vllm:num_preemptions": (3, 0)}
+    for name, values in per_engine.items():
         counter = Counter(name, "", ["engine"], registry=registry)
         for engine, value in enumerate(values):
             counter.labels(engine=str(engine)).inc(value)
