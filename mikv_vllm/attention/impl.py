@@ -67,10 +67,12 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         if self.layout is None:
             self.layout = cache_layout(key_cache, self.mikv.lo_bits, self.mikv.value_group_size)
         nd = md.num_decodes
-        if nd and md.split is not None and self.mass_meter is None:
+        meter = self.mass_meter
+        if nd and md.split is not None:
             self._split_decode(layer, query[:nd], key_cache, value_cache, output[:nd], md)
+            if meter is not None:
+                self._measure(layer, query[:nd], key_cache, value_cache, md, meter)
         elif nd:
-            meter = self.mass_meter
             ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
                              md.decode_block_table, md.decode_seq_lens, self.scale,
                              layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
@@ -93,8 +95,7 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
 
     def _split_decode(self, layer, query, key_cache, value_cache, output, md) -> None:
         """Hi pages through FlashAttention, lo pages through the mikv kernel, then merged
-        (mikv_vllm/attention/split_decode.py); layers that measure importance keep the fused
-        kernel, whose hi pass leaves the slab log-sum-exps."""
+        (mikv_vllm/attention/split_decode.py)."""
         s = md.split
         split_decode.decode(
             output, query, key_cache, value_cache, s.lo_table, s.lo_lens,
@@ -104,6 +105,21 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
                 num_splits=s.fa_splits)[1],
             self.scale, layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
             self.layout)
+
+    def _measure(self, layer, query, key_cache, value_cache, md, meter) -> None:
+        """Page masses beside split decode: the fused kernel's slab output, run over the
+        meter's lengths, which are 0 on the steps that do not measure. Then every CTA finds no
+        page and the pass costs a launch, instead of the fused kernel decoding the layer on
+        every step (the output comes from split decode either way)."""
+        lengths = meter.lengths(md.decode_seq_lens)
+        ops.paged_decode(torch.empty_like(query), query, key_cache, value_cache,
+                         md.decode_block_table, lengths, self.scale, layer._k_scale_float,
+                         layer._v_scale_float, md.decode_num_splits, self.layout,
+                         lse=meter.lse[:md.num_decodes], slab_lse=meter.slab_lse,
+                         slab_gate=meter.active)
+        ops.page_mass(meter.mass, meter.slab_lse, md.decode_block_table, lengths,
+                      meter.lse[:md.num_decodes], self.layout.block_size, self.num_kv_heads,
+                      meter.weight)
 
     def _flash(self, layer, query, key_cache, value_cache, output, query_start_loc,
                max_query_len, seq_lens, max_seq_len, block_table, num_seqs,

@@ -14,22 +14,17 @@ from mikv_vllm.quant import quantize_page
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize("group,head_dim", [(4, 128), (1, 64), (8, 128), (16, 128), (2, 256)])
-def test_page_mass_matches_reference(bs, splits, group, head_dim):
-    gen = torch.Generator().manual_seed(splits * 100 + group + head_dim + bs)
-    heads, seqs = 2, 3
+def mixed_case(gen, bs, heads, group, head_dim, lens):
+    """A cache whose every third page is lo: (layout, k, v, raw, table, num_blocks, q)."""
     layout = PageLayout(bs, heads, head_dim, 2)
     n = layout.pack_factor
-    lens = torch.tensor([300, 17, 160])
     pages = ((lens + bs - 1) // bs).tolist()
     total = sum(pages)
     num_blocks = total + total // n + 2
     kv = torch.randn(num_blocks, bs, heads, 2 * head_dim, generator=gen).to(torch.bfloat16).cuda()
     k, v = kv.split(head_dim, dim=-1)
     raw = kv.view(torch.uint8).reshape(num_blocks, -1)
-    table = torch.zeros(seqs, max(pages), dtype=torch.int32)
+    table = torch.zeros(len(pages), max(pages), dtype=torch.int32)
     code, used = total * n, 0
     for i, p in enumerate(pages):
         for j in range(p):
@@ -41,8 +36,19 @@ def test_page_mass_matches_reference(bs, splits, group, head_dim):
                 table[i, j] = encode_lo(pack, slot, n)
                 code += 1
             used += 1
+    q = torch.randn(len(pages), heads * group, head_dim, generator=gen).to(torch.bfloat16).cuda()
+    return layout, k, v, raw, table, num_blocks, q
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (1, 64), (8, 128), (16, 128), (2, 256)])
+def test_page_mass_matches_reference(bs, splits, group, head_dim):
+    gen = torch.Generator().manual_seed(splits * 100 + group + head_dim + bs)
+    heads, seqs = 2, 3
+    lens = torch.tensor([300, 17, 160])
+    layout, k, v, raw, table, num_blocks, q = mixed_case(gen, bs, heads, group, head_dim, lens)
     table_d, lens_d = table.cuda(), lens.to(torch.int32).cuda()
-    q = torch.randn(seqs, heads * group, head_dim, generator=gen).to(torch.bfloat16).cuda()
     scale = 1 / math.sqrt(head_dim)
     lse = torch.full((seqs, heads * group), float("nan"), device="cuda")
     # NaN poison: page_mass must read only the slabs the decode kernel wrote.
@@ -123,3 +129,44 @@ def test_slab_gate_turns_the_slab_output_off():
                      slab_gate=gate)
     assert torch.equal(gated, ungated)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_split_decode_layers_measure_in_a_pass_of_their_own():
+    """Under split decode a sampled layer measures in a pass of its own
+    (MikvAttentionImpl._measure: the fused kernel over the meter's lengths, into a scratch
+    output): a measured step gives the fused decode's masses, the other steps add nothing."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from mikv_vllm.attention.impl import MikvAttentionImpl
+    from mikv_vllm.importance import PageMassMeter
+
+    gen = torch.Generator().manual_seed(5)
+    bs, heads, group, d, splits = 16, 2, 4, 128, 3
+    lens = torch.tensor([300, 17, 160])
+    layout, k, v, _, table, num_blocks, q = mixed_case(gen, bs, heads, group, d, lens)
+    table_d, lens_d = table.cuda(), lens.to(torch.int32).cuda()
+    scale = d ** -0.5
+    lse = torch.empty(len(lens), heads * group, device="cuda")
+    slab_lse = torch.full((num_blocks, ops.slabs_per_block(bs, d), heads * group), float("nan"),
+                          device="cuda")
+    ops.paged_decode(torch.empty_like(q), q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits,
+                     layout, lse, slab_lse)
+    want = torch.zeros(num_blocks, device="cuda")
+    ops.page_mass(want, slab_lse, table_d, lens_d, lse, bs, heads, weight=1.0 / heads)
+
+    meter = PageMassMeter(num_blocks, len(lens), heads * group, heads, 1, 1, bs, d,
+                          torch.device("cuda"))
+    impl = SimpleNamespace(scale=scale, layout=layout, num_kv_heads=heads)
+    layer = SimpleNamespace(_k_scale_float=1.0, _v_scale_float=1.0)
+    md = SimpleNamespace(num_decodes=len(lens), decode_seq_lens=lens_d,
+                         decode_block_table=table_d, decode_num_splits=splits)
+    measured = [meter.step() for _ in range(8)]
+    assert measured == [False] * 7 + [True]
+    meter.active.fill_(0)  # an unmeasured step
+    MikvAttentionImpl._measure(impl, layer, q, k, v, md, meter)
+    assert not meter.mass.any()
+    meter.active.fill_(1)  # the measured one
+    MikvAttentionImpl._measure(impl, layer, q, k, v, md, meter)
+    assert want.sum() > 0
+    assert torch.allclose(meter.mass, want, atol=1e-6), (meter.mass - want).abs().max()
