@@ -10,6 +10,8 @@
 #         .whl_fallback/ holds a last-known-good wheel, later stages use that one
 # kernelbench  decode kernel timings vs FlashAttention bf16/fp8 (benchmarks/kernel_decode.py)
 # abkernels    kernels + kernelbench again with the extension of the wheel in .whl_ab/
+# nfab    kernelbench's mikv rows (no vLLM needed) with .whl_ab's extension, then .whl's
+# profile Nsight Compute on the decode kernel at issue 3's row (text in $OUT/ncu/)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
 #         4's workloads a and b for every kv dtype; demote: demotion forced on (dummy weights);
@@ -59,9 +61,14 @@
 #   H200, gpu util 0.35 for (c) and 0.51 for (a) give the H100's pools at 0.62 and 0.9.
 #   A second, short lease: .bundle0 + .whl, then .bundle1: E2E_A_KV=mikv E2E_A_ARGS='--gpu-util
 #   0.51 --probe-prompts 0 --mikv-knobs {"hi_budget":0.25}' setup e2e_a (~2 min).
-#   Next lease: the sweep with a hi budget and with fp8 hi pages at --block-size 32; (b) with
-#   more prompts than fp8's pool holds (gpu util 0.51 on an H200); tp2 on nvidia-h200-x2 (not
-#   lent so far).
+#   Eighth (benchmarks/results/2026-12-03-h200-lease8/): .bundle0 + .whl + .whl_ab (the .so's
+#   stripped: two wheels then fit beside .bundle0): nfab, then profile with each .so; .bundle1 +
+#   .ab (an older impl.py to A/B) + tok.tar.gz: setup kernels e2e_a (x3); profile + e2e_b at
+#   gpu util 0.51 (fp8, then mikv fp8 hi block 32); e2e_b mikv. A kernel-only check needs no
+#   vLLM at all: carry two wheels, `pytest --noconftest` on the kernel tests, then nfab (~40 s).
+#   Next lease: split_decode timed with the hi-pass slab window (kernelbench); e2e_a / e2e_b
+#   with it; auto on (b) at gpu util 0.51; the sweep with a hi budget; tp2 on nvidia-h200-x2
+#   (not lent so far).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
@@ -134,6 +141,43 @@ stage_abkernels() {
   OUT=$OUT/ab stage_kernels
   OUT=$OUT/ab stage_kernelbench
   cp /tmp/whl-ab/installed.so "$so"
+}
+
+# Nsight Compute on the fused decode kernel at the issue's row (32K, batch 16, GQA 4), all lo
+# pages and 10% hi (PROFILE_HI): speed of light, pipe use, warp stalls, and the SASS with its
+# stall samples, as text in $OUT/ncu/ (the reports themselves stay in /tmp: too big to bring
+# back). Needs no vLLM (kernel_decode.py --no-flash); without setup, export PYTHONPATH=$PWD.
+stage_profile() {
+  local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+  [ -n "$ncu" ] || { log "no ncu: profile skipped"; return; }
+  mkdir -p "$OUT/ncu" /tmp/ncu-bench
+  for hi in ${PROFILE_HI:-0.0 0.1}; do
+    "$ncu" --clock-control none --kernel-name regex:paged_decode_kernel --launch-skip 20 \
+      --launch-count 1 --set full --import-source no -f -o "/tmp/ncu-bench/hi$hi" \
+      python3 benchmarks/kernel_decode.py --batches 16 --ctxs 32768 --hi-fractions "$hi" \
+      --gqa 4 --no-flash --no-split --no-mass --out-dir /tmp/ncu-bench > "$OUT/ncu/hi$hi.run.log" 2>&1
+    local rep=/tmp/ncu-bench/hi$hi.ncu-rep
+    "$ncu" -i "$rep" --page details > "$OUT/ncu/hi$hi.details.txt" 2>&1
+    "$ncu" -i "$rep" --page raw --csv 2>&1 | gzip > "$OUT/ncu/hi$hi.raw.csv.gz"
+    "$ncu" -i "$rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu/hi$hi.sass.csv.gz"
+    tail -3 "$OUT/ncu/hi$hi.details.txt"
+  done
+}
+
+# A kernel-only A/B with no vLLM (e.g. in the lease's first call, beside .bundle0): the mikv
+# rows of kernel_decode.py (--no-flash) with the extension of each carried wheel in turn
+# (.whl_ab, then .whl), results in $OUT/nf_ab/ and $OUT/nf/; without setup, export
+# PYTHONPATH=$PWD.
+stage_nfab() {
+  local w d
+  for w in .whl_ab .whl; do
+    ls $w/mikv_vllm-*.whl >/dev/null 2>&1 || continue
+    d=/tmp/nf$w; python3 -m pip install -q --no-deps --no-index --upgrade --target "$d" $w/mikv_vllm-*.whl
+    cp "$d"/mikv_vllm/_C*.so mikv_vllm/
+    mkdir -p "$OUT/nf${w#.whl}"
+    python3 benchmarks/kernel_decode.py --no-flash --no-split --out-dir "$OUT/nf${w#.whl}" \
+      ${KERNELBENCH_ARGS:-} 2>&1 | tee "$OUT/nf${w#.whl}/kernel_decode.log" | tail -4
+  done
 }
 
 stage_e2e() {

@@ -23,7 +23,8 @@ def main() -> None:
         these = [r for r in rows if r["workload"] == workload]
         # Ratios to auto, or to the workload's first row where auto did not run beside it.
         base = next((r for r in these if r["kv"] == "auto"), these[0])
-        labels = [r["kv"] + (f"\n{r['knobs']}" if r.get("knobs") else "") for r in these]
+        labels = [r["kv"] + (f"\n{r['knobs']}" if r.get("knobs") else "")
+                  + (f"\n{r['variant']}" if r.get("variant") else "") for r in these]
         for row, (key, title) in enumerate([("kv_tokens", "max resident KV tokens"),
                                             ("total_tok_s", "total tok/s")]):
             ax = axes[row][col]
