@@ -71,18 +71,13 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         if nd and md.split is not None:
             self._split_decode(layer, query[:nd], key_cache, value_cache, output[:nd], md)
             if meter is not None:
-                self._measure(layer, query[:nd], key_cache, value_cache, md, meter)
+                # Page masses in a pass of their own, its output discarded: over the meter's
+                # lengths, 0 on the steps that do not measure, so there it finds no page and
+                # costs a launch (instead of the fused kernel decoding the layer every step).
+                self._fused_decode(layer, query[:nd], key_cache, value_cache,
+                                   torch.empty_like(query[:nd]), md, meter, measure_only=True)
         elif nd:
-            ops.paged_decode(output[:nd], query[:nd], key_cache, value_cache,
-                             md.decode_block_table, md.decode_seq_lens, self.scale,
-                             layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
-                             self.layout, lse=None if meter is None else meter.lse[:nd],
-                             slab_lse=None if meter is None else meter.slab_lse,
-                             slab_gate=None if meter is None else meter.active)
-            if meter is not None:
-                ops.page_mass(meter.mass, meter.slab_lse, md.decode_block_table,
-                              meter.lengths(md.decode_seq_lens), meter.lse[:nd],
-                              self.layout.block_size, self.num_kv_heads, meter.weight)
+            self._fused_decode(layer, query[:nd], key_cache, value_cache, output[:nd], md, meter)
         if md.num_prefill_tokens:
             self._prefill(layer, query[nd:md.num_actual_tokens], key_cache, value_cache,
                           output[nd:md.num_actual_tokens], md)
@@ -106,20 +101,27 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             self.scale, layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
             self.layout)
 
-    def _measure(self, layer, query, key_cache, value_cache, md, meter) -> None:
-        """Page masses beside split decode: the fused kernel's slab output, run over the
-        meter's lengths, which are 0 on the steps that do not measure. Then every CTA finds no
-        page and the pass costs a launch, instead of the fused kernel decoding the layer on
-        every step (the output comes from split decode either way)."""
-        lengths = meter.lengths(md.decode_seq_lens)
-        ops.paged_decode(torch.empty_like(query), query, key_cache, value_cache,
-                         md.decode_block_table, lengths, self.scale, layer._k_scale_float,
-                         layer._v_scale_float, md.decode_num_splits, self.layout,
-                         lse=meter.lse[:md.num_decodes], slab_lse=meter.slab_lse,
-                         slab_gate=meter.active)
-        ops.page_mass(meter.mass, meter.slab_lse, md.decode_block_table, lengths,
-                      meter.lse[:md.num_decodes], self.layout.block_size, self.num_kv_heads,
-                      meter.weight)
+    def _fused_decode(self, layer, query, key_cache, value_cache, output, md, meter,
+                      measure_only=False) -> None:
+        """The mikv kernel over every page; with a meter it also leaves the page masses of a
+        measured step (slab log-sum-exps from the hi pass, then page_mass). `measure_only`
+        decodes over the meter's lengths instead of the sequences' own."""
+        lengths = md.decode_seq_lens
+        if meter is not None:
+            mass_lengths = meter.lengths(md.decode_seq_lens)
+            if measure_only:
+                lengths = mass_lengths
+        nd = md.num_decodes
+        ops.paged_decode(output, query, key_cache, value_cache, md.decode_block_table, lengths,
+                         self.scale, layer._k_scale_float, layer._v_scale_float,
+                         md.decode_num_splits, self.layout,
+                         lse=None if meter is None else meter.lse[:nd],
+                         slab_lse=None if meter is None else meter.slab_lse,
+                         slab_gate=None if meter is None else meter.active)
+        if meter is not None:
+            ops.page_mass(meter.mass, meter.slab_lse, md.decode_block_table, mass_lengths,
+                          meter.lse[:nd], self.layout.block_size, self.num_kv_heads,
+                          meter.weight)
 
     def _flash(self, layer, query, key_cache, value_cache, output, query_start_loc,
                max_query_len, seq_lens, max_seq_len, block_table, num_seqs,

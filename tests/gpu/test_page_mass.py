@@ -133,8 +133,9 @@ def test_slab_gate_turns_the_slab_output_off():
 
 def test_split_decode_layers_measure_in_a_pass_of_their_own():
     """Under split decode a sampled layer measures in a pass of its own
-    (MikvAttentionImpl._measure: the fused kernel over the meter's lengths, into a scratch
-    output): a measured step gives the fused decode's masses, the other steps add nothing."""
+    (MikvAttentionImpl._fused_decode with measure_only: the fused kernel over the meter's
+    lengths, into a scratch output): a measured step gives the fused decode's masses, the
+    other steps add nothing."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
@@ -164,9 +165,11 @@ def test_split_decode_layers_measure_in_a_pass_of_their_own():
     measured = [meter.step() for _ in range(8)]
     assert measured == [False] * 7 + [True]
     meter.active.fill_(0)  # an unmeasured step
-    MikvAttentionImpl._measure(impl, layer, q, k, v, md, meter)
+    MikvAttentionImpl._fused_decode(impl, layer, q, k, v, torch.empty_like(q), md, meter,
+                                    measure_only=True)
     assert not meter.mass.any()
     meter.active.fill_(1)  # the measured one
-    MikvAttentionImpl._measure(impl, layer, q, k, v, md, meter)
+    MikvAttentionImpl._fused_decode(impl, layer, q, k, v, torch.empty_like(q), md, meter,
+                                    measure_only=True)
     assert want.sum() > 0
     assert torch.allclose(meter.mass, want, atol=1e-6), (meter.mass - want).abs().max()
