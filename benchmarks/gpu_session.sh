@@ -108,14 +108,20 @@ stage_setup() {
   fi
 }
 
+# Put the compiled kernels of the wheel carried in folder $1 (.whl_fallback, .whl_ab, ...) into
+# mikv_vllm/, where every later import loads them from.
+use_wheel_so() {
+  python3 -m pip install -q --no-deps --no-index --upgrade --target "/tmp/so$1" "$1"/mikv_vllm-*.whl
+  cp "/tmp/so$1"/mikv_vllm/_C*.so mikv_vllm/
+}
+
 stage_kernels() {
   python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py tests/gpu/test_split_decode.py 2>&1 | tee "$OUT/kernels.log" | tail -15
   if [ "${PIPESTATUS[0]}" != 0 ] && ls .whl_fallback/mikv_vllm-*.whl >/dev/null 2>&1; then
     # A kernel change that fails its tests must not measure anything: back to the carried
     # last-known-good build (same op schemas) for the stages that follow.
     log "kernel tests failed: using .whl_fallback for the rest of this session"
-    python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/whl-fallback .whl_fallback/mikv_vllm-*.whl
-    cp /tmp/whl-fallback/mikv_vllm/_C*.so mikv_vllm/
+    use_wheel_so .whl_fallback
   fi
 }
 
@@ -134,13 +140,12 @@ stage_kernelbench() {
 # build is put back afterwards.
 stage_abkernels() {
   ls .whl_ab/mikv_vllm-*.whl >/dev/null 2>&1 || { log "no .whl_ab: abkernels skipped"; return; }
-  python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/whl-ab .whl_ab/mikv_vllm-*.whl
-  local so; so=$(ls mikv_vllm/_C*.so); cp "$so" /tmp/whl-ab/installed.so
-  cp /tmp/whl-ab/mikv_vllm/_C*.so mikv_vllm/
+  local so; so=$(ls mikv_vllm/_C*.so); cp "$so" /tmp/installed.so
+  use_wheel_so .whl_ab
   mkdir -p "$OUT/ab"
   OUT=$OUT/ab stage_kernels
   OUT=$OUT/ab stage_kernelbench
-  cp /tmp/whl-ab/installed.so "$so"
+  cp /tmp/installed.so "$so"
 }
 
 # Nsight Compute on the fused decode kernel at the issue's row (32K, batch 16, GQA 4), all lo
@@ -160,7 +165,7 @@ stage_profile() {
     "$ncu" -i "$rep" --page details > "$OUT/ncu/hi$hi.details.txt" 2>&1
     "$ncu" -i "$rep" --page raw --csv 2>&1 | gzip > "$OUT/ncu/hi$hi.raw.csv.gz"
     "$ncu" -i "$rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu/hi$hi.sass.csv.gz"
-    tail -3 "$OUT/ncu/hi$hi.details.txt"
+    grep -E "^ +(Duration|DRAM Throughput|Issue Slots Busy) " "$OUT/ncu/hi$hi.details.txt"
   done
 }
 
@@ -169,11 +174,10 @@ stage_profile() {
 # (.whl_ab, then .whl), results in $OUT/nf_ab/ and $OUT/nf/; without setup, export
 # PYTHONPATH=$PWD.
 stage_nfab() {
-  local w d
+  local w
   for w in .whl_ab .whl; do
     ls $w/mikv_vllm-*.whl >/dev/null 2>&1 || continue
-    d=/tmp/nf$w; python3 -m pip install -q --no-deps --no-index --upgrade --target "$d" $w/mikv_vllm-*.whl
-    cp "$d"/mikv_vllm/_C*.so mikv_vllm/
+    use_wheel_so $w
     mkdir -p "$OUT/nf${w#.whl}"
     python3 benchmarks/kernel_decode.py --no-flash --no-split --out-dir "$OUT/nf${w#.whl}" \
       ${KERNELBENCH_ARGS:-} 2>&1 | tee "$OUT/nf${w#.whl}/kernel_decode.log" | tail -4
