@@ -119,6 +119,10 @@ __device__ __forceinline__ uint32_t scaled(uint32_t b, uint32_t scales) {
 // (benchmarks/results/2026-12-02-h200-staged/).
 constexpr int kLoPair = 2;    // tiles a warp computes per iteration (their chains overlap)
 constexpr int kLoStages = 4;  // ring slots: one pair computed while the next is in flight
+// Row stride (halves) of the per-warp P^T transpose buffer: 24 keeps both its fp16 stores
+// (rows 2j, columns g) and its fp16x2 loads (rows g, columns 2j) free of bank conflicts; 16
+// made the stores 2-way (ncu).
+constexpr int kPStride = 24;
 
 // Bytes of one staged (KV head, 16-token tile): K and V codes, then the page's K scales and
 // zeros of this head, then the tile's V scales and zeros (sized for the smallest group, 16).
@@ -136,17 +140,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-// A warp's copy of `bytes` <= kMaxBytes (a multiple of 16, both ends 16-byte aligned): the
-// bound makes it straight-line code, one predicated cp.async per lane and 512 bytes.
-template <int kMaxBytes>
-__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
-#pragma unroll
-  for (int k = 0; k < (kMaxBytes + 511) / 512; ++k) {
-    const int i = k * 512 + lane * 16;
-    if (i < bytes) cp_async16(dst + i, src + i);
-  }
-}
-
 template <int LW>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[LW]) {
   if constexpr (LW == 2) {
@@ -165,32 +158,49 @@ __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[LW]) 
   }
 }
 
-// Walks one warp's lo tiles in order: the warp's pages are p_begin + warp + kWarps * i; a window
-// of 32 of them is read with one load per lane and a ballot, so the table costs one load per
-// 32 pages and hi pages cost nothing.
+// The pages of one split of a sequence: split s of S takes pages s, s + S, s + 2S, ...,
+// computed from the sequence's own length so that the grid depends on the batch shape only
+// (CUDA-graph replays see new lengths). Dealt rather than cut into S ranges because hi pages
+// cluster (the sink, the recent window): ranges left the last split most of them, and its CTAs
+// set the kernel's time (H200, 32K context, batch 16, GQA 4, 10% hi: 371 us, 1.6x all lo's time
+// for 1.4x its bytes; dealt: 279 us). Dealing chunks of 4 or 16 pages instead timed the same.
+struct SplitPages {
+  int splits, split;
+  int count;  // pages of this split
+
+  __device__ __forceinline__ SplitPages(int num_pages, int num_splits, int s)
+      : splits(num_splits), split(s), count(s < num_pages ? (num_pages - 1 - s) / num_splits + 1 : 0) {}
+  // The sequence page of the split's page i.
+  __device__ __forceinline__ int page(int i) const { return i * splits + split; }
+};
+
+// Walks one warp's lo tiles in order: the warp's pages are the split's pages warp + kWarps * i;
+// a window of 32 of them is read with one load per lane and a ballot, so the table costs one
+// load per 32 pages and hi pages cost nothing.
 struct LoCursor {
-  int base;        // first page of the current window
+  SplitPages pages;
+  int base;        // first split page of the current window
   int entry;       // this lane's table entry in the window
   uint32_t todo;   // window lanes whose page is lo and not yet started
-  int code, page, tile;  // the current lo page (page < 0: none)
+  int code, page, tile;  // the current lo page, a sequence page (page < 0: none)
 
-  __device__ __forceinline__ void load_window(const int32_t* __restrict__ bt, int p_end, int lane) {
+  __device__ __forceinline__ void load_window(const int32_t* __restrict__ bt, int lane) {
     const int p = base + lane * kWarps;
-    entry = p < p_end ? bt[p] : 0;
+    entry = p < pages.count ? bt[pages.page(p)] : 0;
     todo = __ballot_sync(0xffffffffu, entry < 0);
   }
   // Moves to the next lo tile (code, page, tile); false when the warp's share is done.
-  __device__ __forceinline__ bool next(const int32_t* __restrict__ bt, int p_end, int t_end,
-                                       int block_size, int lane) {
+  __device__ __forceinline__ bool next(const int32_t* __restrict__ bt, int t_end, int block_size,
+                                       int lane) {
     if (page >= 0 && ++tile * 16 < block_size && page * block_size + tile * 16 < t_end) return true;
     while (todo == 0) {
       base += 32 * kWarps;
-      if (base >= p_end) { page = -1; return false; }
-      load_window(bt, p_end, lane);
+      if (base >= pages.count) { page = -1; return false; }
+      load_window(bt, lane);
     }
     const int i = __ffs(todo) - 1;
     todo &= todo - 1;
-    page = base + i * kWarps;
+    page = pages.page(base + i * kWarps);
     code = -__shfl_sync(0xffffffffu, entry, i) - 1;
     tile = 0;
     return true;
@@ -208,26 +218,28 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One warp's share of the lo pages in [p_begin, p_end), merged into the warp's slot of hi-pass
-// results (sm_ml / sm_acc, in the hi path's units: values / v_scale). Lane L = 4g + j holds the
+// One warp's share of the lo pages among the split's `pages` (tokens from t_end on are masked),
+// merged into the warp's slot of hi-pass results (sm_ml / sm_acc, in the hi path's units:
+// values / v_scale). Lane L = 4g + j holds the
 // scores of tokens {g, g + 8} x heads {2j, 2j + 1} of a tile and the outputs of channels
 // {16n + g, 16n + g + 8} x the same heads; the fragment layouts are mma.m16n8k16's. Tiles are
 // computed in pairs and staged through `ring` (kLoStages x lo_tile_bytes, this warp's) one pair
 // ahead.
 template <int BITS, typename q_t, int D, int MAX_G>
 __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t q_stride_head,
-                                        int ng, const int32_t* __restrict__ bt, int p_begin,
-                                        int p_end, int t_end, int block_size, int kvh,
+                                        int ng, const int32_t* __restrict__ bt,
+                                        const SplitPages& pages, int t_end, int block_size, int kvh,
                                         float scale_log2, float inv_v_scale, const LoLayout& lo,
                                         float (&sm_ml)[MAX_G][2], float (&sm_acc)[MAX_G][D],
-                                        __half (&sm_p)[kLoPair][8][16], uint8_t* __restrict__ ring,
+                                        __half (&sm_p)[kLoPair][8][kPStride],
+                                        uint8_t* __restrict__ ring,
                                         int (&sm_tok)[kLoStages]) {
   constexpr int KC = D / 16;             // 16-channel chunks: k-steps of S, m-tiles of O
   constexpr int LW = D * BITS / 64;      // code words per lane per tile (K and V each)
   constexpr int kCodeBytes = 32 * LW * 4;  // one tile's K (or V) codes of one head
   constexpr int kTileBytes = lo_tile_bytes<D, BITS>();
-  // Sections of a staged tile: K codes, V codes, K scales (4 runs of KC x 8 B), K zeros (4 runs
-  // of KC x 4 B), V scales (groups x 4 x 8 B), V zeros (groups x 4 x 4 B).
+  // Sections of a staged tile: K codes, V codes, K scales (4 runs of KC x 8 B, interleaved 16 B
+  // at a time), K zeros (4 runs of KC x 4 B), V scales (groups x 4 x 8 B), V zeros (groups x 4 x 4 B).
   constexpr int kKs = 2 * kCodeBytes, kKz = kKs + 32 * KC, kVs = kKz + 16 * KC;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, j = lane % 4;
   const int tiles = block_size / 16, groups = D / lo.group;
@@ -254,30 +266,57 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
 #pragma unroll
   for (int n = 0; n < KC; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
+  // A lane's part in staging a tile is the same for every tile: its source offset in a lo page
+  // of each section (for the page's tile 0; tile t adds t times the section's tile stride), its
+  // destination and whether it copies there. Hoisted out of the loop, a staged tile costs its
+  // page address, an add per copy and the copies (SASS: ~20 instructions a tile fewer).
+  constexpr int kCodeRounds = (kCodeBytes + 511) / 512;
+  const int head_tiles = kvh * tiles;
+  const int src_codes = head_tiles * kCodeBytes + lane * 16;
+  const int src_ks = lo.k_scales + kvh * 32 * KC + lane * 16;
+  const int src_kz = lo.k_zeros + kvh * 16 * KC + lane * 16;
+  const int src_vs = lo.v_scales + head_tiles * groups * 32 + lane * 16;
+  const int src_vz = lo.v_zeros + head_tiles * groups * 16 + lane * 16;
+  // The K scales' four runs (one per j, KC x 8 B) are interleaved 16 bytes at a time, so that
+  // lanes of different j read different banks (run after run, j and j + 2 collided).
+  const int dst_ks = kKs + (lane % (KC / 2)) * 64 + (lane / (KC / 2)) * 16;
+  // groups <= KC: lo groups are multiples of 16 channels.
+  const bool ks_on = lane < 2 * KC, kz_on = lane < KC, vs_on = lane < 2 * groups,
+             vz_on = lane < groups;
+  uint8_t* const ring_lane = ring + lane * 16;
+
   // Stage the next lo tile (if any) into ring slot `stage`; sm_tok says which tokens it holds
   // (-1: none, and none after it). Every call commits one cp.async group, empty or not.
-  LoCursor cur{p_begin + warp, 0, 0u, 0, -1, 0};
-  cur.load_window(bt, p_end, lane);
+  LoCursor cur{pages, warp, 0, 0u, 0, -1, 0};
+  cur.load_window(bt, lane);
   auto stage_next = [&](int stage) {
     int tok0 = -1;
-    if (cur.next(bt, p_end, t_end, block_size, lane)) {
+    if (cur.next(bt, t_end, block_size, lane)) {
       const int code = cur.code, tile = cur.tile;
       tok0 = cur.tok0(block_size);
       const int blk = lo.pack_factor == 1
                           ? code
                           : static_cast<int>(__umulhi(static_cast<uint32_t>(code), lo.pack_magic));
-      const uint8_t* page = lo.base + static_cast<int64_t>(blk) * lo.block_bytes +
-                            static_cast<int64_t>(code - blk * lo.pack_factor) * lo.page_bytes;
-      const int run0 = (kvh * tiles + tile) * 32;  // the tile's first code run of this head
-      uint8_t* dst = ring + stage * kTileBytes;
-      warp_copy<kCodeBytes>(dst, page + run0 * LW * 4, kCodeBytes, lane);
-      warp_copy<kCodeBytes>(dst + kCodeBytes, page + lo.v_codes + run0 * LW * 4, kCodeBytes, lane);
-      warp_copy<32 * KC>(dst + kKs, page + lo.k_scales + kvh * 32 * KC, 32 * KC, lane);
-      warp_copy<16 * KC>(dst + kKz, page + lo.k_zeros + kvh * 16 * KC, 16 * KC, lane);
-      const int v_run0 = (kvh * tiles + tile) * groups * 4;
-      // groups <= KC: lo groups are multiples of 16 channels.
-      warp_copy<32 * KC>(dst + kVs, page + lo.v_scales + v_run0 * 8, 32 * groups, lane);
-      warp_copy<16 * KC>(dst + kVz, page + lo.v_zeros + v_run0 * 4, 16 * groups, lane);
+      // A block is < 4 GiB (checked at launch): one 32 x 32 -> 64-bit multiply-add.
+      const uint8_t* page = lo.base +
+                            static_cast<uint64_t>(static_cast<uint32_t>(blk)) *
+                                static_cast<uint32_t>(lo.block_bytes) +
+                            static_cast<uint32_t>(code - blk * lo.pack_factor) *
+                                static_cast<uint32_t>(lo.page_bytes);
+      const int t_codes = tile * kCodeBytes, t_vs = tile * groups * 32;
+      uint8_t* dst = ring_lane + stage * kTileBytes;
+      const uint8_t* codes = page + (src_codes + t_codes);
+#pragma unroll
+      for (int k = 0; k < kCodeRounds; ++k) {
+        if (kCodeBytes % 512 == 0 || k * 512 + lane * 16 < kCodeBytes) {
+          cp_async16(dst + k * 512, codes + k * 512);
+          cp_async16(dst + kCodeBytes + k * 512, codes + lo.v_codes + k * 512);
+        }
+      }
+      if (ks_on) cp_async16(ring + stage * kTileBytes + dst_ks, page + src_ks);
+      if (kz_on) cp_async16(dst + kKz, page + src_kz);
+      if (vs_on) cp_async16(dst + kVs, page + (src_vs + t_vs));
+      if (vz_on) cp_async16(dst + kVz, page + (src_vz + t_vs / 2));
     }
     if (lane == 0) sm_tok[stage] = tok0;
     cp_async_commit();
@@ -314,13 +353,13 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
       load_words<LW>(tile_smem + lane * LW * 4, kw);
       shifted_words<LW>(kw, kw8);
       load_words<LW>(tile_smem + kCodeBytes + lane * LW * 4, vw[t]);
-      const uint2* k_scales = reinterpret_cast<const uint2*>(tile_smem + kKs) + j * KC;
+      const uint8_t* k_scales = tile_smem + kKs + j * 16;  // chunk c at (c / 2) * 64 + (c % 2) * 8
       const uint32_t* k_zeros = reinterpret_cast<const uint32_t*>(tile_smem + kKz) + j * KC;
       s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
 #pragma unroll
       for (int c = 0; c < KC; ++c) {
         uint32_t a[4];
-        const uint2 ks = k_scales[c];
+        const uint2 ks = *reinterpret_cast<const uint2*>(k_scales + (c / 2) * 64 + (c % 2) * 8);
         const uint32_t kz = k_zeros[c];
         a_fragment<BITS>(kw, kw8, c, zero_pair_bits(kz, 0), zero_pair_bits(kz, 1), a);
         mma_16816(s[t], a, scaled(qb[c][0], ks.x), scaled(qb[c][1], ks.y));
@@ -504,15 +543,12 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   const int h0 = kvh * group + chunk * MAX_G;                 // first query head of this CTA
   const int ng = min(MAX_G, group - chunk * MAX_G);           // query heads of this CTA
 
-  // Each sequence's pages are cut into gridDim.z equal ranges from its own length, so the
-  // grid depends on the batch shape only (CUDA-graph replays see new lengths).
   // Lo pages hold real values; the hi path's results are in cache units (times v_scale later).
   const float inv_v_scale = 1.f / v_scale;
   const int seq_len = seq_lens[seq];
   const int num_pages = (seq_len + block_size - 1) / block_size;
-  const int tok_per_split = (num_pages + num_splits - 1) / num_splits * block_size;
-  const int t_begin = split * tok_per_split;
-  const int t_end = min(seq_len, t_begin + tok_per_split);
+  const SplitPages pages(num_pages, num_splits, split);
+  const int split_rows = pages.count * block_size;  // row r: page r / block_size of the split
 
   // Query rows of this lane's 8 dims, pre-scaled so that q.k lands in log2 units.
   float qf[MAX_G][kElems];
@@ -540,28 +576,34 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   const int64_t head_off = kvh * kv_stride_head + sl * kElems;
   constexpr int kRowsPerStep = kWarps * SUBS * kUnroll;
 
-  // Each step, warp w owns the slab of kUnroll * SUBS consecutive rows starting at
-  // base + w * kUnroll * SUBS (lane group `sub` takes rows sub, sub + SUBS, ...). The slab size
-  // (1024 / D rows) divides every supported block size and splits start on page boundaries, so
-  // a slab lies in one page: one table lookup per slab, and hi/lo is uniform across the warp.
+  // The split's rows (its pages, in order) go in steps of kRowsPerStep: in each step warp w
+  // owns the slab of kUnroll * SUBS consecutive rows at w * kUnroll * SUBS (lane group `sub`
+  // takes rows sub, sub + SUBS, ...). The slab size (1024 / D rows) divides every supported
+  // block size, so a slab lies in one page: one table entry per slab, and hi/lo is uniform
+  // across the warp.
   constexpr int kSlab = kUnroll * SUBS;
   static_assert(kSlab * D == kSlabElems, "slab size and kSlabElems disagree");
   // The warp's next 32 slabs are looked up together, one table load per lane, and a ballot
   // keeps the hi ones: lo pages (lo_pass reads them) and slabs past the end cost nothing here.
   // One dependent load per slab instead drew 26% of an all-lo step's stall samples (ncu).
-  for (int base0 = t_begin; base0 < t_end; base0 += 32 * kRowsPerStep) {
-    const int my_slab = base0 + lane * kRowsPerStep + warp * kSlab;
-    const int my_entry = my_slab < t_end ? bt[my_slab / block_size] : -1;
+  for (int base0 = 0; base0 < split_rows; base0 += 32 * kRowsPerStep) {
+    const int my_row = base0 + lane * kRowsPerStep + warp * kSlab;  // a row of the split
+    int my_slab = 0, my_entry = -1;  // the slab's first sequence row and its table entry
+    if (my_row < split_rows) {
+      const int page = pages.page(my_row / block_size);
+      my_slab = page * block_size + my_row % block_size;
+      if (my_slab < seq_len) my_entry = bt[page];
+    }
     for (uint32_t todo = __ballot_sync(0xffffffffu, my_entry >= 0); todo; todo &= todo - 1) {
       const int i = __ffs(todo) - 1;
-      const int slab = base0 + i * kRowsPerStep + warp * kSlab;
+      const int slab = __shfl_sync(0xffffffffu, my_slab, i);
       const int entry = __shfl_sync(0xffffffffu, my_entry, i);
       vec_t kr[kUnroll], vr[kUnroll];
       bool valid[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int t = slab + u * SUBS + sub;
-        valid[u] = t < t_end;
+        valid[u] = t < seq_len;
         if (!valid[u]) continue;
         const int64_t off = entry * kv_stride_block + (t % block_size) * kv_stride_tok + head_off;
         kr[u] = *reinterpret_cast<const vec_t*>(k_cache + off);
@@ -649,17 +691,16 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     }
   }
   __syncwarp();
-  __shared__ __align__(16) __half sm_p[kWarps][kLoPair][8][16];  // read back as fp16x2 words
+  __shared__ __align__(16) __half sm_p[kWarps][kLoPair][8][kPStride];  // read as fp16x2 words
   __shared__ int sm_tok[kWarps][kLoStages];
   extern __shared__ __align__(16) uint8_t lo_ring[];  // kWarps x kLoStages staged lo tiles
   const q_t* q_heads = q + seq * q_stride_tok + h0 * q_stride_head;
-  const int p_begin = t_begin / block_size, p_end = (t_end + block_size - 1) / block_size;
   if (lo.bits == 2)
-    lo_pass<2, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
+    lo_pass<2, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, pages, seq_len, block_size,
                               kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
                               lo_ring + warp * lo_ring_bytes<D, 2>(), sm_tok[warp]);
   else
-    lo_pass<4, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, p_begin, p_end, t_end, block_size,
+    lo_pass<4, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, pages, seq_len, block_size,
                               kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
                               lo_ring + warp * lo_ring_bytes<D, 4>(), sm_tok[warp]);
   __syncthreads();
@@ -734,6 +775,11 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
                                         ring_bytes));
     allowed[device] = ring_bytes;
   }
+  if (a.ctas_per_sm != nullptr) {
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(a.ctas_per_sm, kernel, kThreads, ring_bytes));
+    return;
+  }
   kernel<<<grid, kThreads, ring_bytes, stream>>>(
       static_cast<const q_t*>(a.q), a.q_stride_tok, a.q_stride_head,
       static_cast<const kv_t*>(a.k_cache), static_cast<const kv_t*>(a.v_cache),
@@ -801,6 +847,8 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   lo.k_zeros = lo.v_scales + 2 * v_groups;
   lo.v_zeros = lo.k_zeros + k_groups;
   lo.page_bytes = lo.v_zeros + v_groups;
+  TORCH_CHECK(lo.block_bytes < (int64_t{1} << 32), "mikv paged_decode: a KV cache block of ",
+              lo.block_bytes, " B (>= 4 GiB) is not supported");
   TORCH_CHECK(lo.page_bytes * pack_factor <= lo.block_bytes, "lo pages (", lo.page_bytes, " B x ",
               pack_factor, ") exceed a block (", lo.block_bytes, " B)");
   // The lo pass stages tiles with 16-byte cp.async: every section starts 16-byte aligned when
@@ -809,6 +857,21 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
                                    lo.block_bytes % 16 == 0 && lo.page_bytes % 16 == 0),
               "lo pages must be 16-byte aligned (cache, block stride and page size)");
   return lo;
+}
+
+int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits) {
+  TORCH_CHECK(group >= 1 && (lo_bits == 2 || lo_bits == 4),
+              "decode_ctas_per_sm: group must be >= 1 and lo_bits 2 or 4");
+  DecodeArgs a;
+  a.head_dim = static_cast<int>(head_dim);
+  a.group = static_cast<int>(group);
+  a.lo.bits = static_cast<int>(lo_bits);
+  int ctas = 0;
+  a.ctas_per_sm = &ctas;
+  // The query's dtype (bf16 or fp16) does not change the kernel's resources.
+  if (fp8_kv) detail::dispatch_dim<__nv_bfloat16, uint8_t>(a, nullptr);
+  else detail::dispatch_dim<__nv_bfloat16, __nv_bfloat16>(a, nullptr);
+  return ctas;
 }
 
 void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,

@@ -41,11 +41,16 @@ struct DecodeArgs {
   float* lse = nullptr;     // optional [seqs, q_heads]: log2 of each head's softmax sum
   float* slab_lse = nullptr;  // optional [blocks, block / slab rows, q_heads]: the same per slab
   const int32_t* slab_gate = nullptr;  // optional device flag: write slab_lse only when nonzero
+  int* ctas_per_sm = nullptr;  // when set: store the kernel's occupancy there, launch nothing
 };
 
 // The lo-page layout of a layer whose keys are `key_cache` ([blocks, block, heads, D] view).
 LoLayout make_lo_layout(const DecodeArgs& shape, const torch::Tensor& key_cache,
                         int64_t pack_factor, int64_t bits, int64_t group);
+
+// CTAs of the decode kernel for these shapes that one SM holds at once (its registers and
+// shared memory decide): ops.decode_num_splits sizes the grid in whole waves of them.
+int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits);
 
 void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,

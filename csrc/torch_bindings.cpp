@@ -14,6 +14,9 @@ TORCH_LIBRARY(mikv, m) {
   m.def(
       "page_mass(Tensor(a!) mass, Tensor slab_lse, Tensor block_table, Tensor seq_lens, "
       "Tensor lse, int block_size, int num_kv_heads, float weight) -> ()");
+  // No tensor arguments: one kernel for every dispatch key.
+  m.def("decode_ctas_per_sm(int head_dim, int group, bool fp8_kv, int lo_bits) -> int",
+        &mikv::decode_ctas_per_sm);
   m.def(
       "quantize_pages(Tensor(a!) key_cache, Tensor value_cache, Tensor src_blocks, "
       "Tensor dst_codes, float k_scale, float v_scale, int lo_pack_factor, int lo_bits, "

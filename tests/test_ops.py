@@ -18,32 +18,42 @@ SHAPES = list(itertools.product([0, 1, 2, 3, 7, 16, 64, 256, 1024],  # sequences
 
 def test_num_splits_in_range():
     for shape in SHAPES:
-        splits = ops.decode_num_splits(*shape)
-        assert isinstance(splits, int) and 1 <= splits <= ops.MAX_SPLITS == 64, (shape, splits)
+        for ctas_per_sm in (1, 2, 3, 4):
+            splits = ops.decode_num_splits(*shape, ctas_per_sm)
+            assert isinstance(splits, int) and 1 <= splits <= ops.MAX_SPLITS == 64, (shape, splits)
 
 
-def test_num_splits_is_one_when_the_batch_fills_the_gpu():
-    assert ops.decode_num_splits(256, 8, 4, 132) == 1
-    assert ops.decode_num_splits(264, 1, 1, 132) == 1
-    assert ops.decode_num_splits(1024, 2, 8, 108) == 1
-    for seqs, heads, group, sms in SHAPES:
-        ctas = seqs * heads * -(-group // 8)
-        if ctas >= 2 * sms:
-            assert ops.decode_num_splits(seqs, heads, group, sms) == 1
+def wave_use(ctas: int, splits: int, capacity: int) -> float:
+    """Share of the launched waves' CTA slots that hold work."""
+    return ctas * splits / (-(-ctas * splits // capacity) * capacity)
 
 
-def test_num_splits_grows_for_small_batches():
+def test_num_splits_fills_whole_waves():
+    """The grid never wastes more of its waves than one split would, and a small batch fills
+    at least half a wave."""
+    for (seqs, heads, group, sms), per_sm in itertools.product(SHAPES, (2, 3, 4)):
+        if not seqs:
+            continue
+        ctas, capacity = seqs * heads * -(-group // 8), sms * per_sm
+        splits = ops.decode_num_splits(seqs, heads, group, sms, per_sm)
+        assert wave_use(ctas, splits, capacity) >= min(wave_use(ctas, 1, capacity), 0.5) - 1e-9
+        if ctas * ops.MAX_SPLITS >= capacity:
+            assert ctas * splits >= capacity / 2, (seqs, heads, group, sms, per_sm, splits)
+
+
+def test_num_splits_at_measured_shapes():
+    """H200 (132 SMs), 8 KV heads: GQA 4 runs 3 CTAs per SM, GQA 8 runs 2."""
+    assert ops.decode_num_splits(16, 8, 4, 132, 3) == 3   # 384 of 396 slots
+    assert ops.decode_num_splits(16, 8, 8, 132, 2) == 2   # 256 of 264 (3 splits: 1.45 waves)
+    assert ops.decode_num_splits(64, 8, 4, 132, 3) == 3   # 1536 of 1584 (1 split: 1.29 waves)
     assert ops.decode_num_splits(1, 1, 1, 132) == 64
-    assert ops.decode_num_splits(1, 8, 4, 132) > 1
-    for heads, group, sms in itertools.product([1, 2, 8], [1, 4, 16], [78, 132]):
-        splits = [ops.decode_num_splits(n, heads, group, sms) for n in range(1, 300)]
-        assert splits == sorted(splits, reverse=True), "more sequences must not mean more splits"
+    assert ops.decode_num_splits(1024, 8, 4, 132, 3) <= 2
 
 
 def test_num_splits_depends_only_on_batch_shape():
     """One value per captured CUDA graph: no sequence length or content enters the choice."""
     assert list(inspect.signature(ops.decode_num_splits).parameters) == [
-        "num_seqs", "num_kv_heads", "group", "num_sms"]
+        "num_seqs", "num_kv_heads", "group", "num_sms", "ctas_per_sm"]
     for shape in SHAPES[::7]:
         assert ops.decode_num_splits(*shape) == ops.decode_num_splits(*shape)
 

@@ -15,7 +15,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from mikv_vllm.attention.split_decode import SplitTables
 from mikv_vllm.config import MikvConfig
-from mikv_vllm.ops import decode_num_splits
+from mikv_vllm.ops import decode_ctas_per_sm, decode_num_splits
 
 
 @dataclass
@@ -65,10 +65,14 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
         parallel_config = vllm_config.parallel_config
         self.num_kv_heads = model_config.get_num_kv_heads(parallel_config)
         self.group = model_config.get_num_attention_heads(parallel_config) // self.num_kv_heads
-        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
-                        if torch.device(device).type == "cuda" else 1)
+        mikv = MikvConfig.from_additional_config(vllm_config.additional_config)
+        on_gpu = torch.device(device).type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
+        # The decode grid is sized in waves of the kernel's occupancy on this GPU.
+        self.ctas_per_sm = decode_ctas_per_sm(
+            kv_cache_spec.head_size, self.group, mikv.hi_dtype == "fp8", mikv.lo_bits) if on_gpu else 2
         self.split_tables: SplitTables | None = None
-        knob = MikvConfig.from_additional_config(vllm_config.additional_config).split_decode
+        knob = mikv.split_decode
         fa_version = get_flash_attn_version()
         if knob or (knob is None and fa_version == 3):
             sched = vllm_config.scheduler_config
@@ -98,7 +102,7 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
             decode_seq_lens=cm.seq_lens[:num_decodes],
             decode_block_table=cm.block_table_tensor[:num_decodes],
             decode_num_splits=decode_num_splits(
-                num_decodes, self.num_kv_heads, self.group, self.num_sms),
+                num_decodes, self.num_kv_heads, self.group, self.num_sms, self.ctas_per_sm),
             num_prefills=num_prefills,
             num_prefill_tokens=num_prefill_tokens,
             prefill_query_start_loc=None,

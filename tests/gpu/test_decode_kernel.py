@@ -132,3 +132,14 @@ def test_matches_flash_attention_decode():
                               fa_version=fa.get_flash_attn_version())
     err = (ours.float() - theirs.float()).norm() / theirs.float().norm()
     assert err < 1e-2
+
+
+def test_occupancy_sizes_the_grid():
+    """decode_ctas_per_sm reads the kernel's occupancy: at least the launch bound's 3 CTAs per SM
+    where D <= 128 and <= 4 heads share a CTA, fewer where a CTA holds 8 heads."""
+    assert ops.decode_ctas_per_sm(128, 4, False) >= 3
+    assert ops.decode_ctas_per_sm(128, 4, True, 4) >= 3
+    assert 1 <= ops.decode_ctas_per_sm(128, 8, False) < ops.decode_ctas_per_sm(128, 4, False)
+    assert ops.decode_ctas_per_sm(256, 16, True) >= 1
+    with pytest.raises(RuntimeError, match="head_dim"):
+        ops.decode_ctas_per_sm(96, 4, False)
