@@ -10,7 +10,7 @@
 #         .whl_fallback/ holds a last-known-good wheel, later stages use that one
 # kernelbench  decode kernel timings vs FlashAttention bf16/fp8 (benchmarks/kernel_decode.py)
 # abkernels    kernels + kernelbench again with the extension of the wheel in .whl_ab/
-# nfab    kernelbench's mikv rows (no vLLM needed) with .whl_ab's extension, then .whl's
+# soab    kernelbench's mikv rows (no vLLM needed) with each extension carried in .so_ab/
 # profile Nsight Compute on the decode kernel at issue 3's row (text in $OUT/ncu/)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
@@ -64,11 +64,14 @@
 #   Eighth (benchmarks/results/2026-12-03-h200-lease8/): .bundle0 + .whl + .whl_ab (the .so's
 #   stripped: two wheels then fit beside .bundle0): nfab, then profile with each .so; .bundle1 +
 #   .ab (an older impl.py to A/B) + tok.tar.gz: setup kernels e2e_a (x3); profile + e2e_b at
-#   gpu util 0.51 (fp8, then mikv fp8 hi block 32); e2e_b mikv. A kernel-only check needs no
-#   vLLM at all: carry two wheels, `pytest --noconftest` on the kernel tests, then nfab (~40 s).
-#   Next lease: split_decode timed with the hi-pass slab window (kernelbench); e2e_a / e2e_b
-#   with it; auto on (b) at gpu util 0.51; the sweep with a hi budget; tp2 on nvidia-h200-x2
-#   (not lent so far).
+#   gpu util 0.51 (fp8, then mikv fp8 hi block 32); e2e_b mikv. (nfab, the wheel A/B of that
+#   lease, is now soab.)
+#   Ninth (benchmarks/results/2026-12-03-h200-lease9/): kernel A/Bs with no vLLM at all: carry
+#   .so_ab/ (six stripped _C.abi3.so, ~4.4 MB each, each linked with another build of
+#   paged_decode.o): SOAB_TEST="..." KERNELBENCH_ARGS="..." soab, writing to a scratch OUT
+#   tarred into the real one (~2.5 min for six builds and two test runs).
+#   Next lease: e2e_b auto at gpu util 0.51; the sweep with a hi budget; tp2 on
+#   nvidia-h200-x2 (not lent so far).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
@@ -169,19 +172,28 @@ stage_profile() {
   done
 }
 
-# A kernel-only A/B with no vLLM (e.g. in the lease's first call, beside .bundle0): the mikv
-# rows of kernel_decode.py (--no-flash) with the extension of each carried wheel in turn
-# (.whl_ab, then .whl), results in $OUT/nf_ab/ and $OUT/nf/; without setup, export
-# PYTHONPATH=$PWD.
-stage_nfab() {
-  local w
-  for w in .whl_ab .whl; do
-    ls $w/mikv_vllm-*.whl >/dev/null 2>&1 || continue
-    use_wheel_so $w
-    mkdir -p "$OUT/nf${w#.whl}"
-    python3 benchmarks/kernel_decode.py --no-flash --no-split --out-dir "$OUT/nf${w#.whl}" \
-      ${KERNELBENCH_ARGS:-} 2>&1 | tee "$OUT/nf${w#.whl}/kernel_decode.log" | tail -4
+# A kernel-only A/B with no vLLM: the mikv rows of kernel_decode.py (--no-flash) with each
+# extension carried in .so_ab/ in turn (NAME.so: a stripped _C.abi3.so, e.g. linked with another
+# build of one csrc/ file; NAME.args, if there, adds kernel_decode.py arguments), results in
+# $OUT/so_NAME/; the kernel tests run first with the ones SOAB_TEST names. Without setup,
+# export PYTHONPATH=$PWD.
+stage_soab() {
+  local f name so; so=$(ls mikv_vllm/_C*.so 2>/dev/null | head -1)
+  [ -n "$so" ] && cp "$so" /tmp/installed.so
+  for f in .so_ab/*.so; do
+    name=$(basename "$f" .so)
+    cp "$f" mikv_vllm/_C.abi3.so
+    mkdir -p "$OUT/so_$name"
+    if [[ " ${SOAB_TEST:-} " == *" $name "* ]]; then
+      python3 -m pytest --noconftest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py \
+        tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py > "$OUT/so_$name/kernels.log" 2>&1
+      echo "$name: $(tail -1 "$OUT/so_$name/kernels.log")"
+    fi
+    python3 benchmarks/kernel_decode.py --no-flash --no-split --out-dir "$OUT/so_$name" \
+      ${KERNELBENCH_ARGS:-} $(cat ".so_ab/$name.args" 2>/dev/null) > "$OUT/so_$name/kernel_decode.log" 2>&1
+    echo "$name: $(tail -1 "$OUT/so_$name/kernel_decode.log" | cut -c1-200)"
   done
+  if [ -n "$so" ]; then cp /tmp/installed.so "$so"; else rm -f mikv_vllm/_C.abi3.so; fi
 }
 
 stage_e2e() {

@@ -106,8 +106,9 @@ def run(args) -> list[dict]:
         if batch * ctx > MAX_TOKENS:
             continue
         scale = 1 / math.sqrt(head_dim)
-        splits = ops.decode_num_splits(batch, KV_HEADS, gqa, num_sms)
         for fp8_hi in (False, True):
+            splits = args.splits or ops.decode_num_splits(
+                batch, KV_HEADS, gqa, num_sms, ops.decode_ctas_per_sm(head_dim, gqa, fp8_hi))
             layout = PageLayout(BLOCK, KV_HEADS, head_dim, 1 if fp8_hi else 2, 2, 64)
             for hi in args.hi_fractions:
                 q, k, v, table, lens, lo_pages, pages = make_case(batch, ctx, head_dim, gqa, hi,
@@ -120,7 +121,7 @@ def run(args) -> list[dict]:
                 rows.append(dict(kernel=f"mikv_{'fp8' if fp8_hi else 'bf16'}hi", batch=batch,
                                  ctx=ctx, hi_fraction=hi, head_dim=head_dim, gqa=gqa, us=us,
                                  bytes_read=b, gbps=b / us / 1e3, hbm_gbps=hbm,
-                                 frac_of_hbm=b / us / 1e3 / hbm))
+                                 frac_of_hbm=b / us / 1e3 / hbm, splits=splits))
                 if args.mass:  # a sampled layer also leaves per-page attention mass
                     lse = torch.empty(batch, q.shape[1], device="cuda")
                     mass = torch.zeros(k.shape[0], device="cuda")
@@ -208,6 +209,8 @@ def main() -> None:
                    help="skip timing the split_decode path (bf16 hi only)")
     p.add_argument("--no-flash", dest="flash", action="store_false",
                    help="mikv rows only, without vLLM (a kernel A/B on a machine without it)")
+    p.add_argument("--splits", type=int, default=0,
+                   help="splits per sequence instead of ops.decode_num_splits' (a kernel A/B)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     rows = run(args)
