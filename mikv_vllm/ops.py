@@ -35,6 +35,7 @@ def load_kernels() -> None:
             "(default 8.0;9.0).") from e
 
 
+@functools.cache  # called by every step's metadata build; the search over splits takes ~10 us
 def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int,
                       ctas_per_sm: int = 2) -> int:
     """Splits of each sequence's pages, sizing the grid in whole waves of the CTAs the GPU holds

@@ -47,6 +47,7 @@ def test_num_splits_at_measured_shapes():
     assert ops.decode_num_splits(16, 8, 8, 132, 2) == 2   # 256 of 264 (3 splits: 1.45 waves)
     assert ops.decode_num_splits(64, 8, 4, 132, 3) == 3   # 1536 of 1584 (1 split: 1.29 waves)
     assert ops.decode_num_splits(1, 1, 1, 132) == 64
+    assert ops.decode_num_splits(1, 8, 4, 132) > 1
     assert ops.decode_num_splits(1024, 8, 4, 132, 3) <= 2
 
 
