@@ -66,12 +66,13 @@ def run(kv: str, knobs: dict | None, args) -> dict:
         sched.add_request(Request(f"r{i}", [rng.randrange(1000) for _ in range(args.prompt)],
                                   SamplingParams(max_tokens=args.output, ignore_eos=True),
                                   None, block_hasher=hasher))
-    decode_ms, report_ms, steps = [], [], 0
+    decode_ms, report_ms, steps, preemptions = [], [], 0, 0
     mass = np.random.default_rng(0).random(num_blocks, dtype=np.float32) / num_blocks
     start = time.perf_counter()
     while sched.has_requests():
         t0 = time.perf_counter()
         out = sched.schedule()
+        preemptions += len(getattr(out, "preempted_req_ids", None) or ())
         ids = list(out.num_scheduled_tokens)
         decoding = all(sched.requests[r].num_computed_tokens > sched.requests[r].num_prompt_tokens
                        for r in ids)
@@ -91,7 +92,7 @@ def run(kv: str, knobs: dict | None, args) -> dict:
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
     return {"scheduler": type(sched).__name__, "kv": kv, "knobs": knobs, "steps": steps,
             "requests": args.requests, "prompt": args.prompt, "output": args.output,
-            "num_blocks": num_blocks, "decode_steps": len(decode_ms),
+            "num_blocks": num_blocks, "preemptions": preemptions, "decode_steps": len(decode_ms),
             "decode_ms_p50": pct(decode_ms, 50), "decode_ms_p90": pct(decode_ms, 90),
             "report_steps": len(report_ms), "report_ms_p50": pct(report_ms, 50),
             "mean_decode_step_ms": statistics.fmean(decode_ms + report_ms)

@@ -145,6 +145,12 @@ def select_scheduler_and_worker(vllm_config) -> None:
     from mikv_vllm.scheduler import MikvAsyncScheduler, MikvScheduler
 
     sched.scheduler_cls = MikvAsyncScheduler if sched.async_scheduling else MikvScheduler
+    if sched.watermark == 0.0:
+        # vLLM's admission headroom (--watermark, off by default): without it, admissions
+        # could take every block demotion had freed, and the next step's demotion, which
+        # needs free blocks to open packs in, could then open only one or two: vLLM preempted
+        # (3 preemptions in 256 x (2048 + 256) at auto's pool, scheduler_step.py; 0 with it).
+        sched.watermark = MikvScheduler.free_watermark
     parallel.worker_cls = MIKV_WORKER
 
 

@@ -24,9 +24,10 @@ HASHER = get_request_block_hasher(BLOCK, sha256)
 
 
 def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None,
-                   log_stats: bool = False, chunk: int = 2048, cls=MikvScheduler):
+                   log_stats: bool = False, chunk: int = 2048, cls=MikvScheduler,
+                   max_num_seqs: int = 16):
     args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True,
-                      worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=16,
+                      worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=chunk, async_scheduling=cls is MikvAsyncScheduler,
                       additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
     vllm_config = args.create_engine_config()
@@ -166,13 +167,72 @@ def test_random_arrivals_aborts_and_preemption_fallback_lose_nothing(tiny_llama)
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == blocks - 1
 
 
+def run_to_completion(sched, reqs) -> int:
+    """Steps `sched` until every request in `reqs` finished; returns vLLM's preemptions."""
+    for r in reqs:
+        sched.add_request(r)
+    preempted = 0
+    while sched.has_requests():
+        preempted += len(getattr(step(sched), "preempted_req_ids", None) or ())
+    assert all(r.num_output_tokens == r.max_tokens for r in reqs)
+    return preempted
+
+
+@pytest.mark.parametrize("headroom", [True, False])
+def test_admissions_leave_demotion_room_to_open_packs(tiny_llama, headroom):
+    """Demotion needs free blocks to open packs in, and its sources come back only after the
+    step is planned. Without an admission watermark vLLM could admit waiting requests into
+    every block demotion had just freed, and the next step could open only a pack or two:
+    vLLM preempted (3 times in workload a's 256 x (2048 + 256) at auto's pool). mikv turns
+    vLLM's own --watermark on; with it, no preemption here."""
+    sched = make_scheduler(tiny_llama, num_blocks=768, max_num_seqs=64)
+    assert sched.vllm_config.scheduler_config.watermark == MikvScheduler.free_watermark
+    if not headroom:
+        sched.kv_cache_manager.watermark_blocks = 0
+    rng = random.Random(0)
+    preempted = run_to_completion(sched, [request(f"r{i}", 256, 64, rng) for i in range(64)])
+    assert (preempted == 0) == headroom, preempted
+    assert sched.demoter.total_demoted > 0
+
+
+def test_explicit_watermark_is_kept(tiny_llama):
+    args = EngineArgs(model=tiny_llama, kv_cache_dtype="mikv", skip_tokenizer_init=True,
+                      worker_cls=GPU_WORKER, watermark=0.05)
+    assert args.create_engine_config().scheduler_config.watermark == 0.05
+
+
+def test_pressure_ranks_only_requests_with_hi_demotable_pages(tiny_llama):
+    """Under lasting pressure, once a request's demotable range is all lo, ranking it finds
+    nothing: the pressure loop must not rank it (it ranked all 64 requests of 64 x 32K on every
+    step of the decode tail, ~25 ms of the scheduler's time per step)."""
+    sched = make_scheduler(tiny_llama, num_blocks=52, knobs={"sink_pages": 1, "recent_pages": 2})
+    ranked = []
+    ranking = sched._ranking
+    sched._ranking = lambda r: ranked.append(r.request_id) or ranking(r)
+    rng = random.Random(1)
+    reqs = [request(f"r{i}", 600, 150, rng) for i in range(4)]
+    for r in reqs:
+        sched.add_request(r)
+    saturated = 0
+    while sched.has_requests():
+        before = len(ranked)
+        decoding = [r for r in sched.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        nothing_left = decoding and not any(sched._has_hi_demotable(r) for r in decoding)
+        step(sched)
+        if nothing_left:
+            saturated += 1
+            assert len(ranked) == before, "ranked a request with nothing left to demote"
+    assert saturated > 0 and sched.demoter.total_demoted > 0
+    assert all(r.num_output_tokens == 150 for r in reqs)
+
+
 def test_importance_reports_rank_pages(tiny_llama):
     """A worker report (mass per physical block, on the step's ModelRunnerOutput) reaches the
     request's ranking; the budget then demotes the pages that got no attention first."""
     from mikv_vllm.importance import BLOCK_MASS_ATTR
 
     rng = random.Random(3)
-    sched = make_scheduler(tiny_llama, num_blocks=400, knobs={"sink_pages": 1, "recent_pages": 2})
+    sched = make_scheduler(tiny_llama, num_blocks=52, knobs={"sink_pages": 1, "recent_pages": 2})
     sched.add_request(request("a", 320, 100, rng))  # 20 pages
     step(sched)                                       # prefill
     blocks = [b.block_id for b in sched.demoter.manager.req_to_blocks["a"]]
