@@ -2,17 +2,25 @@
 workload, as ratios to `auto` (or to the workload's first row where auto did not run; the
 numbers are printed on the bars).
 
-    python benchmarks/plot_capacity.py benchmarks/results/<run>/e2e_capacity.json"""
+    python benchmarks/plot_capacity.py benchmarks/results/<run>/e2e_capacity.json [--match S ...]
+
+--match keeps the workloads whose label contains one of the strings (the top-level file holds
+every lease's rows; a plot of all of them is unreadable)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 
 
 def main() -> None:
-    path = sys.argv[1]
-    rows = [r for r in json.load(open(path)) if r.get("total_tok_s")]
+    p = argparse.ArgumentParser()
+    p.add_argument("path")
+    p.add_argument("--match", nargs="*", default=None)
+    args = p.parse_args()
+    path = args.path
+    rows = [r for r in json.load(open(path)) if r.get("total_tok_s")
+            and (not args.match or any(m in r["workload"] for m in args.match))]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
