@@ -67,6 +67,15 @@ class PageDemoter:
             mask[pages[pages < num_pages]] = True
         return torch.from_numpy(mask)
 
+    def shared_mask(self, req_id: str, num_pages: int) -> torch.Tensor:
+        """[num_pages] bool: hi pages whose block another request holds too (a prefix-cache
+        hit): demoting one would free nothing, so `demotable` refuses them."""
+        blocks = self.manager.req_to_blocks.get(req_id, [])[:num_pages]
+        refs = np.fromiter((b.ref_cnt for b in blocks), dtype=np.int64, count=len(blocks))
+        mask = np.zeros(num_pages, dtype=bool)
+        mask[:len(blocks)] = refs > 1
+        return torch.from_numpy(mask)
+
     def num_lo_pages(self, req_id: str | None = None) -> int:
         """Lo pages of one request, or of all."""
         if req_id is not None:

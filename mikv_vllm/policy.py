@@ -41,16 +41,20 @@ class DemotionPolicy:
         return max(must_keep, int(self.hi_budget * total_pages + 0.5))
 
     def coldest(self, mass: torch.Tensor, is_lo: torch.Tensor, num_tokens: int,
-                block_size: int, count: int) -> list[int]:
-        """Up to `count` demotable hi pages, lowest accumulated mass first (ties: older first)."""
+                block_size: int, count: int, pinned: torch.Tensor | None = None) -> list[int]:
+        """Up to `count` demotable hi pages, lowest accumulated mass first (ties: older first).
+        `pinned` pages (in vLLM: prefix-cache blocks shared with other requests) are hi but
+        cannot move, so they take no place in the ranking."""
         pages = self.demotable(num_tokens, block_size)
         if count <= 0 or not pages:
             return []
         # Vectorised: this runs every step under memory pressure, over thousands of pages.
         m = mass[pages.start:pages.stop].float().clone()
-        lo = is_lo[pages.start:pages.stop]
-        m[lo] = float("inf")
-        k = min(count, len(pages) - int(lo.sum()))
+        out = is_lo[pages.start:pages.stop]
+        if pinned is not None:
+            out = out | pinned[pages.start:pages.stop]
+        m[out] = float("inf")
+        k = min(count, len(pages) - int(out.sum()))
         order = torch.sort(m, stable=True).indices[:k]  # stable: ties keep older pages first
         return (order + pages.start).tolist()
 
@@ -63,11 +67,12 @@ class DemotionPolicy:
         return max(0, -(-num_tokens // block_size) - lo_pages - limit)
 
     def over_budget(self, mass: torch.Tensor, is_lo: torch.Tensor, num_tokens: int,
-                    block_size: int) -> list[int]:
-        """Pages to demote now so the request's hi pages fit `hi_budget`."""
+                    block_size: int, pinned: torch.Tensor | None = None) -> list[int]:
+        """Pages to demote now so the request's hi pages fit `hi_budget` (as far as pages not
+        `pinned` allow)."""
         total_pages = -(-num_tokens // block_size)
         excess = self.budget_excess(num_tokens, block_size, int(is_lo[:total_pages].sum()))
-        return self.coldest(mass, is_lo, num_tokens, block_size, excess)
+        return self.coldest(mass, is_lo, num_tokens, block_size, excess, pinned)
 
     def accumulate(self, acc: torch.Tensor, step_mass: torch.Tensor) -> torch.Tensor:
         """Decayed accumulated mass after one step (grows with the request's page count)."""

@@ -57,6 +57,8 @@ class MikvSchedulerMixin:
         # report, which under async scheduling may still carry the old page's mass.
         self.block_mass = torch.zeros(self.kv_cache_config.num_blocks)
         self._released: list[int] = []
+        # Requests whose demotable hi pages were all shared, at (demotable, lo) page counts.
+        self._nothing_movable: dict[str, tuple[int, int]] = {}
         self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
         blocks, bs, n = self.kv_cache_config.num_blocks, self.mikv_layout.block_size, \
             self.mikv_layout.pack_factor
@@ -70,6 +72,7 @@ class MikvSchedulerMixin:
             self._release_mass([b.block_id for b in held if b.ref_cnt == 1])
             free(request)
             self.demoter.release(request.request_id)
+            self._nothing_movable.pop(request.request_id, None)
 
         self.kv_cache_manager.free = free_with_packs
 
@@ -116,8 +119,9 @@ class MikvSchedulerMixin:
             for r in decoding:  # 1. the per-request hi budget (ranked only when exceeded)
                 if self.mikv_policy.budget_excess(r.num_computed_tokens, bs,
                                                   self.demoter.num_lo_pages(r.request_id)):
+                    mass, is_lo, shared = self._ranking(r)
                     moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
-                        *self._ranking(r), r.num_computed_tokens, bs))
+                        mass, is_lo, r.num_computed_tokens, bs, shared))
         # 2. memory pressure: room for this step's pages plus a watermark.
         short = (self._blocks_wanted() + self.watermark_blocks
                  - self.kv_cache_manager.block_pool.get_num_free_blocks())
@@ -128,9 +132,12 @@ class MikvSchedulerMixin:
                 break
             if not self._has_hi_demotable(r):
                 continue
-            mass, is_lo = self._ranking(r)
+            mass, is_lo, shared = self._ranking(r)
             count = n * -(-short // (n - 1))  # whole packs: each frees n - 1 blocks
-            pages = self.mikv_policy.coldest(mass, is_lo, r.num_computed_tokens, bs, count)
+            pages = self.mikv_policy.coldest(mass, is_lo, r.num_computed_tokens, bs, count,
+                                             shared)
+            if not pages:  # its hi demotable pages are all shared: skip it until that changes
+                self._nothing_movable[r.request_id] = self._demotable_counts(r)
             done = self.demoter.demote(r.request_id, pages)
             short -= len(done) - -(-len(done) // n)
             moves += done
@@ -164,18 +171,28 @@ class MikvSchedulerMixin:
             mass = torch.cat([mass, mass.new_zeros(pages - mass.numel())])
         return mass
 
-    def _has_hi_demotable(self, request) -> bool:
-        """Whether the policy's demotable range still holds a hi page, without ranking. Every
-        lo page lies in that range (it only grows while a request runs), so counts decide.
-        Once a long request's range is all lo, ranking it found nothing yet cost ~0.5 ms: the
-        pressure loop ranked all 64 requests of 64 x 32K on every step of the decode tail."""
+    def _demotable_counts(self, request) -> tuple[int, int]:
+        """(pages in the policy's demotable range, lo pages): every lo page lies in that
+        range, which only grows while the request runs."""
         bs = self.mikv_layout.block_size
-        demotable = len(self.mikv_policy.demotable(request.num_computed_tokens, bs))
-        return demotable > self.demoter.num_lo_pages(request.request_id)
+        return (len(self.mikv_policy.demotable(request.num_computed_tokens, bs)),
+                self.demoter.num_lo_pages(request.request_id))
 
-    def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor]:
+    def _has_hi_demotable(self, request) -> bool:
+        """Whether ranking the request can find a page to demote, decided without ranking it:
+        its demotable range must hold a hi page, and it must not have been found all shared
+        at the same counts. Ranking a request with nothing to move cost ~0.5 ms, and the
+        pressure loop did it for all 64 requests of 64 x 32K on every step of the decode
+        tail."""
+        counts = self._demotable_counts(request)
+        return counts[0] > counts[1] and self._nothing_movable.get(request.request_id) != counts
+
+    def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(accumulated mass, lo, shared) per page of the request."""
         pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
-        return self.page_mass(request), self.demoter.lo_mask(request.request_id, pages)
+        rid = request.request_id
+        return (self.page_mass(request), self.demoter.lo_mask(rid, pages),
+                self.demoter.shared_mask(rid, pages))
 
 
 class MikvScheduler(MikvSchedulerMixin, Scheduler):

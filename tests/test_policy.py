@@ -25,6 +25,11 @@ def test_coldest_pages_go_first_and_lo_pages_are_skipped():
     assert p.coldest(mass, is_lo, 96, 16, 2) == [2, 4]   # tie broken by age
     assert p.coldest(mass, is_lo, 96, 16, 10) == [2, 4, 1]
     assert p.coldest(mass, is_lo, 96, 16, 0) == []
+    # pinned pages (shared prefix blocks) stay out of the ranking without counting as lo
+    pinned = torch.tensor([False, False, True, False, False, False])
+    assert p.coldest(mass, is_lo, 96, 16, 2, pinned) == [4, 1]
+    budget = DemotionPolicy(sink_pages=1, recent_pages=1, hi_budget=0.5)
+    assert budget.over_budget(mass, is_lo, 96, 16, pinned) == [4, 1]  # 5 hi, limit 3
 
 
 def test_budget_limits_hi_pages_but_never_below_the_protected_ones():

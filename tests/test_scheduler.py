@@ -95,6 +95,19 @@ def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     assert all(m.src_block != m.dst_code // n for m in moves)
 
 
+def test_shared_prefix_pages_do_not_stop_demotion(tiny_llama):
+    """Requests sharing a cached system prompt: its pages stay hi (shared blocks free
+    nothing), and must not take the places of the request's own cold pages in the ranking:
+    with no mass reported yet the oldest pages rank coldest, and those are the shared ones."""
+    rng = random.Random(2)
+    sched = make_scheduler(tiny_llama, num_blocks=100)
+    prefix = [rng.randrange(1000) for _ in range(20 * BLOCK)]
+    reqs = [request(f"r{i}", 200, 300, rng, prefix=prefix) for i in range(4)]
+    assert run_to_completion(sched, reqs) == 0
+    assert sched.demoter.total_demoted > 0
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 100 - 1
+
+
 def test_hi_budget_demotes_without_pressure(tiny_llama):
     rng = random.Random(1)
     sched = make_scheduler(tiny_llama, num_blocks=400,
