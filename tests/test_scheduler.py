@@ -245,7 +245,7 @@ def test_importance_reports_rank_pages(tiny_llama):
     from mikv_vllm.importance import BLOCK_MASS_ATTR
 
     rng = random.Random(3)
-    sched = make_scheduler(tiny_llama, num_blocks=52, knobs={"sink_pages": 1, "recent_pages": 2})
+    sched = make_scheduler(tiny_llama, num_blocks=400, knobs={"sink_pages": 1, "recent_pages": 2})
     sched.add_request(request("a", 320, 100, rng))  # 20 pages
     step(sched)                                       # prefill
     blocks = [b.block_id for b in sched.demoter.manager.req_to_blocks["a"]]
