@@ -70,8 +70,13 @@
 #   .so_ab/ (six stripped _C.abi3.so, ~4.4 MB each, each linked with another build of
 #   paged_decode.o): SOAB_TEST="..." KERNELBENCH_ARGS="..." soab, writing to a scratch OUT
 #   tarred into the real one (~2.5 min for six builds and two test runs).
-#   Next lease: e2e_b auto at gpu util 0.51; the sweep with a hi budget; tp2 on
-#   nvidia-h200-x2 (not lent so far).
+#   Tenth (benchmarks/results/2026-12-03-h200-lease10/, 5 calls, 28.6 device minutes):
+#   .bundle0 + .whl; .bundle1 + tok.tar.gz: setup kernels kernelbench e2e_a (mikv; ~6 min);
+#   e2e_a (fp8 auto int4_per_token_head; ~5.7 min); e2e_b (fp8 mikv; ~6.6 min); e2e_b (auto
+#   mikv; ~6.4 min), all at --gpu-util 0.51. A lent machine may still hold /tmp folders of an
+#   earlier lease: `rm -rf` the scratch OUT before using it, or tell files apart by their times.
+#   Next lease: e2e_a / e2e_b mikv with the scheduler changes after lease 10 (b's decode tail,
+#   a's preemption); the sweep with a hi budget; tp2 on nvidia-h200-x2 (not lent so far).
 #   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
 #   brings back a limited number of files per call). Carried paths stayed in the working tree
 #   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
