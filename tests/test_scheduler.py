@@ -180,6 +180,40 @@ def test_random_arrivals_aborts_and_preemption_fallback_lose_nothing(tiny_llama)
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == blocks - 1
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_schedules_with_shared_prefixes_leak_nothing(tiny_llama, seed):
+    """Random arrivals sharing cached prompts (or not), random aborts, pressure, with and
+    without a hi budget: every request that was not aborted gets all its tokens, and the pool,
+    the packs and the scheduler's per-request state are whole again at the end."""
+    from vllm.v1.request import RequestStatus
+
+    rng = random.Random(seed)
+    blocks = rng.choice([60, 90, 140])
+    sched = make_scheduler(tiny_llama, num_blocks=blocks, max_num_seqs=rng.choice([4, 16, 32]),
+                           knobs=rng.choice([{}, {"hi_budget": 0.3}]))
+    prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 12) * BLOCK)]
+               for _ in range(3)] + [[]]
+    reqs, aborted, finished = {}, set(), set()
+    while len(reqs) < 30 or sched.has_requests():
+        if len(reqs) < 30 and (rng.random() < 0.2 or not sched.has_requests()):
+            rid = f"r{len(reqs)}"
+            reqs[rid] = request(rid, rng.randrange(16, 300), rng.randrange(8, 150), rng,
+                                prefix=rng.choice(prompts))
+            sched.add_request(reqs[rid])
+        if sched.running and rng.random() < 0.01:
+            rid = rng.choice(sched.running).request_id
+            sched.finish_requests([rid], finished_status=RequestStatus.FINISHED_ABORTED)
+            aborted.add(rid)
+        if sched.has_requests():
+            finished |= set(step(sched).finished_req_ids) - aborted
+    assert finished | aborted == set(reqs)
+    assert all(reqs[r].num_output_tokens == reqs[r].max_tokens for r in finished)
+    assert sched.demoter.total_demoted > 0
+    assert sched.demoter.num_pack_blocks() == 0 and not sched.demoter.requests
+    assert not sched._nothing_movable
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == blocks - 1
+
+
 def run_to_completion(sched, reqs) -> int:
     """Steps `sched` until every request in `reqs` finished; returns vLLM's preemptions."""
     for r in reqs:
