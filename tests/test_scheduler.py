@@ -138,31 +138,29 @@ def test_abort_mid_demotion_returns_everything(tiny_llama):
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 200 - 1
 
 
-def test_random_arrivals_aborts_and_preemption_fallback_lose_nothing(tiny_llama):
-    """Random arrivals, lengths and aborts on a pool that demotion alone cannot stretch far
-    enough (every request keeps sink + recent pages hi): vLLM still preempts when demotion can
-    free nothing, every request that was not aborted finishes with all its tokens, and the pool
-    is whole at the end."""
+def random_schedule(sched, rng: random.Random, num_requests: int, prompt_lens: range,
+                    output_lens: range, prompts: list[list[int]] | None = None):
+    """Random arrivals (a fifth of the steps) of `num_requests` requests, each on one of
+    `prompts` if given, and random aborts, until every request is done; checks that each one
+    not aborted got all its tokens. Returns (requests, finished, aborted, pages demoted,
+    preemptions)."""
     from vllm.v1.request import RequestStatus
 
-    rng = random.Random(5)
-    blocks = 60
-    sched = make_scheduler(tiny_llama, num_blocks=blocks, log_stats=True,
-                           knobs={"sink_pages": 1, "recent_pages": 4})
-    reqs, want, aborted, finished, preempted, moves, next_id = {}, {}, set(), set(), 0, 0, 0
-    for _ in range(3000):
-        if next_id < 24 and rng.random() < 0.2:
-            rid = f"r{next_id}"
-            next_id += 1
-            want[rid] = rng.randrange(8, 120)
-            reqs[rid] = request(rid, rng.randrange(16, 200), want[rid], rng)
+    reqs, aborted, finished, preempted, moves = {}, set(), set(), 0, 0
+    for _ in range(125 * num_requests):  # 3000 steps for 24 requests
+        if len(reqs) < num_requests and rng.random() < 0.2:
+            rid = f"r{len(reqs)}"
+            max_tokens = rng.randrange(output_lens.start, output_lens.stop)
+            prompt_len = rng.randrange(prompt_lens.start, prompt_lens.stop)
+            prefix = rng.choice(prompts) if prompts else ()
+            reqs[rid] = request(rid, prompt_len, max_tokens, rng, prefix=prefix)
             sched.add_request(reqs[rid])
         if sched.running and rng.random() < 0.01:
             rid = rng.choice(sched.running).request_id
             sched.finish_requests([rid], finished_status=RequestStatus.FINISHED_ABORTED)
             aborted.add(rid)
         if not sched.has_requests():
-            if next_id == 24:
+            if len(reqs) == num_requests:
                 break
             continue
         out = step(sched)
@@ -171,9 +169,23 @@ def test_random_arrivals_aborts_and_preemption_fallback_lose_nothing(tiny_llama)
         for rid in out.finished_req_ids:
             if rid not in aborted:
                 finished.add(rid)
-                assert reqs[rid].num_output_tokens == want[rid]
-    assert not sched.has_requests() and next_id == 24
-    assert finished | aborted == set(want), "a request was lost"
+                assert reqs[rid].num_output_tokens == reqs[rid].max_tokens
+    assert not sched.has_requests() and len(reqs) == num_requests
+    assert finished | aborted == set(reqs), "a request was lost"
+    return reqs, finished, aborted, moves, preempted
+
+
+def test_random_arrivals_aborts_and_preemption_fallback_lose_nothing(tiny_llama):
+    """Random arrivals, lengths and aborts on a pool that demotion alone cannot stretch far
+    enough (every request keeps sink + recent pages hi): vLLM still preempts when demotion can
+    free nothing, every request that was not aborted finishes with all its tokens, and the pool
+    is whole at the end."""
+    rng = random.Random(5)
+    blocks = 60
+    sched = make_scheduler(tiny_llama, num_blocks=blocks, log_stats=True,
+                           knobs={"sink_pages": 1, "recent_pages": 4})
+    _, _, aborted, moves, preempted = random_schedule(sched, rng, 24, range(16, 200),
+                                                      range(8, 120))
     print(f"{moves} pages demoted, {preempted} preemptions, {len(aborted)} aborted")
     assert moves > 0 and preempted > 0  # demotion first, preemption as the fallback
     assert sched.demoter.num_pack_blocks() == 0 and not sched.demoter.requests
@@ -185,30 +197,14 @@ def test_random_schedules_with_shared_prefixes_leak_nothing(tiny_llama, seed):
     """Random arrivals sharing cached prompts (or not), random aborts, pressure, with and
     without a hi budget: every request that was not aborted gets all its tokens, and the pool,
     the packs and the scheduler's per-request state are whole again at the end."""
-    from vllm.v1.request import RequestStatus
-
     rng = random.Random(seed)
     blocks = rng.choice([60, 90, 140])
     sched = make_scheduler(tiny_llama, num_blocks=blocks, max_num_seqs=rng.choice([4, 16, 32]),
                            knobs=rng.choice([{}, {"hi_budget": 0.3}]))
     prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 12) * BLOCK)]
                for _ in range(3)] + [[]]
-    reqs, aborted, finished = {}, set(), set()
-    while len(reqs) < 30 or sched.has_requests():
-        if len(reqs) < 30 and (rng.random() < 0.2 or not sched.has_requests()):
-            rid = f"r{len(reqs)}"
-            reqs[rid] = request(rid, rng.randrange(16, 300), rng.randrange(8, 150), rng,
-                                prefix=rng.choice(prompts))
-            sched.add_request(reqs[rid])
-        if sched.running and rng.random() < 0.01:
-            rid = rng.choice(sched.running).request_id
-            sched.finish_requests([rid], finished_status=RequestStatus.FINISHED_ABORTED)
-            aborted.add(rid)
-        if sched.has_requests():
-            finished |= set(step(sched).finished_req_ids) - aborted
-    assert finished | aborted == set(reqs)
-    assert all(reqs[r].num_output_tokens == reqs[r].max_tokens for r in finished)
-    assert sched.demoter.total_demoted > 0
+    _, _, _, moves, _ = random_schedule(sched, rng, 30, range(16, 300), range(8, 150), prompts)
+    assert moves > 0 and sched.demoter.total_demoted > 0
     assert sched.demoter.num_pack_blocks() == 0 and not sched.demoter.requests
     assert not sched._nothing_movable
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == blocks - 1
