@@ -30,6 +30,10 @@ def _metrics():
         "pressure_demotions_total": Counter(
             "vllm:mikv_preemptions_avoided",
             "Pages demoted under memory pressure, where vLLM would have had to preempt.", labels),
+        "left_kv_bytes_ratio": Gauge(
+            "vllm:mikv_kv_bytes_ratio",
+            "KV bytes of the requests that have left the cache, at the moment they left, over "
+            "bf16's bytes for the same pages.", labels),
         "demotion_rate": Gauge("vllm:mikv_demotions_per_second",
                                "Pages demoted per second since the last record.", labels),
     }
@@ -48,7 +52,8 @@ class MikvStatLogger(StatLoggerBase):
         if not page_stats:
             return
         metrics = _metrics()
-        for name in ("hi_pages", "lo_pages", "pack_blocks", "resident_tokens", "bytes_saved"):
+        for name in ("hi_pages", "lo_pages", "pack_blocks", "resident_tokens", "bytes_saved",
+                     "left_kv_bytes_ratio"):
             metrics[name].labels(*self.labels).set(page_stats[name])
         delta = {name: page_stats[name] - self.last.get(name, 0)
                  for name in ("demotions_total", "pressure_demotions_total")}

@@ -26,6 +26,12 @@ class PageStats:
     pressure_demotions_total: int = 0  # pages demoted because free blocks ran short
     preemptions_total: int = 0
     bytes_saved: int = 0           # per layer and rank: lo pages x (hi page - lo page bytes)
+    # Requests that left the cache (finished, aborted or preempted) and their pages then: the
+    # KV bytes they were answered from, over bf16's for the same pages.
+    left_requests: int = 0
+    left_pages: int = 0
+    left_lo_pages: int = 0
+    left_kv_bytes_ratio: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -34,9 +40,11 @@ class PageStats:
 class PageStatsRecorder:
     """Updates a PageStats after every `schedule()` and logs it at most every LOG_EVERY_S."""
 
-    def __init__(self, hi_page_bytes: int = 0, lo_page_bytes: int = 0) -> None:
+    def __init__(self, hi_page_bytes: int = 0, lo_page_bytes: int = 0,
+                 bf16_page_bytes: int = 0) -> None:
         self.stats = PageStats()
         self.saved_per_page = max(0, hi_page_bytes - lo_page_bytes)
+        self.page_bytes = (hi_page_bytes, lo_page_bytes, bf16_page_bytes or hi_page_bytes)
         self._last_log = 0.0
         self._busy = False
 
@@ -60,6 +68,17 @@ class PageStatsRecorder:
         if went_idle or now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
             self.log()
+
+    def request_left(self, pages: int, lo_pages: int) -> None:
+        """Count a request leaving the cache with `pages` pages, `lo_pages` of them lo."""
+        s = self.stats
+        s.left_requests += 1
+        s.left_pages += pages
+        s.left_lo_pages += lo_pages
+        hi, lo, bf16 = self.page_bytes
+        if s.left_pages and bf16:
+            stored = (s.left_pages - s.left_lo_pages) * hi + s.left_lo_pages * lo
+            s.left_kv_bytes_ratio = stored / (s.left_pages * bf16)
 
     def log(self) -> None:
         logger.info("%s%s", LOG_PREFIX, json.dumps(self.stats.as_dict()))

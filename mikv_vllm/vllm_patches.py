@@ -63,7 +63,7 @@ def add_scheduler_stats_field() -> None:
 
     @dataclasses.dataclass
     class _Field:  # a well-formed dataclass Field to graft on
-        mikv: dict[str, int] | None = None
+        mikv: dict[str, float] | None = None  # counts and ratios (msgspec: int fits float)
 
     field = _Field.__dataclass_fields__[STATS_FIELD]
     SchedulerStats.__dataclass_fields__[STATS_FIELD] = field

@@ -10,7 +10,8 @@ from mikv_vllm.stats import PageStats, last_logged
 
 COUNTERS = PageStats(resident_tokens=900, max_resident_tokens=1000, hi_pages=40, lo_pages=12,
                      pack_blocks=3, demotions_total=12, pressure_demotions_total=8,
-                     bytes_saved=12 * 55808).as_dict()
+                     bytes_saved=12 * 55808, left_requests=2, left_pages=30, left_lo_pages=12,
+                     left_kv_bytes_ratio=0.48).as_dict()
 
 
 def test_scheduler_stats_carry_page_counters_through_msgpack():
@@ -54,6 +55,7 @@ def test_prometheus_metrics_follow_the_counters(serve_engine_config):
     assert _sample("vllm:mikv_kv_bytes_saved") == 12 * 55808
     assert _sample("vllm:mikv_demotions_total") == 12
     assert _sample("vllm:mikv_preemptions_avoided_total") == 8
+    assert _sample("vllm:mikv_kv_bytes_ratio") == 0.48
     stats.mikv = {**COUNTERS, "demotions_total": 20, "lo_pages": 20}
     stat_logger.record(stats, None)
     assert _sample("vllm:mikv_demotions_total") == 20   # counters add the difference
