@@ -10,6 +10,7 @@ from typing import Any
 
 ADDITIONAL_CONFIG_KEY = "mikv"
 KV_CACHE_DTYPE = "mikv"
+MAX_PREFILL_WINDOW = 512  # query tokens; the window's scores are a [heads, window, prompt] tensor
 
 
 class MikvConfigError(ValueError):
@@ -33,6 +34,11 @@ class MikvConfig:
     recent_pages: int = 4
     # Fraction of a request's pages allowed to stay hi; None demotes only under memory pressure.
     hi_budget: float | None = None
+    # Query tokens at the end of a prefill whose attention over the prompt scores its pages
+    # before their first demotion (SnapKV's observation window: the question at the end of a
+    # prompt points at the pages the answer needs); 0 leaves pages unscored until decode
+    # attention is measured, and the oldest go first.
+    prefill_window: int = 32
     # Channels per value quantization group (keys are grouped per channel over a page).
     value_group_size: int = 64
     # MiKV outlier balancing of key channels before quantization (measured not to pay).
@@ -79,6 +85,9 @@ class MikvConfig:
                 f"got {self.recent_pages}")
         if self.hi_budget is not None and not 0.0 < self.hi_budget <= 1.0:
             raise MikvConfigError(f"mikv: hi_budget must be in (0, 1], got {self.hi_budget}")
+        if not 0 <= self.prefill_window <= MAX_PREFILL_WINDOW:
+            raise MikvConfigError(f"mikv: prefill_window must be in [0, {MAX_PREFILL_WINDOW}], "
+                                  f"got {self.prefill_window}")
         if self.value_group_size not in (32, 64, 128):
             raise MikvConfigError(
                 f"mikv: value_group_size must be 32, 64 or 128, got {self.value_group_size}")
@@ -99,6 +108,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "sink_pages": (int,),
     "recent_pages": (int,),
     "hi_budget": (float, int, type(None)),
+    "prefill_window": (int,),
     "value_group_size": (int,),
     "outlier_balancing": (bool,),
     "split_decode": (bool, type(None)),

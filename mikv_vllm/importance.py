@@ -13,7 +13,13 @@ owns which block (a prefix-cache block that several decode rows share keeps the 
 one of them, so its mass is approximate; shared blocks are never demoted). After a measured
 step the worker sums the buffer over tensor-parallel ranks, copies it to the host without
 stalling the stream and zeroes it; the copy rides to the scheduler on the step's
-ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`)."""
+ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`).
+
+At the end of every prefill chunk the same layers also score the request's pages by the
+attention of the chunk's last `prefill_window` tokens (`window_page_mass`, SnapKV's observation
+window): a prompt's closing question points at the pages its answer needs, before any decode
+step is measured. A step with such scores always reports, and the scheduler ranks a request's
+pages only once its prefill's report is in."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,6 +60,8 @@ class PageMassMeter:
         self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.steps = 0
         self._active = False
+        # Set by a sampled layer that scored prefill pages this step (window_page_mass).
+        self.observed = False
 
     def step(self) -> bool:
         """Count one forward and arm (or disarm) the measurement for it; True when this step
@@ -71,6 +79,7 @@ class PageMassMeter:
 
     def take(self, all_reduce=None) -> "PendingMass":
         """Start the device-to-host copy of the accumulated mass and restart accumulation."""
+        self.observed = False
         if all_reduce is not None:
             all_reduce(self.mass)
         host = torch.empty(self.mass.shape, dtype=self.mass.dtype, pin_memory=True)
@@ -111,6 +120,38 @@ def attach(output, pending: PendingMass):
     if output is not None:
         setattr(output, BLOCK_MASS_ATTR, pending.result())
     return output
+
+
+def window_page_mass(mass: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_len: int, scale: float, weight: float,
+                     k_scale: float = 1.0) -> None:
+    """Add to `mass` (fp32, one entry per block) the attention mass that the last query tokens
+    of one sequence's prefill chunk give each of its hi pages: `query` [w, q_heads, D] are the
+    chunk's last w tokens, ending at position seq_len - 1; `key_cache` [blocks, block_size,
+    kv_heads, D] (fp8 caches as bytes, dequantized with `k_scale`); `block_table` the
+    sequence's row (a prefill's pages are all hi; lo entries, negative, and the null block 0
+    are left out of the scores). A page's mass is averaged over the window's queries and the
+    query heads of each KV head, summed over KV heads, times `weight` (the meter's: one step
+    of one request then adds 1 over all layers and ranks, as a measured decode step does)."""
+    w, q_heads, d = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    pages = -(-seq_len // block_size)
+    blocks = block_table[:pages].long()
+    keys = key_cache[blocks.clamp_min(0)]
+    if keys.dtype == torch.uint8:
+        keys = keys.view(torch.float8_e4m3fn)
+    keys = keys.float().flatten(0, 1)[:seq_len] * k_scale                 # [T, kv_heads, D]
+    q = query.float().reshape(w, kv_heads, q_heads // kv_heads, d)
+    scores = torch.einsum("wkgd,tkd->kgwt", q, keys) * scale               # [kv, g, w, T]
+    hi = blocks > 0
+    pos = torch.arange(seq_len - w, seq_len, device=query.device)
+    hidden = torch.arange(seq_len, device=query.device)[None, :] > pos[:, None]   # causal
+    hidden = hidden | ~hi.repeat_interleave(block_size)[None, :seq_len]
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).mean(2)  # [kv, g, T]
+    padded = probs.new_zeros(kv_heads, q_heads // kv_heads, pages * block_size)
+    padded[..., :seq_len] = probs
+    per_page = padded.reshape(kv_heads, -1, pages, block_size).sum(-1).mean(1).sum(0)
+    mass.index_add_(0, blocks[hi], per_page[hi] * weight)
 
 
 def request_page_mass(block_mass, block_ids: list[int]) -> torch.Tensor:

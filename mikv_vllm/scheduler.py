@@ -8,7 +8,8 @@ demotable pages go lo until they do. The moves ride to the workers on the step's
 finished in the same step (their packs are already back in the pool).
 
 Pages are ranked by the attention mass the workers measure (`mikv_vllm.importance`), which
-arrives every few steps on the model runner's output as one number per physical block."""
+arrives on the model runner's output as one number per physical block: the prompt's window
+scores with the step that ends a prefill, then every few decode steps."""
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,9 @@ class MikvSchedulerMixin:
         self.mikv_layout = layout_of_spec(groups[0].kv_cache_spec, cfg)
         self.mikv_policy = DemotionPolicy.from_config(cfg)
         self.demoter = PageDemoter(self.kv_cache_manager, self.mikv_layout)
-        self.page_stats = PageStatsRecorder(self.mikv_layout.hi_page_bytes,
-                                            self.mikv_layout.lo_page_bytes)
+        self.page_stats = PageStatsRecorder(
+            self.mikv_layout.hi_page_bytes, self.mikv_layout.lo_page_bytes,
+            self.mikv_layout.hi_page_bytes * 2 // self.mikv_layout.hi_elem_bytes)
         # Decayed attention mass per physical block: the ranking of the hi page each block
         # holds. A block's entry is cleared when it leaves its last owner (finish, abort,
         # preemption, demotion), so a reused block starts cold; and again after the next
@@ -69,6 +71,9 @@ class MikvSchedulerMixin:
 
         def free_with_packs(request) -> None:
             held = self.demoter.manager.req_to_blocks.get(request.request_id, ())
+            lo = self.demoter.num_lo_pages(request.request_id)
+            pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
+            self.page_stats.request_left(max(pages, lo), lo)
             self._release_mass([b.block_id for b in held if b.ref_cnt == 1])
             free(request)
             self.demoter.release(request.request_id)
@@ -113,7 +118,10 @@ class MikvSchedulerMixin:
     def plan_demotions(self) -> tuple[list[Demotion], int]:
         """This step's moves, and how many of them memory pressure asked for."""
         bs = self.mikv_layout.block_size
-        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        # Past their prefill, with its output back: the report riding on it holds the prompt's
+        # window scores (mikv_vllm.importance), so no page is ranked before they are in.
+        decoding = [r for r in self.running
+                    if r.num_computed_tokens >= r.num_prompt_tokens and r.num_output_tokens]
         moves: list[Demotion] = []
         if self.mikv_policy.hi_budget is not None:
             for r in decoding:  # 1. the per-request hi budget (ranked only when exceeded)

@@ -82,7 +82,10 @@ class MikvWorker(Worker):
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)
-        if self._report_due and output is not None:
+        # A step that scored prefill pages reports too: the scheduler waits for those scores
+        # before it ranks the request's pages.
+        due = self._report_due or (self.mass_meter is not None and self.mass_meter.observed)
+        if due and output is not None:
             self._report_due = False
             output = attach(output, self.mass_meter.take(self._tp_all_reduce()))
         return output

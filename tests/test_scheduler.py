@@ -122,6 +122,12 @@ def test_hi_budget_demotes_without_pressure(tiny_llama):
     assert 0 not in pages                      # the sink stays hi
     assert len(pages) >= 40 * 0.75 - 3         # ~75% of 40+ pages went lo
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 400 - 1
+    # the bytes it was answered from: its pages as it left, over bf16's
+    s, lay = sched.page_stats.stats, sched.mikv_layout
+    assert (s.left_requests, s.left_pages, s.left_lo_pages) == (1, 43, len(pages))
+    want = ((43 - len(pages)) * lay.hi_page_bytes + len(pages) * lay.lo_page_bytes) / (
+        43 * lay.hi_page_bytes)
+    assert s.left_kv_bytes_ratio == pytest.approx(want) and want < 0.5
 
 
 def test_abort_mid_demotion_returns_everything(tiny_llama):
@@ -295,6 +301,29 @@ def test_importance_reports_rank_pages(tiny_llama):
     sched.mikv_policy = dataclasses.replace(sched.mikv_policy, hi_budget=0.2)
     demoted = {m.page for m in getattr(step(sched), DEMOTIONS_ATTR)}
     assert len(demoted) == 17 and len(hot - demoted) == 1, sorted(demoted)
+
+
+def test_budget_waits_for_the_prefill_scores(tiny_llama):
+    """Under async scheduling the first decode is scheduled before the prefill's output (and
+    the window scores riding on it) is back: nothing may be ranked then, or the budget would
+    demote by age alone. One step later the scored page stays hi."""
+    from mikv_vllm.importance import BLOCK_MASS_ATTR
+
+    rng = random.Random(4)
+    sched = make_scheduler(tiny_llama, num_blocks=400, cls=MikvAsyncScheduler,
+                           knobs={"hi_budget": 0.2, "sink_pages": 1, "recent_pages": 2})
+    sched.add_request(request("a", 320, 20, rng))  # 20 pages
+    prefill = sched.schedule()
+    first_decode = sched.schedule()
+    assert getattr(first_decode, DEMOTIONS_ATTR) == []
+    blocks = [b.block_id for b in sched.demoter.manager.req_to_blocks["a"]]
+    report = torch.zeros(400)
+    report[blocks[9]] = 0.5  # the page the prompt's question attended to
+    out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0}, sampled_token_ids=[[5]])
+    setattr(out, BLOCK_MASS_ATTR, report.numpy())
+    sched.update_from_output(prefill, out)
+    demoted = {m.page for m in getattr(sched.schedule(), DEMOTIONS_ATTR)}
+    assert len(demoted) >= 14 and not demoted & {0, 9}, sorted(demoted)
 
 
 def test_one_report_reaches_every_running_request(tiny_llama):

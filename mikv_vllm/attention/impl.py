@@ -10,7 +10,7 @@ from mikv_vllm.attention import split_decode
 from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.attention.metadata import MikvAttentionMetadata
 from mikv_vllm.config import MikvConfig
-from mikv_vllm.importance import PageMassMeter
+from mikv_vllm.importance import PageMassMeter, window_page_mass
 from mikv_vllm.layout import PageLayout, cache_layout
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -79,9 +79,25 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         elif nd:
             self._fused_decode(layer, query[:nd], key_cache, value_cache, output[:nd], md, meter)
         if md.num_prefill_tokens:
-            self._prefill(layer, query[nd:md.num_actual_tokens], key_cache, value_cache,
+            prefill_query = query[nd:md.num_actual_tokens]
+            self._prefill(layer, prefill_query, key_cache, value_cache,
                           output[nd:md.num_actual_tokens], md)
+            if meter is not None and md.prefill_rows:
+                self._observe_prefill(layer, prefill_query, key_cache, md, meter)
         return output
+
+    def _observe_prefill(self, layer, query, key_cache, md, meter) -> None:
+        """Score each prefill row's pages by the attention of its chunk's last tokens (the
+        observation window, importance.window_page_mass) into the meter's mass."""
+        w = self.mikv.prefill_window
+        start = 0
+        for row, (end, seq_len) in enumerate(md.prefill_rows):
+            n = min(w, end - start)
+            window_page_mass(meter.mass, query[end - n:end].view(n, self.num_heads, -1),
+                             key_cache, md.prefill_block_table[row], seq_len, self.scale,
+                             meter.weight, layer._k_scale_float)
+            start = end
+        meter.observed = True
 
     def _prefill(self, layer, query, key_cache, value_cache, output, md) -> None:
         self._flash(layer, query, key_cache, value_cache, output, md.prefill_query_start_loc,

@@ -48,6 +48,9 @@ class MikvAttentionMetadata:
     prefill_max_query_len: int
     prefill_max_seq_len: int
     split: SplitDecodeMetadata | None = None
+    # Per prefill row, on the host: (end of its query tokens among the prefill tokens, its
+    # sequence length after this step), for the observation window's page scores.
+    prefill_rows: list[tuple[int, int]] | None = None
 
 
 class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
@@ -66,6 +69,7 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
         self.num_kv_heads = model_config.get_num_kv_heads(parallel_config)
         self.group = model_config.get_num_attention_heads(parallel_config) // self.num_kv_heads
         mikv = MikvConfig.from_additional_config(vllm_config.additional_config)
+        self.prefill_window = mikv.prefill_window
         on_gpu = torch.device(device).type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
         # The decode grid is sized in waves of the kernel's occupancy on this GPU.
@@ -128,6 +132,11 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
             md.prefill_block_table = cm.block_table_tensor[num_decodes:end]
             md.prefill_max_query_len = cm.max_query_len
             md.prefill_max_seq_len = cm.max_seq_len
+            if self.prefill_window and cm.seq_lens_cpu_upper_bound is not None:
+                # exact for prefill rows (vLLM's V2 runner: computed + scheduled tokens)
+                ends = (cm.query_start_loc_cpu[num_decodes + 1:end + 1] - num_decode_tokens)
+                md.prefill_rows = list(zip(ends.tolist(),
+                                           cm.seq_lens_cpu_upper_bound[num_decodes:end].tolist()))
         return md
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
