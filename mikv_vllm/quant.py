@@ -221,6 +221,23 @@ def dequantize_page(page: torch.Tensor, layout: PageLayout,
     return k.permute(1, 0, 2), v.permute(1, 0, 2)
 
 
+def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
+                    e4m3_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [kv_heads, pages * block_size, D] of whole pages -> what their lo pages hold
+    (fp32, same shape): dequantize_page(quantize_page(...)) without the byte layout, for many
+    pages at once (the quality harness demotes hundreds per step)."""
+    h, t, d = k.shape
+    b, g, bits = layout.block_size, layout.value_group_size, layout.lo_bits
+
+    def roundtrip(x, dim):
+        codes, scale, zero = _quantize_groups(x, bits, dim, e4m3_scales)
+        return (codes.float() - zero.float()) * scale.float()
+
+    dk = roundtrip(k.float().reshape(h, t // b, b, d), 2)               # per channel, page
+    dv = roundtrip(v.float().reshape(h, t // b, b, d // g, g), 4)       # per token, group
+    return dk.reshape(h, t, d), dv.reshape(h, t, d)
+
+
 def quantization_error_bound(x_range: torch.Tensor, bits: int,
                              x_min: torch.Tensor | None = None) -> torch.Tensor:
     """Largest |x - dequant(x)| for a group spanning `x_range` (starting at `x_min`, whose

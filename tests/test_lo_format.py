@@ -218,3 +218,23 @@ def test_pair_slots_fill_each_lane_run_once_and_zero_point_partners_share_a_slot
             assert 0 <= word < words and 0 <= slot < slots
             seen.add((word, slot))
     assert len(seen) == words * slots
+
+
+@pytest.mark.parametrize("head_size,group,bits,heads", [(128, 64, 2, 2), (64, 32, 4, 3),
+                                                         (128, 128, 2, 1)])
+def test_roundtrip_pages_is_the_stored_pages_arithmetic(head_size, group, bits, heads):
+    """The harness's many-pages round trip equals quantize_page -> dequantize_page, page by
+    page, to the bit."""
+    from mikv_vllm.quant import roundtrip_pages
+
+    torch.manual_seed(head_size + bits)
+    lay = PageLayout(16, heads, head_size, 2, bits, group)
+    k = torch.randn(heads, 48, head_size) * 3 + 1
+    v = torch.randn(heads, 48, head_size)
+    dk, dv = roundtrip_pages(k, v, lay)
+    for p in range(3):
+        r = slice(16 * p, 16 * p + 16)
+        page = quantize_page(k[:, r].permute(1, 0, 2), v[:, r].permute(1, 0, 2), lay)
+        ek, ev = dequantize_page(page, lay)
+        assert torch.equal(ek.permute(1, 0, 2), dk[:, r])
+        assert torch.equal(ev.permute(1, 0, 2), dv[:, r])

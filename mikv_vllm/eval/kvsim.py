@@ -8,8 +8,9 @@ runs). During a step each layer reads the stored view; the layers the GPU sample
 mikv_vllm.importance) add their per-page attention mass (reference.page_mass over the query
 heads); after the step their mean is accumulated with decay and the policy demotes pages over
 budget, so mass from steps < t decides what step t reads (the kernel emits mass, the scheduler
-acts at the next step). The GPU also samples in time (one step in REPORT_EVERY); the harness,
-whose steps are already chunks of tokens, measures every step.
+acts at the next step). The GPU also samples in time (one step in REPORT_EVERY); the harness
+measures every step unless told otherwise (`measure_every`). A prefill can also score its
+pages from the attention of its last tokens (`window`), as the GPU does at a prefill's end.
 A demoted page is replaced by its quantize_page -> dequantize_page round trip, computed once."""
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from transformers import AttentionInterface, DynamicCache
 from mikv_vllm.importance import sampled_layers
 from mikv_vllm.eval.methods import (Method, hi_cost, hi_roundtrip, lo_cost, make_policy)
 from mikv_vllm.layout import PageLayout
-from mikv_vllm.quant import dequantize_page, quantize_page
+from mikv_vllm.quant import dequantize_page, quantize_page, roundtrip_pages
 from mikv_vllm.reference import page_mass
 
 ATTN_IMPL = "mikv_sim"
@@ -36,7 +37,8 @@ def _attend(q, k, v, scaling, keep=None):
     hkv, t, _ = k.shape
     qg = q.reshape(hkv, hq // hkv, tq, d)
     scores = torch.einsum("hgqd,htd->hgqt", qg, k) * scaling
-    mask = torch.arange(t)[None, :] > torch.arange(t - tq, t)[:, None]  # [Tq, T]
+    pos = torch.arange(t, device=q.device)
+    mask = pos[None, :] > pos[t - tq:, None]  # [Tq, T]
     if keep is not None:
         mask = mask | ~keep[None, :]
     probs = scores.masked_fill(mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
@@ -75,27 +77,41 @@ class _Active:
 @dataclass
 class Prefill:
     """A prompt prefilled at full precision: its cache and per-layer max |q|, max |k| per
-    (KV head, channel) for MiKV outlier balancing."""
+    (KV head, channel) for MiKV outlier balancing; with a `window`, also the pages' scores
+    from the attention of the prompt's last `window` tokens on the layers the GPU samples
+    (what mikv_vllm.importance.window_page_mass reports at the end of a prefill in vLLM)."""
     cache: DynamicCache
     qmax: dict
     kmax: dict
     logits: torch.Tensor | None = None
+    window: int = 0
+    block_size: int = 16
+    window_mass: torch.Tensor | None = None  # [pages], summed over the sampled layers
+    mass_layers: frozenset = frozenset()
 
     def attend(self, layer, q, k, v, scaling):
         hkv, d = k.shape[0], k.shape[-1]
         self.qmax[layer] = q.abs().reshape(hkv, -1, d).amax(1)
         self.kmax[layer] = k.abs().amax(1)
-        return _attend(q, k, v, scaling)[0]
+        out, probs = _attend(q, k, v, scaling)
+        if self.window and layer in self.mass_layers:
+            m = page_mass(probs[:, -self.window:].mean(1), self.block_size).cpu()
+            self.window_mass = m if self.window_mass is None else self.window_mass + m
+        return out
 
     def balance(self, layer) -> torch.Tensor:
         return (self.qmax[layer] / self.kmax[layer].clamp_min(1e-6)).clamp_min(1e-6).sqrt()
 
 
 @torch.no_grad()
-def prefill(model, ids: list[int], last_only: bool = False) -> Prefill:
-    state = Prefill(DynamicCache(config=model.config), {}, {})
+def prefill(model, ids: list[int], last_only: bool = False, window: int = 0,
+            block_size: int = 16) -> Prefill:
+    layers = frozenset(sampled_layers(model.config.num_hidden_layers))
+    state = Prefill(DynamicCache(config=model.config), {}, {}, window=window,
+                    block_size=block_size, mass_layers=layers)
     with _Active(state):
-        out = model(input_ids=torch.tensor([ids]), past_key_values=state.cache, use_cache=True,
+        out = model(input_ids=torch.tensor([ids], device=model.device),
+                    past_key_values=state.cache, use_cache=True,
                     logits_to_keep=1 if last_only else 0)
     state.logits = out.logits[0]
     return state
@@ -114,8 +130,13 @@ class KVSim:
     """One request decoding under one method, continuing from a (copied) prefill."""
 
     def __init__(self, model, method: Method, pre: Prefill, block_size: int = 16,
-                 sink_pages: int = 1, recent_pages: int = 2):
+                 sink_pages: int = 1, recent_pages: int = 2, measure_every: int = 1,
+                 window_scores: bool = True):
+        """`measure_every`: decode steps between measured ones (the GPU measures 1 in
+        importance.REPORT_EVERY); a prefill with a window starts the ranking from its scores
+        (unless `window_scores` is off: the prefill_window = 0 knob)."""
         self.model, self.method, self.bs = model, method, block_size
+        self.measure_every, self.steps = measure_every, 0
         self.layout = layout_of(model, block_size, method)
         self.policy = make_policy(method, self.layout, sink_pages, recent_pages)
         self.pre = pre
@@ -124,9 +145,11 @@ class KVSim:
         self.mass_layers = set(sampled_layers(self.n_layers))  # the layers the GPU measures
         self.k = [hi_roundtrip(method, l.keys[0].float()) for l in self.cache.layers]
         self.v = [hi_roundtrip(method, l.values[0].float()) for l in self.cache.layers]
-        self.keep = torch.ones(self.k[0].shape[1], dtype=torch.bool)
+        self.keep = torch.ones(self.k[0].shape[1], dtype=torch.bool, device=model.device)
         self.is_lo = torch.zeros(0, dtype=torch.bool)   # per page: demoted (lo or evicted)
         self.acc = torch.zeros(0)
+        if window_scores and pre.window_mass is not None and self.policy is not None:
+            self.acc = pre.window_mass / len(self.mass_layers)
         self.step_mass = None
         self.ratios: list[float] = []                    # bytes vs bf16, per step
         self.h = hi_cost(method, self.layout.head_size)
@@ -140,14 +163,14 @@ class KVSim:
             self.v[layer] = torch.cat([self.v[layer], hi_roundtrip(self.method, v[:, n:])], 1)
         t = self.k[layer].shape[1]
         if self.keep.numel() < t:
-            self.keep = torch.cat([self.keep, torch.ones(t - self.keep.numel(), dtype=torch.bool)])
+            self.keep = torch.cat([self.keep, self.keep.new_ones(t - self.keep.numel())])
         keep = None if bool(self.keep.all()) else self.keep
         out, probs = _attend(q, self.k[layer], self.v[layer], scaling, keep)
-        if layer not in self.mass_layers:
+        if layer not in self.mass_layers or self.steps % self.measure_every:
             return out
         # mean over the step's queries, then page_mass averages over the query heads (equal
         # groups per KV head, so this is the mean over the heads of each KV head, then KV heads)
-        m = page_mass(probs.mean(1), self.bs)
+        m = page_mass(probs.mean(1), self.bs).cpu()  # the policy's bookkeeping is on the CPU
         self.step_mass = m if self.step_mass is None else self.step_mass + m
         return out
 
@@ -157,51 +180,67 @@ class KVSim:
             self.is_lo = torch.cat([self.is_lo, torch.zeros(pages - self.is_lo.numel(),
                                                             dtype=torch.bool)])
 
-    def demote(self, page: int):
-        rows = slice(page * self.bs, (page + 1) * self.bs)
-        self.is_lo[page] = True
-        if self.method.lo == "evict":
-            self.keep[rows] = False
+    def demote(self, pages: list[int]):
+        """Demote pages: each is replaced by its lo page's values (all of a step's pages in
+        one pass per layer: quant.roundtrip_pages, the page format's arithmetic without its
+        byte layout; with key balancing, page by page through the stored bytes)."""
+        if not pages:
             return
+        self.is_lo[pages] = True
+        rows = (torch.tensor(pages)[:, None] * self.bs + torch.arange(self.bs)).reshape(-1)
+        if self.method.lo == "evict":
+            self.keep[rows.to(self.keep.device)] = False
+            return
+        lay = self.layout
         for i, l in enumerate(self.cache.layers):
-            k = l.keys[0, :, rows].permute(1, 0, 2)
-            v = l.values[0, :, rows].permute(1, 0, 2)
-            b = self.pre.balance(i) if self.method.balance else None
-            page = quantize_page(k, v, self.layout, b, e4m3_scales=self.method.scale8)
-            dk, dv = dequantize_page(page, self.layout, b)
-            self.k[i][:, rows] = dk.permute(1, 0, 2)
-            self.v[i][:, rows] = dv.permute(1, 0, 2)
+            if self.method.balance:
+                for p in pages:
+                    r = slice(p * self.bs, (p + 1) * self.bs)
+                    b = self.pre.balance(i)
+                    page = quantize_page(l.keys[0, :, r].permute(1, 0, 2),
+                                         l.values[0, :, r].permute(1, 0, 2), lay, b,
+                                         e4m3_scales=self.method.scale8)
+                    dk, dv = dequantize_page(page, lay, b)
+                    self.k[i][:, r], self.v[i][:, r] = dk.permute(1, 0, 2), dv.permute(1, 0, 2)
+                continue
+            idx = rows.to(l.keys.device)
+            dk, dv = roundtrip_pages(l.keys[0][:, idx], l.values[0][:, idx], lay,
+                                     e4m3_scales=self.method.scale8)
+            self.k[i][:, idx], self.v[i][:, idx] = dk, dv
 
     def begin_step(self, n_new: int):
         n_past = self.cache.get_seq_length()
         total = n_past + n_new
         self._grow(-(-total // self.bs))
         if self.method.all_lo:  # KIVI: every page full before this step is lo
-            for p in range(n_past // self.bs):
-                if not self.is_lo[p]:
-                    self.demote(p)
+            self.demote([p for p in range(n_past // self.bs) if not self.is_lo[p]])
         lo_pages = int(self.is_lo.sum())
         lo_tok = lo_pages * self.bs
         lo_bytes = 0.0 if self.method.lo == "evict" else lo_tok * self.lc
         self.ratios.append(((total - lo_tok) * self.h + lo_bytes) / total)
         self.step_mass = None
+        self.steps += 1
 
     def end_step(self):
-        if self.policy is None or self.step_mass is None:
+        if self.policy is None:
             return
-        self.acc = self.policy.accumulate(self.acc, self.step_mass / len(self.mass_layers))
+        if self.step_mass is not None:
+            self.acc = self.policy.accumulate(self.acc, self.step_mass / len(self.mass_layers))
         n = self.cache.get_seq_length()
         self._grow(-(-n // self.bs))
-        for p in self.policy.over_budget(self.acc, self.is_lo, n, self.bs):
-            self.demote(p)
+        missing = self.is_lo.numel() - self.acc.numel()  # pages no measured step has seen
+        if missing > 0:
+            self.acc = torch.cat([self.acc, self.acc.new_zeros(missing)])
+        self.demote(self.policy.over_budget(self.acc, self.is_lo, n, self.bs))
 
     @torch.no_grad()
     def step(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
         """One decode step (or chunk): logits [len(ids), vocab] (or [1, vocab])."""
         self.begin_step(len(ids))
         with _Active(self):
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=1 if last_only else 0)
+            out = self.model(input_ids=torch.tensor([ids], device=self.model.device),
+                             past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1 if last_only else 0)
         self.end_step()
         return out.logits[0]
 
