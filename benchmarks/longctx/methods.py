@@ -28,6 +28,11 @@ class Method:
         return self.kv_cache_dtype == "mikv"
 
 
+def head_size(config) -> int:
+    """A Hugging Face config's attention head size."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def lo_page_ratio(num_kv_heads: int, head_size: int, lo_bits: int = 2) -> float:
     """A lo page's bytes over a bf16 page's (mikv's default value groups of 64 channels)."""
     lay = PageLayout(BLOCK, num_kv_heads, head_size, 2, lo_bits, min(64, head_size))

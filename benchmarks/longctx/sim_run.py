@@ -28,7 +28,7 @@ sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import torch  # noqa: E402
 
 import suite  # noqa: E402
-from methods import lo_page_ratio, methods  # noqa: E402
+from methods import head_size, lo_page_ratio, methods  # noqa: E402
 from mikv_vllm.config import MikvConfig  # noqa: E402
 from mikv_vllm.eval import kvsim  # noqa: E402
 from mikv_vllm.eval.methods import Method  # noqa: E402
@@ -87,8 +87,8 @@ def main(argv=None) -> None:
                                                  attn_implementation=kvsim.ATTN_IMPL)
     model = model.to(a.device).eval()
     cfg = model.config
-    table = methods(cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
-    lo = lo_page_ratio(cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    table = methods(cfg.num_key_value_heads, head_size(cfg))
+    lo = lo_page_ratio(cfg.num_key_value_heads, head_size(cfg))
     chosen = {name: sim_method(table[name], lo) for name in a.methods}
     skipped = [n for n, s in chosen.items() if s is None]
     if skipped:

@@ -15,6 +15,7 @@ The haystack is the Wikipedia excerpt the quality harness uses (the gensim packa
 MIKV_WIKI_BZ2)."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import random
@@ -78,7 +79,7 @@ class Builder:
         self.chat_head, self.chat_tail = text.split(marker)
         self._hay_text = haystack_text
         self._hay: list[int] | None = None
-        self._ends: set[int] | None = None
+        self._ends: list[int] | None = None  # sorted
 
     def enc(self, s: str) -> list[int]:
         return self.tok(s, add_special_tokens=False)["input_ids"]
@@ -91,15 +92,13 @@ class Builder:
                 self._hay_text = "\n\n".join(wiki_articles())
             self._hay = self.enc(self._hay_text)
             # Token positions right after a sentence or paragraph end: where needles go.
-            ends = [i + 1 for i, t in enumerate(self.tok.convert_ids_to_tokens(self._hay))
-                    if t.rstrip("Ċ").endswith(".") or t.endswith("Ċ")]
-            self._ends = ends
+            self._ends = [i + 1 for i, t in enumerate(self.tok.convert_ids_to_tokens(self._hay))
+                          if t.rstrip("Ċ").endswith(".") or t.endswith("Ċ")]
         return self._hay
 
     def sentence_end_at_or_after(self, filler_start: int, pos: int, limit: int) -> int:
         """A position in a filler window (absolute start `filler_start`) at a sentence end near
         `pos`, searching forward up to 200 tokens, else `pos`."""
-        import bisect
         ends = self._ends
         i = bisect.bisect_left(ends, filler_start + pos)
         if i < len(ends) and ends[i] - filler_start <= min(limit, pos + 200):
@@ -118,8 +117,8 @@ class Builder:
         if n < 0:
             raise ValueError(f"{length} tokens cannot hold this trial's parts")
         hay = self.haystack
-        starts = [e for e in self._ends if e + n <= len(hay)]
-        s = rng.choice(starts)
+        # a sentence end with n haystack tokens after it (the ends are sorted)
+        s = rng.choice(self._ends[:bisect.bisect_right(self._ends, len(hay) - n)])
         body = hay[s:s + n]
         cuts = sorted((self.sentence_end_at_or_after(s, int(d * n), n), i)
                       for i, (d, _) in enumerate(needles))

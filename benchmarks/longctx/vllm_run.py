@@ -22,7 +22,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HER
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import suite  # noqa: E402
-from methods import methods  # noqa: E402
+from methods import head_size, methods  # noqa: E402
 
 ANSWER_ROOM = 64  # tokens past the longest prompt (answers are at most 48)
 
@@ -48,9 +48,8 @@ def pool_bytes_per_token(sched) -> float:
 
 
 def bf16_bytes_per_token(hf_config) -> int:
-    head = getattr(hf_config, "head_dim", None) or (hf_config.hidden_size
-                                                    // hf_config.num_attention_heads)
-    return 2 * 2 * hf_config.num_key_value_heads * head * hf_config.num_hidden_layers
+    return 2 * 2 * hf_config.num_key_value_heads * head_size(hf_config) * \
+        hf_config.num_hidden_layers
 
 
 def run_length(llm, sched, m, trials, hf_config) -> tuple[list[dict], dict]:
@@ -113,9 +112,7 @@ def main(argv=None) -> None:
     from vllm import LLM
 
     hf_config = AutoConfig.from_pretrained(a.model)
-    head = getattr(hf_config, "head_dim", None) or (hf_config.hidden_size
-                                                    // hf_config.num_attention_heads)
-    m = methods(hf_config.num_key_value_heads, head)[a.method]
+    m = methods(hf_config.num_key_value_heads, head_size(hf_config))[a.method]
     trials = [t for t in suite.load(a.trials)
               if (a.lengths is None or t.length in a.lengths)
               and (a.limit is None or t.index < a.limit)]
