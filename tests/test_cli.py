@@ -202,6 +202,8 @@ BAD_KNOBS = [
                  id="hi-budget-1.5"),
     pytest.param({"recent_pages": 0}, r"recent_pages must be >= 1", id="recent-pages-0"),
     pytest.param({"sink_pages": -1}, r"sink_pages must be >= 0, got -1", id="sink-pages-neg"),
+    pytest.param({"prefill_window": 513}, r"prefill_window must be in \[0, 512\], got 513",
+                 id="window-513"),
     pytest.param({"value_group_size": 48}, r"value_group_size must be 32, 64 or 128, got 48",
                  id="group-48"),
     pytest.param({"value_group_size": 128}, r"value_group_size 128 must divide head size 64",

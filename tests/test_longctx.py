@@ -17,6 +17,7 @@ sys.path[:0] = [os.path.join(ROOT, "benchmarks", "longctx"), os.path.join(ROOT, 
 
 import methods  # noqa: E402
 import report  # noqa: E402
+import run_all  # noqa: E402
 import suite  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,6 +111,26 @@ def test_mikv_byte_budgets_follow_the_page_layout():
     from mikv_vllm.config import MikvConfig
     for m in table.values():  # every knob set passes the plugin's own validation
         MikvConfig.from_dict(m.knobs)
+
+
+def test_runs_share_the_gpu_but_pressure_waits_for_auto(tmp_path):
+    """run_all's job queue: up to `parallel` runs at once, never two of one method (they append
+    to the same files), and mikv-pressure only after auto (its pool is sized from auto's)."""
+    log = tmp_path / "events"
+    stamp = ("import sys, time; f = open(sys.argv[1], 'a'); f.write(f'start {sys.argv[2]}\\n');"
+             " f.flush(); time.sleep(0.3); f.write(f'end {sys.argv[2]}\\n')")
+    jobs = run_all.Jobs(parallel=3, deadline=1e12)
+    for name, n in (("auto", 0), ("mikv-pressure", 1), ("mikv-pressure", 2), ("fp8", 0)):
+        jobs.add(name, [n], [sys.executable, "-c", stamp, str(log), f"{name}/{n}"],
+                 str(tmp_path / f"log_{name}.txt"))
+    extra = []
+    jobs.run(lambda name, group: extra.append((name, group)) or [])
+    events = log.read_text().split("\n")[:-1]
+    assert len(events) == 8 and not jobs.pending and not jobs.running
+    assert events.index("end auto/0") < events.index("start mikv-pressure/1")
+    assert events.index("end mikv-pressure/1") < events.index("start mikv-pressure/2")
+    assert events.index("start fp8/0") < events.index("end auto/0")  # ran beside auto
+    assert extra[0] == ("auto", [0]) and len(extra) == 4
 
 
 def test_report_rows_and_agreement(tmp_path):

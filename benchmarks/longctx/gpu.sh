@@ -29,11 +29,8 @@ pieces_expected() {
 install() {  # once per machine: the plugin's wheel (kernels + entry points), gguf, the tokenizer
   [ -L /tmp/site/mikv_vllm ] && return
   python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site "$S"/extra/*.whl || return
-  # The code runs from a copy of this tree (later calls replace the tree); the kernels come
-  # from the wheel.
-  rm -rf "$S/repo" && mkdir -p "$S/repo"
-  cp -r benchmarks mikv_vllm tests pyproject.toml setup.py "$S/repo/"
-  cp /tmp/site/mikv_vllm/_C*.so "$S/repo/mikv_vllm/"
+  mkdir -p "$S/kernels" && cp /tmp/site/mikv_vllm/_C*.so "$S/kernels/"
+  refresh
   rm -rf /tmp/site/mikv_vllm && ln -s "$S/repo/mikv_vllm" /tmp/site/mikv_vllm
   tar -xzf "$S/extra/tok.tar.gz" -C "$S"
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -44,6 +41,12 @@ install() {  # once per machine: the plugin's wheel (kernels + entry points), gg
      tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py tests/gpu/test_split_decode.py \
      > "$S/out/kernels.log" 2>&1 < /dev/null &)
   echo "kernel tests started"
+}
+
+refresh() {  # the code runs from a copy of this call's tree, with the wheel's kernels
+  rm -rf "$S/repo" && mkdir -p "$S/repo"
+  cp -r benchmarks mikv_vllm tests pyproject.toml setup.py "$S/repo/"
+  cp "$S"/kernels/_C*.so "$S/repo/mikv_vllm/"
 }
 
 recv() {
@@ -58,6 +61,7 @@ recv() {
 
 start() {
   local seconds=$1; shift
+  refresh
   if [ ! -f "$S/qwen15-hf/model.safetensors" ]; then
     cat "$S"/models/gguf.* > "$S/model.gguf"
     python3 - <<EOF || return 1

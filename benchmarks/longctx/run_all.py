@@ -2,7 +2,8 @@
 order of priority, until a deadline; then the report.
 
     python benchmarks/longctx/run_all.py --model DIR --out-dir OUT [--trials-per-cell 50] \
-        [--lengths 4096 8192 16384] [--deadline-s 1500] [--methods auto mikv@0.25 ...]
+        [--lengths 4096 8192 16384] [--deadline-s 1500] [--methods auto mikv@0.25 ...] \
+        [--parallel 3 --kv-gib 24]
 
 Makes the trials (suite.py) if OUT has none, runs `vllm_run.py` per method, logs in
 OUT/log_<method>.txt, and finally `report.py` over OUT. mikv-pressure runs once per length, in
@@ -49,16 +50,58 @@ def pressure_pool(out_dir: str, length: int) -> list[str]:
     return ["--pool-tokens", str(peaks[-1] // 4)] if peaks else []
 
 
-def run(cmd: list[str], log: str, deadline: float) -> str:
-    with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=max(1.0, deadline - time.time()))
-            return f"rc={rc}"
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return "stopped at the deadline"
+class Jobs:
+    """Method runs (one vLLM process each), up to `parallel` at once on the one GPU: engine
+    start-up is mostly CPU work, so runs overlap it with each other's answering. mikv-pressure
+    waits for auto, whose peak residency sizes its pool."""
+
+    def __init__(self, parallel: int, deadline: float):
+        self.parallel, self.deadline = parallel, deadline
+        self.pending: list[tuple[str, list[int], list[str], str]] = []
+        self.running: dict[subprocess.Popen, tuple[str, list[int], float, object]] = {}
+
+    def add(self, name: str, group: list[int], cmd: list[str], log: str) -> None:
+        self.pending.append((name, group, cmd, log))
+
+    def _ready(self, name: str) -> bool:
+        """One run per method at a time (they append to the same files)."""
+        running = [n for n, *_ in self.running.values()]
+        waits = "auto" in running + [n for n, *_ in self.pending]
+        return name not in running and not (name == "mikv-pressure" and waits)
+
+    def _reap(self) -> None:
+        for proc, (name, group, t0, f) in list(self.running.items()):
+            if proc.poll() is not None or time.time() > self.deadline:
+                status = f"rc={proc.returncode}" if proc.returncode is not None \
+                    else "stopped at the deadline"
+                if proc.returncode is None:
+                    proc.kill()
+                    proc.wait()
+                f.close()
+                del self.running[proc]
+                print(f"longctx: {name} {group}: {status} after {time.time() - t0:.0f}s",
+                      flush=True)
+
+    def run(self, extra_for) -> None:
+        """Runs everything; `extra_for(name, group)` gives arguments decided at start time."""
+        while self.pending or self.running:
+            self._reap()
+            while self.pending and len(self.running) < self.parallel:
+                if time.time() > self.deadline - 60:
+                    for name, group, *_ in self.pending:
+                        print(f"longctx: {name} {group} not run (deadline)", flush=True)
+                    self.pending.clear()
+                    break
+                job = next((j for j in self.pending if self._ready(j[0])), None)
+                if job is None:
+                    break
+                self.pending.remove(job)
+                name, group, cmd, log = job
+                f = open(log, "a")
+                proc = subprocess.Popen(cmd + extra_for(name, group), stdout=f,
+                                        stderr=subprocess.STDOUT)
+                self.running[proc] = (name, group, time.time(), f)
+            time.sleep(2)
 
 
 def main(argv=None) -> None:
@@ -71,10 +114,19 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=PLAN)
     ap.add_argument("--deadline-s", type=float, default=1e9, help="from now; no method starts "
                     "later than 60 s before it")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="methods run at once on the GPU (needs --kv-gib: each engine then "
+                    "gets a fixed pool instead of profiling memory that the others are using)")
+    ap.add_argument("--kv-gib", type=float, default=None,
+                    help="each engine's KV pool in GiB (mikv-pressure keeps its own)")
+    ap.add_argument("--gpu-util", type=float, default=0.2,
+                    help="with --kv-gib: the free share of the GPU each engine needs to start")
     ap.add_argument("--trials-only", action="store_true", help="make OUT/trials.jsonl and stop")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="passed on to vllm_run.py (after --extra)")
     a = ap.parse_args(argv)
+    if a.parallel > 1 and not a.kv_gib:
+        ap.error("--parallel needs --kv-gib")
     deadline = time.time() + a.deadline_s
     os.makedirs(a.out_dir, exist_ok=True)
     trials = os.path.join(a.out_dir, "trials.jsonl")
@@ -82,21 +134,20 @@ def main(argv=None) -> None:
         make_trials(a.model, trials, a.lengths, a.trials_per_cell, a.seed)
     if a.trials_only:
         return
+    jobs = Jobs(a.parallel, deadline)
+    shared = ["--gpu-util", str(a.gpu_util)] if a.kv_gib else []  # engines sharing the GPU
     for name in a.methods:
         lengths = a.lengths[:SHORT.get(name, len(a.lengths))]
-        runs = [[n] for n in lengths] if name == "mikv-pressure" else [lengths]
-        for group in runs:
-            if time.time() > deadline - 60:
-                print(f"longctx: {name} {group} not run (deadline)", flush=True)
-                continue
+        for group in [[n] for n in lengths] if name == "mikv-pressure" else [lengths]:
             cmd = [sys.executable, os.path.join(HERE, "vllm_run.py"), "--model", a.model,
                    "--trials", trials, "--method", name, "--out-dir", a.out_dir,
                    "--limit", str(a.trials_per_cell), "--lengths", *map(str, group), *a.extra]
-            if name == "mikv-pressure":
-                cmd += pressure_pool(a.out_dir, group[0])
-            t0 = time.time()
-            status = run(cmd, os.path.join(a.out_dir, f"log_{name}.txt"), deadline)
-            print(f"longctx: {name} {group}: {status} after {time.time() - t0:.0f}s", flush=True)
+            if a.kv_gib and name != "mikv-pressure":
+                cmd += ["--kv-gib", str(a.kv_gib)]
+            jobs.add(name, group, cmd + shared,
+                     os.path.join(a.out_dir, f"log_{name}.txt"))
+    jobs.run(lambda name, group: pressure_pool(a.out_dir, group[0])
+             if name == "mikv-pressure" else [])
     subprocess.run([sys.executable, os.path.join(HERE, "report.py"), a.out_dir])
 
 

@@ -100,6 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--gpu-util", type=float, default=0.7,
                     help="leaves ~40 GiB of an H200 to the harness running beside (sim_run.py)")
+    ap.add_argument("--kv-gib", type=float, default=None,
+                    help="a fixed KV pool (GiB) instead of profiling: for engines sharing a GPU")
     ap.add_argument("--pool-tokens", type=int, default=None,
                     help="mikv-pressure: KV pool in tokens (default: a quarter of the batch's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=32768,
@@ -124,7 +126,7 @@ def main(argv=None) -> None:
     cells = os.path.join(a.out_dir, f"cells_{m.name}.jsonl")
     batch_tokens = sum(len(t.prompt_ids) + t.max_tokens for t in trials)
     pool = (a.pool_tokens or batch_tokens // 4) * bf16_bytes_per_token(hf_config) \
-        if m.pressure else None
+        if m.pressure else int(a.kv_gib * 2**30) if a.kv_gib else None
     t0 = time.perf_counter()
     llm = LLM(**engine_args(m, a, max(lengths) + ANSWER_ROOM, pool))
     sched = llm.llm_engine.engine_core.engine_core.scheduler
