@@ -71,7 +71,6 @@ setup(
     version="0.1.0",
     description="Importance-aware mixed-precision (hi + 2-bit) KV cache for vLLM (MiKV)",
     packages=find_packages(include=["mikv_vllm", "mikv_vllm.*"]),
-    package_data={"mikv_vllm": ["csrc/*"]},
     python_requires=">=3.10",
     install_requires=["vllm==0.26.0", "torch==2.11.0"],
     extras_require={"test": ["pytest>=8"]},
