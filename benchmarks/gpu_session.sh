@@ -19,67 +19,8 @@
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
 #
-# Carrying everything to a bare device machine (64 MiB per call, 30 s warm between calls), one
-# device call per line, back to back (vLLM parts: ../shared/gpu/build_vllm_bundle.sh; SmolLM2
-# pieces, tokenizer, wheels and probe_wiki.json: benchmarks/models/prepare_smollm2.py). The
-# sequence of the second lease on 2026-11-23 (27 device minutes; SmolLM2 pieces ride along with
-# the long calls; a wheel is ~8.5 MiB, so .bundle0 takes one wheel only):
-#   1. carry .bundle0, .whl:   bash .bundle0/unpack.sh 2; cp -r .whl /tmp/stash/
-#   2. carry .bundle1, gguf.part_a, tok.tar.gz, probe_wiki.json and the 4 *.whl of
-#      .models/parts (8 paths): bash .bundle1/unpack.sh 2; cp gguf.part_a to /tmp/models;
-#      restore .whl from /tmp/stash if it is gone; this script: setup kernels kernelbench
-#      (~2 min with KERNELBENCH_ARGS="--batches 16 64 --ctxs 32768 131072")
-#   3. carry gguf.part_b, gguf.part_d (+ .whl_ab for abkernels) (cp parts to /tmp/models):
-#      E2E_B_KV="auto mikv" E2E_B_N=64 this script: e2e_b                      (~7.5 min)
-#   4. carry gguf.part_c (cp to /tmp/models): this script: setup greedy verify serve (~9 min;
-#      setup assembles the GGUF once the 4 parts are there)
-#   5. E2E_B_KV=fp8 E2E_B_N=64 this script: e2e_b                               (~3.5 min)
-#   2026-12-02 (H200): .bundle1 (44 MB) + gguf.part_a + the other 7 pieces is over 64 MiB:
-#   leave gguf.part_a for a later call. One `sweep` call holds about two kv dtypes (a server
-#   starts in ~3 min): SWEEP_ARGS="--kv auto fp8 --rates 4 16 inf --num-prompts 128
-#   --gpu-util 0.35", then --kv mikv in the next call (benchmarks/results/2026-12-02-h200/).
-#   Second lease of 2026-12-02 (benchmarks/results/2026-12-02-h200-staged/): wheels built for
-#   sm90 only (TORCH_CUDA_ARCH_LIST=9.0: half the size and build time), one riding with
-#   .bundle0 and, for an A/B, another with .bundle1.
-#   Third (benchmarks/results/2026-12-02-h200-lease3/, 4 calls, 23 device minutes): .bundle0 +
-#   .whl; .bundle1 + .whl_ab + tok.tar.gz + probe_wiki.json: setup kernels kernelbench
-#   abkernels; gguf.part_a/b/d + the 4 wheels of .models/parts: setup sweep; gguf.part_c: setup
-#   greedy (GREEDY_KV / GREEDY_TAG for a second knob set). A kernel-only A/B needs no vLLM: one
-#   call carrying two wheels, the GPU kernel tests and `kernel_decode.py --no-flash` with each
-#   wheel's _C.so in turn (one output folder per run: names must not prefix each other).
-#   Fourth (benchmarks/results/2026-12-02-h200-lease4/, 4 calls, 23 device minutes): .bundle0
-#   + .whl; .bundle1 + .whl_ab + tok.tar.gz + probe_wiki.json: setup kernels kernelbench
-#   abkernels (~4.7 min); then E2E_B_KV="fp8 mikv" E2E_B_N=64 ... setup e2e_b (~7.3 min) and
-#   E2E_B_KV="auto int4_per_token_head" (~8.7 min; int4 did not finish its prefill in 280 s).
-#   The last 7 minutes (a fresh lease: .bundle0 + .whl, then .bundle1): E2E_B_KV=mikv
-#   E2E_B_ARGS='--block-size 32 --mikv-knobs {"hi_dtype":"fp8"}' ... setup e2e_b (~4.4 min).
-#   Sixth (benchmarks/results/2026-12-02-h200-lease6/): the sweep again with its own prompts per
-#   rate (e2e_serve_sweep.py --seed: until then every rate replayed the same prompts and fp8's
-#   large pool answered the unbounded rate from its prefix cache), then (a): .bundle0 + .whl;
-#   .bundle1 + tok.tar.gz: setup sweep (--kv auto fp8); setup sweep (--kv mikv
-#   int4_per_token_head); E2E_A_KV="..." E2E_A_ARGS="--gpu-util U" setup e2e_a, twice. On an
-#   H200, gpu util 0.35 for (c) and 0.51 for (a) give the H100's pools at 0.62 and 0.9.
-#   A second, short lease: .bundle0 + .whl, then .bundle1: E2E_A_KV=mikv E2E_A_ARGS='--gpu-util
-#   0.51 --probe-prompts 0 --mikv-knobs {"hi_budget":0.25}' setup e2e_a (~2 min).
-#   Eighth (benchmarks/results/2026-12-03-h200-lease8/): .bundle0 + .whl + .whl_ab (the .so's
-#   stripped: two wheels then fit beside .bundle0): nfab, then profile with each .so; .bundle1 +
-#   .ab (an older impl.py to A/B) + tok.tar.gz: setup kernels e2e_a (x3); profile + e2e_b at
-#   gpu util 0.51 (fp8, then mikv fp8 hi block 32); e2e_b mikv. (nfab, the wheel A/B of that
-#   lease, is now soab.)
-#   Ninth (benchmarks/results/2026-12-03-h200-lease9/): kernel A/Bs with no vLLM at all: carry
-#   .so_ab/ (six stripped _C.abi3.so, ~4.4 MB each, each linked with another build of
-#   paged_decode.o): SOAB_TEST="..." KERNELBENCH_ARGS="..." soab, writing to a scratch OUT
-#   tarred into the real one (~2.5 min for six builds and two test runs).
-#   Tenth (benchmarks/results/2026-12-03-h200-lease10/, 5 calls, 28.6 device minutes):
-#   .bundle0 + .whl; .bundle1 + tok.tar.gz: setup kernels kernelbench e2e_a (mikv; ~6 min);
-#   e2e_a (fp8 auto int4_per_token_head; ~5.7 min); e2e_b (fp8 mikv; ~6.6 min); e2e_b (auto
-#   mikv; ~6.4 min), all at --gpu-util 0.51. A lent machine may still hold /tmp folders of an
-#   earlier lease: `rm -rf` the scratch OUT before using it, or tell files apart by their times.
-#   Next lease: e2e_a / e2e_b mikv with the scheduler changes after lease 10 (b's decode tail,
-#   a's preemption); the sweep with a hi budget; tp2 on nvidia-h200-x2 (not lent so far).
-#   Many output files: write to a scratch OUT and tar it into the real $OUT (the device tool
-#   brings back a limited number of files per call). Carried paths stayed in the working tree
-#   for the later calls of the same lease, but stash what a later call needs in /tmp anyway.
+# How past runs were carried to the offline GPU machine, lease by lease:
+# benchmarks/results/CARRYING.md.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
