@@ -45,10 +45,8 @@ class MikvConfig:
     outlier_balancing: bool = False
     # Decode hi pages with vLLM's FlashAttention and only lo pages with the mikv kernel, merged
     # by log-sum-exp (mikv_vllm/attention/split_decode.py). None: on where vLLM runs
-    # FlashAttention 3 (Hopper), where it was measured (H200, 32K context, batch 16, 10% hi:
-    # 353 us vs the fused kernel's 422; SmolLM2 greedy match vs auto under forced demotion 8.6%
-    # vs fused 9.0%, the same first divergence in 14 of 16 prompts); off elsewhere (FA2 on
-    # sm80 is untested).
+    # FlashAttention 3 (Hopper), where it wins while many pages are hi (README's knob table has
+    # the timings); off elsewhere (FA2 on sm80 is untested).
     split_decode: bool | None = None
 
     @classmethod

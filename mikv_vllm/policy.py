@@ -58,6 +58,21 @@ class DemotionPolicy:
         order = torch.sort(m, stable=True).indices[:k]  # stable: ties keep older pages first
         return (order + pages.start).tolist()
 
+    def tier_limits(self, num_tokens: int, block_size: int, byte_budget: float, hi: float,
+                    mid: float, lo: float) -> tuple[int, int]:
+        """(hi pages, mid-tier pages) a request may hold so that its bytes stay within
+        `byte_budget` (a fraction of bf16's; `hi`, `mid`, `lo`: a page's cost in each tier, the
+        same fraction): hi pages go to the middle tier (4-bit) first, and mid pages to lo
+        (2-bit) only where all-mid would not fit. The pages that must stay hi count as hi;
+        a budget below what they and all-lo cost leaves every other page lo."""
+        total = -(-num_tokens // block_size)
+        free = len(self.demotable(num_tokens, block_size))
+        room = byte_budget * total - (total - free) * hi      # bytes left for the demotable
+        if room >= free * mid:
+            extra = min(free, int((room - free * mid) / (hi - mid)))
+            return total - free + extra, free - extra
+        return total - free, max(0, min(free, int((room - free * lo) / (mid - lo))))
+
     def budget_excess(self, num_tokens: int, block_size: int, lo_pages: int) -> int:
         """How many hi pages a request with `lo_pages` lo pages holds beyond `hi_budget` (0
         without a budget). Cheap: the scheduler asks it every step before ranking anything."""

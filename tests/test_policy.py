@@ -45,6 +45,19 @@ def test_budget_limits_hi_pages_but_never_below_the_protected_ones():
     assert DemotionPolicy().over_budget(mass, is_lo, 100, 16) == []  # no budget: no demotion
 
 
+def test_tiers_go_to_4_bit_first_and_to_2_bit_only_where_4_bit_does_not_fit():
+    p = DemotionPolicy(sink_pages=1, recent_pages=2)      # 100 tokens: 7 pages, 4 demotable
+    hi, mid, lo = 1.0, 0.31, 0.18
+    assert p.tier_limits(100, 16, 1.0, hi, mid, lo) == (7, 0)      # room for every page hi
+    # 0.6 of 7 pages = 4.2; the 3 kept hi cost 3, 1.2 is left for 4 pages: not all-4-bit
+    # (1.24), so 4-bit pages n with 0.31 n + 0.18 (4 - n) <= 1.2: n = 3
+    assert p.tier_limits(100, 16, 0.6, hi, mid, lo) == (3, 3)
+    # 0.8: 2.6 left; all 4 at 4-bit (1.24) leaves 1.36 for hi upgrades of 0.69: 1 more hi
+    assert p.tier_limits(100, 16, 0.8, hi, mid, lo) == (4, 3)
+    assert p.tier_limits(100, 16, 0.1, hi, mid, lo) == (3, 0)      # below the floor: all lo
+    assert p.tier_limits(40, 16, 0.1, hi, mid, lo) == (3, 0)       # nothing demotable
+
+
 def test_budget_excess_is_what_over_budget_demotes():
     p = DemotionPolicy(sink_pages=1, recent_pages=2, hi_budget=0.5)
     assert p.budget_excess(100, 16, lo_pages=0) == 3      # 7 pages, limit 4

@@ -62,6 +62,40 @@ def test_sim_is_exact_uncompressed_and_budget_one(smollm2):
     assert 0.2 < sim.kv_bytes_ratio < 1.0
 
 
+def test_tiered_mikv_fills_its_budget_with_4_bit_pages_before_2_bit(smollm2):
+    """mikv_tier@b: pages leave hi for 4-bit first; at a budget all-4-bit cannot meet, the
+    coldest go on to 2-bit, requantized from their 4-bit values; the bytes meet the budget."""
+    model, _, ids = smollm2
+    kivi4, k4 = _sim_logits(model, ids, "kivi4")
+    kivi2, k2 = _sim_logits(model, ids, "kivi2")
+    assert k2.kv_bytes_ratio < k4.kv_bytes_ratio < 1.0
+    pages = len(ids) // 16  # 8, of which the sink and 2 recent pages stay hi
+    for budget, lo2_expected in ((0.8, False), (0.55, True)):
+        # one chunk after a long prefill: the first demotion sees all 8 pages (on shorter
+        # sequences the must-keep pages leave no room for 4-bit, and demotion is for good)
+        tier, sim = _sim_logits(model, ids, f"mikv_tier@{budget}", prefill=96)
+        mid = int(sim.is_mid[:pages].sum())
+        lo2 = int(sim.is_lo[:pages].sum()) - mid
+        stored = (pages - mid - lo2) + mid * sim.mc + lo2 * sim.lc
+        assert mid > 0 and stored <= budget * pages, (budget, mid, lo2)
+        assert (lo2 > 0) == lo2_expected, (budget, mid, lo2)
+        assert not sim.is_lo[0] and not sim.is_lo[pages - 2:pages].any()  # sink + recent
+    # pages that reach 2-bit in the step they leave hi are quantized from their original
+    # values; a 4-bit page that goes on to 2-bit later, from its 4-bit values (the only copy)
+    from mikv_vllm.quant import roundtrip_pages
+    lay2, lay4 = sim.layout, sim.mid_layout
+    lo2_rows = torch.nonzero((sim.is_lo & ~sim.is_mid).repeat_interleave(16)[:len(ids)])[:, 0]
+    orig_k, orig_v = sim.cache.layers[0].keys[0], sim.cache.layers[0].values[0]
+    direct, _ = roundtrip_pages(orig_k[:, lo2_rows], orig_v[:, lo2_rows], lay2)
+    assert torch.equal(direct, sim.k[0][:, lo2_rows])
+    page = int(torch.nonzero(sim.is_mid)[0, 0])
+    rows = torch.arange(page * 16, page * 16 + 16)
+    sim.demote([page])
+    k4, v4 = roundtrip_pages(orig_k[:, rows], orig_v[:, rows], lay4)
+    via4, _ = roundtrip_pages(k4, v4, lay2)
+    assert torch.equal(via4, sim.k[0][:, rows]) and not sim.is_mid[page] and sim.is_lo[page]
+
+
 def test_byte_ratios():
     from mikv_vllm.eval.methods import hi_fraction, lo_cost, parse_method, hi_cost
     lay = PageLayout(16, 3, 64, 2)  # SmolLM2: 3 KV heads, head_dim 64

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from mikv_vllm.eval import kvsim, models, tasks  # noqa: E402
-from mikv_vllm.eval.methods import (Method, hi_fraction, lo_cost, parse_method,  # noqa: E402
-                                    standard_methods)
+from mikv_vllm.eval.methods import (PRODUCT, Method, hi_fraction, lo_cost,  # noqa: E402
+                                    parse_method, standard_methods)
 
 QUICK_METHODS = ["bf16", "kivi2", "h2o@0.25", "mikv@0.25"]
 
@@ -74,8 +74,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--task",
                     choices=["perplexity", "line_retrieval", "kv_retrieval", "greedy"])
     ap.add_argument("--model", default=models.SMOLLM2)
-    ap.add_argument("--methods", nargs="+", help="e.g. bf16 fp8 int4 kivi2 h2o@0.25 "
-                    "mikv@0.25 mikv_bal@0.25 mikv_fp8hi@0.25 (default: all at --budgets)")
+    ap.add_argument("--methods", nargs="+", help="e.g. bf16 fp8 int4 kivi2 kivi4 h2o@0.25 "
+                    "mikv@0.25 mikv_bal@0.25 mikv_fp8hi@0.25 mikv_tier@0.25 (default: all at "
+                    "--budgets)")
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.15])
     ap.add_argument("--hi-budgets", nargs="+", type=float, default=[],
                     help="add mikv at the product's hi_budget knob (fraction of pages kept hi; "
@@ -91,8 +92,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--probe-prompts", type=int, default=16, help="greedy: prompts used")
     ap.add_argument("--probe-tokens", type=int, default=32, help="greedy: tokens per prompt")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--recent-pages", type=int, default=2)
-    ap.add_argument("--sink-pages", type=int, default=1)
+    ap.add_argument("--recent-pages", type=int, default=PRODUCT.recent_pages)
+    ap.add_argument("--sink-pages", type=int, default=PRODUCT.sink_pages)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is much faster on "
                     "a busy 2-core box: small ops thrash OpenMP; run jobs side by side instead)")

@@ -21,7 +21,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from mikv_vllm.importance import sampled_layers
-from mikv_vllm.eval.methods import (Method, hi_cost, hi_roundtrip, lo_cost, make_policy)
+from mikv_vllm.eval.methods import (PRODUCT, Method, hi_cost, hi_roundtrip, lo_cost,
+                                    make_policy)
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.quant import dequantize_page, quantize_page, roundtrip_pages
 from mikv_vllm.reference import page_mass
@@ -117,9 +118,12 @@ def prefill(model, ids: list[int], last_only: bool = False, window: int = 0,
     return state
 
 
-def layout_of(model, block_size: int, method: Method | None = None, lo_bits: int = 2,
+def layout_of(model, block_size: int, method: Method | None = None, lo_bits: int | None = None,
               value_group_size: int = 64) -> PageLayout:
+    """The page layout a method stores (lo bits: the method's lo tier unless given)."""
     c = model.config
+    if lo_bits is None:
+        lo_bits = method.lo_bits if method is not None else 2
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hi_bytes = 1 if method is not None and method.hi == "fp8" else 2
     return PageLayout(block_size, c.num_key_value_heads, d, hi_bytes, lo_bits,
@@ -130,7 +134,8 @@ class KVSim:
     """One request decoding under one method, continuing from a (copied) prefill."""
 
     def __init__(self, model, method: Method, pre: Prefill, block_size: int = 16,
-                 sink_pages: int = 1, recent_pages: int = 2, measure_every: int = 1,
+                 sink_pages: int = PRODUCT.sink_pages,
+                 recent_pages: int = PRODUCT.recent_pages, measure_every: int = 1,
                  window_scores: bool = True):
         """`measure_every`: decode steps between measured ones (the GPU measures 1 in
         importance.REPORT_EVERY); a prefill with a window starts the ranking from its scores
@@ -147,6 +152,8 @@ class KVSim:
         self.v = [hi_roundtrip(method, l.values[0].float()) for l in self.cache.layers]
         self.keep = torch.ones(self.k[0].shape[1], dtype=torch.bool, device=model.device)
         self.is_lo = torch.zeros(0, dtype=torch.bool)   # per page: demoted (lo or evicted)
+        self.is_mid = torch.zeros(0, dtype=torch.bool)  # of those, in the 4-bit tier (tiered)
+        self.mid_layout = layout_of(model, block_size, method, lo_bits=4) if method.mid else None
         self.acc = torch.zeros(0)
         if window_scores and pre.window_mass is not None and self.policy is not None:
             self.acc = pre.window_mass / len(self.mass_layers)
@@ -154,6 +161,7 @@ class KVSim:
         self.ratios: list[float] = []                    # bytes vs bf16, per step
         self.h = hi_cost(method, self.layout.head_size)
         self.lc = lo_cost(self.layout, method.scale8)
+        self.mc = lo_cost(self.mid_layout) if method.mid else None
 
     # -- inside the model forward --
     def attend(self, layer, q, k, v, scaling):
@@ -177,16 +185,20 @@ class KVSim:
     # -- around it --
     def _grow(self, pages: int):
         if self.is_lo.numel() < pages:
-            self.is_lo = torch.cat([self.is_lo, torch.zeros(pages - self.is_lo.numel(),
-                                                            dtype=torch.bool)])
+            grow = torch.zeros(pages - self.is_lo.numel(), dtype=torch.bool)
+            self.is_lo, self.is_mid = torch.cat([self.is_lo, grow]), torch.cat([self.is_mid, grow])
 
-    def demote(self, pages: list[int]):
+    def demote(self, pages: list[int], to_mid: bool = False):
         """Demote pages: each is replaced by its lo page's values (all of a step's pages in
         one pass per layer: quant.roundtrip_pages, the page format's arithmetic without its
-        byte layout; with key balancing, page by page through the stored bytes)."""
+        byte layout; with key balancing, page by page through the stored bytes). Tiered:
+        hi pages `to_mid` become 4-bit; mid pages go on to 2-bit from their 4-bit values, the
+        only copy the GPU would still have."""
         if not pages:
             return
+        from_mid = bool(self.is_mid[pages].any())
         self.is_lo[pages] = True
+        self.is_mid[pages] = to_mid
         rows = (torch.tensor(pages)[:, None] * self.bs + torch.arange(self.bs)).reshape(-1)
         if self.method.lo == "evict":
             self.keep[rows.to(self.keep.device)] = False
@@ -204,7 +216,8 @@ class KVSim:
                     self.k[i][:, r], self.v[i][:, r] = dk.permute(1, 0, 2), dv.permute(1, 0, 2)
                 continue
             idx = rows.to(l.keys.device)
-            dk, dv = roundtrip_pages(l.keys[0][:, idx], l.values[0][:, idx], lay,
+            k, v = (self.k[i], self.v[i]) if from_mid else (l.keys[0], l.values[0])
+            dk, dv = roundtrip_pages(k[:, idx], v[:, idx], self.mid_layout if to_mid else lay,
                                      e4m3_scales=self.method.scale8)
             self.k[i][:, idx], self.v[i][:, idx] = dk, dv
 
@@ -214,9 +227,10 @@ class KVSim:
         self._grow(-(-total // self.bs))
         if self.method.all_lo:  # KIVI: every page full before this step is lo
             self.demote([p for p in range(n_past // self.bs) if not self.is_lo[p]])
-        lo_pages = int(self.is_lo.sum())
+        lo_pages, mid_pages = int(self.is_lo.sum()), int(self.is_mid.sum())
         lo_tok = lo_pages * self.bs
-        lo_bytes = 0.0 if self.method.lo == "evict" else lo_tok * self.lc
+        lo_bytes = 0.0 if self.method.lo == "evict" else \
+            ((lo_pages - mid_pages) * self.lc + mid_pages * (self.mc or 0.0)) * self.bs
         self.ratios.append(((total - lo_tok) * self.h + lo_bytes) / total)
         self.step_mass = None
         self.steps += 1
@@ -231,7 +245,28 @@ class KVSim:
         missing = self.is_lo.numel() - self.acc.numel()  # pages no measured step has seen
         if missing > 0:
             self.acc = torch.cat([self.acc, self.acc.new_zeros(missing)])
-        self.demote(self.policy.over_budget(self.acc, self.is_lo, n, self.bs))
+        if self.method.mid:
+            self._demote_tiers(n)
+        else:
+            self.demote(self.policy.over_budget(self.acc, self.is_lo, n, self.bs))
+
+    def _demote_tiers(self, n: int):
+        """The coldest hi pages to 4-bit, then the coldest 4-bit pages to 2-bit, as far as
+        the byte budget needs (DemotionPolicy.tier_limits); a hi page that would pass through
+        4-bit within one step is quantized to 2-bit from its original values."""
+        hi_max, mid_max = self.policy.tier_limits(n, self.bs, self.method.budget, self.h,
+                                                  self.mc, self.lc)
+        pages = -(-n // self.bs)
+        to_mid = self.policy.coldest(self.acc, self.is_lo, n, self.bs,
+                                     pages - int(self.is_lo[:pages].sum()) - hi_max)
+        mid_after = self.is_mid.clone()
+        mid_after[to_mid] = True
+        to_lo = self.policy.coldest(self.acc, ~mid_after, n, self.bs,
+                                    int(mid_after[:pages].sum()) - mid_max)
+        direct = sorted(set(to_mid) & set(to_lo))
+        self.demote(sorted(set(to_mid) - set(direct)), to_mid=True)
+        self.demote(direct)
+        self.demote(sorted(set(to_lo) - set(direct)))
 
     @torch.no_grad()
     def step(self, ids: list[int], last_only: bool = False) -> torch.Tensor:

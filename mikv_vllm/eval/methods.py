@@ -5,9 +5,13 @@ Every method is a page-level storage rule over the same model:
   fp8    every token round-tripped through float8_e4m3fn, per-tensor scale 1.0 (vLLM default)
   int4   every (token, head) vector symmetric int4 with one fp16 scale (vLLM int4_per_token_head)
   kivi2  every full page 2-bit (the lo format), the page being written stays hi
+  kivi4  the same at 4 bits (the lo format with lo_bits 4)
   h2o    policy-ranked pages *evicted* (masked out), hi fraction = byte budget
   mikv   policy-ranked pages demoted to 2-bit (quant.quantize_page -> dequantize_page), optional
          key-channel outlier balancing, hi pages bf16 or fp8
+  mikv_tier  two lo tiers (issue 20's design): the coldest hi pages go to 4-bit first, the
+         coldest 4-bit pages to 2-bit (requantized from their 4-bit copy) only where all-4-bit
+         would not fit the budget (policy.DemotionPolicy.tier_limits)
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mikv_vllm.config import MikvConfig
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.policy import DemotionPolicy
 
 FP8_MAX = 448.0
+PRODUCT = MikvConfig()  # the harness's policy defaults are the plugin's
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,8 @@ class Method:
     name: str                     # bf16 | fp8 | int4 | kivi2 | h2o | mikv
     budget: float | None = None   # target fraction of bf16 KV bytes (budgeted methods)
     hi: str = "bf16"              # storage of tokens not demoted: bf16 | fp8 | int4
-    lo: str | None = None         # demoted pages: "q2" (lo page format) | "evict" | None
+    lo: str | None = None         # demoted pages: "q2" | "q4" (lo page format) | "evict" | None
+    mid: str | None = None        # a tier between hi and lo: "q4" (tiered mikv) | None
     balance: bool = False         # MiKV key-channel outlier balancing of lo pages
     all_lo: bool = False          # KIVI: every full page lo, no policy
     scale8: bool = False          # lo scales as 1-byte float8-e4m3 (zeros stay fp16)
@@ -36,7 +43,11 @@ class Method:
         if self.name != "mikv":
             return self.name
         return ("mikv" + ("_bal" if self.balance else "") + ("_fp8hi" if self.hi == "fp8" else "")
-                + ("_s8" if self.scale8 else ""))
+                + ("_s8" if self.scale8 else "") + ("_tier" if self.mid else ""))
+
+    @property
+    def lo_bits(self) -> int:
+        return 4 if self.lo == "q4" else 2
 
 
 def standard_methods(budgets=(0.5, 0.25, 0.15)) -> list[Method]:
@@ -52,23 +63,27 @@ def standard_methods(budgets=(0.5, 0.25, 0.15)) -> list[Method]:
 
 
 def parse_method(spec: str) -> Method:
-    """'bf16', 'kivi2', 'h2o@0.25', 'mikv@0.25', 'mikv_bal_fp8hi@0.15', ..."""
+    """'bf16', 'kivi2', 'kivi4', 'h2o@0.25', 'mikv@0.25', 'mikv_bal_fp8hi@0.15',
+    'mikv_tier@0.25', ..."""
     name, _, b = spec.partition("@")
     budget = float(b) if b else None
     if name in ("bf16", "fp8", "int4"):
         return Method(name, hi=name)
-    if name == "kivi2":
-        return Method("kivi2", lo="q2", all_lo=True)
+    if name in ("kivi2", "kivi4"):
+        return Method(name, lo="q" + name[-1], all_lo=True)
     if budget is None:
         raise ValueError(f"method {spec!r} needs a budget, e.g. {name}@0.25")
     if name == "h2o":
         return Method("h2o", budget, lo="evict")
     if name.startswith("mikv"):
         flags = set(name.split("_")[1:])
-        if flags - {"bal", "fp8hi", "s8"}:
-            raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8)")
+        if flags - {"bal", "fp8hi", "s8", "tier"}:
+            raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, _tier)")
+        if "tier" in flags and flags & {"bal", "s8"}:
+            raise ValueError(f"{spec!r}: _tier does not combine with _bal or _s8")
         return Method("mikv", budget, hi="fp8" if "fp8hi" in flags else "bf16", lo="q2",
-                      balance="bal" in flags, scale8="s8" in flags)
+                      balance="bal" in flags, scale8="s8" in flags,
+                      mid="q4" if "tier" in flags else None)
     raise ValueError(f"unknown method {spec!r}")
 
 
@@ -94,15 +109,17 @@ def lo_cost(layout: PageLayout, scale8: bool = False) -> float:
 
 def hi_fraction(method: Method, layout: PageLayout) -> float | None:
     """f with f * hi + (1 - f) * lo = budget (lo = 0 for eviction), clipped to [0, 1]."""
-    if method.budget is None or method.lo is None or method.all_lo:
+    if method.budget is None or method.lo is None or method.all_lo or method.mid:
         return None
     h = hi_cost(method, layout.head_size)
     lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8)
     return min(1.0, max(0.0, (method.budget - lo) / (h - lo)))
 
 
-def make_policy(method: Method, layout: PageLayout, sink_pages: int = 1,
-                recent_pages: int = 2) -> DemotionPolicy | None:
+def make_policy(method: Method, layout: PageLayout, sink_pages: int = PRODUCT.sink_pages,
+                recent_pages: int = PRODUCT.recent_pages) -> DemotionPolicy | None:
+    if method.mid:  # tiered: limits per step (DemotionPolicy.tier_limits), no hi_budget
+        return DemotionPolicy(sink_pages=sink_pages, recent_pages=recent_pages)
     f = hi_fraction(method, layout)
     if f is None:
         return None

@@ -17,7 +17,7 @@ import zipfile
 import torch
 
 from mikv_vllm.eval.kvsim import KVSim, prefill
-from mikv_vllm.eval.methods import Method
+from mikv_vllm.eval.methods import PRODUCT, Method
 from mikv_vllm.eval.stats import (bootstrap_ppl, bootstrap_ppl_delta, bootstrap_ratio,
                                   token_match, wilson)
 
@@ -75,7 +75,8 @@ def wiki_articles(min_chars: int = 2000) -> list[str]:
 
 def perplexity(model, tok, methods: list[Method], n_windows: int, window: int,
                prefill_len: int = 64, chunk: int = 32, block_size: int = 16,
-               recent_pages: int = 2, sink_pages: int = 1, on_window=None) -> dict[str, dict]:
+               recent_pages: int = PRODUCT.recent_pages, sink_pages: int = PRODUCT.sink_pages,
+               on_window=None) -> dict[str, dict]:
     """Per method label@budget: ppl with bootstrap CI over chunks, n = scored tokens.
 
     Window i is the first `window` tokens of the i-th long article; the first `prefill_len`
@@ -178,8 +179,8 @@ def _answer_ok(task: str, text: str, answer: str) -> bool:
 
 
 def retrieval(model, tok, task: str, methods: list[Method], sizes: list[int], trials: int,
-              seed: int = 0, max_new: int = 12, block_size: int = 16, recent_pages: int = 2,
-              sink_pages: int = 1,
+              seed: int = 0, max_new: int = 12, block_size: int = 16,
+              recent_pages: int = PRODUCT.recent_pages, sink_pages: int = PRODUCT.sink_pages,
               on_trial=None) -> dict[str, dict]:
     """Accuracy per (method, size) with Wilson CIs. Context prefilled at full precision; the
     question is decoded token by token (so the policy sees its attention), then greedy answer."""
@@ -230,7 +231,8 @@ def _acc_rows(hits, ratios, tokens):
 # ---------------------------------------------------------------- greedy token match
 
 def greedy_match(model, tok, methods: list[Method], prompts: list[list[int]], max_new: int,
-                 block_size: int = 16, recent_pages: int = 4, sink_pages: int = 1,
+                 block_size: int = 16, recent_pages: int = PRODUCT.recent_pages,
+                 sink_pages: int = PRODUCT.sink_pages,
                  on_prompt=None) -> dict[str, dict]:
     """Greedy continuations of token-id prompts, max_new tokens each with no EOS stop (the
     e2e probe's SamplingParams), matched with bf16's by the e2e probe's token_match; score =
