@@ -19,7 +19,7 @@
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
 #
-# How past runs were carried to the offline GPU machine, lease by lease:
+# Getting the vLLM runtime, wheels and model pieces onto the offline GPU machine:
 # benchmarks/results/CARRYING.md.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
