@@ -46,7 +46,8 @@ def run_one(kv: str, args, out_dir: str) -> dict:
         cmd += ["--gpu-memory-utilization", str(args.gpu_util)]
     if args.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
-    for flag in ("load_format", "dtype", "tokenizer", "probe_file", "probe_tokens"):
+    for flag in ("load_format", "dtype", "tokenizer", "probe_file", "probe_tokens",
+                 "attention_config"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     t0 = time.time()
@@ -137,6 +138,8 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--probe-file", default=None, help="JSON token-id prompts for the probe")
     p.add_argument("--probe-tokens", type=int, default=None, help="greedy tokens per probe")
+    p.add_argument("--attention-config", default=None,
+                   help='JSON for every engine, e.g. \'{"flash_attn_version": 2}\' (A100 route)')
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     p.add_argument("--summarize-only", action="store_true",
                    help="rebuild e2e_summary.json from the per-dtype files in --out-dir")

@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--probe-file", default=None, help="JSON list of prompt token-id lists")
+    p.add_argument("--attention-config", default=None,
+                   help='vLLM\'s attention config as JSON, e.g. \'{"flash_attn_version": 2}\'')
     p.add_argument("--out", required=True)
     a = p.parse_args()
     extra = {}
@@ -48,6 +50,8 @@ def main() -> None:
         extra["block_size"] = a.block_size
     if a.tokenizer:
         extra["tokenizer"] = a.tokenizer
+    if a.attention_config:
+        extra["attention_config"] = json.loads(a.attention_config)
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -70,7 +74,8 @@ def main() -> None:
     probe_out = [list(o.outputs[0].token_ids) for o in llm.generate(probe, greedy)] if probe else []
 
     result = {"kv": a.kv, "knobs": a.knobs, "block_size": a.block_size,
-              "tensor_parallel_size": a.tensor_parallel_size, "probe_tokens": probe_out}
+              "tensor_parallel_size": a.tensor_parallel_size,
+              "attention_config": a.attention_config, "probe_tokens": probe_out}
     if not a.num_prompts:
         json.dump(result, open(a.out, "w"))
         return

@@ -18,6 +18,8 @@
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
+# sm80    the A100 route on this GPU (benchmarks/sm80_path.py): the extension of the 8.0+PTX
+#         wheel in .whl_sm80/, vLLM pinned to FlashAttention 2; SM80_MODEL: a real HF model dir
 #
 # Getting the vLLM runtime, wheels and model pieces onto the offline GPU machine:
 # benchmarks/results/CARRYING.md.
@@ -190,6 +192,14 @@ stage_tp2() {
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
 stage_sweep() {
   python3 benchmarks/e2e_serve_sweep.py --tokenizer "$TOK" --out-dir "$OUT" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" | tail -30
+}
+
+stage_sm80() {
+  if [ -z "${SM80_MODEL:-}" ] || ! ls .whl_sm80/mikv_vllm-*.whl >/dev/null 2>&1; then
+    log "sm80 needs SM80_MODEL and a wheel in .whl_sm80/: skipped"; return
+  fi
+  python3 benchmarks/sm80_path.py --wheel .whl_sm80/mikv_vllm-*.whl --model "$SM80_MODEL" \
+    --out "$OUT/sm80" ${SM80_ARGS:-} 2>&1 | tail -40
 }
 
 for s in ${*:-setup kernels serve e2e}; do

@@ -175,6 +175,18 @@ def _check_backend_choice(engine_args) -> None:
                 f"remove the attention backend choice {name!r}")
 
 
+def flash_attn_version(vllm_config, capability) -> int | None:
+    """The FlashAttention version vLLM will run mikv's prefill with: the one pinned by
+    `--attention-config '{"flash_attn_version": N}'`, else FA3 on Hopper and FA2 on other
+    CUDA GPUs (vLLM's fa_utils.get_flash_attn_version); None where neither is known."""
+    pinned = vllm_config.attention_config.flash_attn_version
+    if pinned is not None:
+        return pinned
+    if capability is None:
+        return None
+    return 3 if capability.major == 9 else 2
+
+
 def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
     """Reject models and GPUs the mikv backend cannot serve; return the page layout."""
     model = vllm_config.model_config
@@ -206,16 +218,22 @@ def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
 
     from vllm.platforms import current_platform
     capability = current_platform.get_device_capability()
-    if capability is not None:
-        cc = capability.to_int()
-        if cc < 80:
+    if capability is not None and capability.to_int() < 80:
+        raise MikvConfigError(
+            f"mikv: GPU compute capability {capability.major}.{capability.minor} < 8.0 "
+            "(Ampere) is not supported")
+    fa_version = flash_attn_version(vllm_config, capability)
+    if fa_version is not None and fa_version != 3:
+        # vLLM attends over fp8 KV only in FlashAttention 3, and split decode hands hi pages to
+        # it; FA2 (every A100, or pinned by --attention-config) runs neither.
+        if cfg.hi_dtype == "fp8":
             raise MikvConfigError(
-                f"mikv: GPU compute capability {capability.major}.{capability.minor} < 8.0 "
-                "(Ampere) is not supported")
-        if cfg.hi_dtype == "fp8" and cc < 90:
+                f"mikv: hi_dtype 'fp8' needs FlashAttention 3 (compute capability 9.0), this "
+                f"engine runs FlashAttention {fa_version}; use 'bf16'")
+        if cfg.split_decode:
             raise MikvConfigError(
-                "mikv: hi_dtype 'fp8' needs FlashAttention 3 (compute capability 9.0); use "
-                "'bf16' on this GPU")
+                f"mikv: split_decode needs FlashAttention 3 (compute capability 9.0), this "
+                f"engine runs FlashAttention {fa_version}; leave it unset")
     block_size = vllm_config.cache_config.block_size or 16
     if block_size % 16:
         raise MikvConfigError(f"mikv: block size must be a multiple of 16, got {block_size}")

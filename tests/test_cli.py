@@ -313,22 +313,32 @@ def test_unsupported_models_still_start_without_mikv(serve_engine_config, fixtur
 
 # --- GPU generation checks (the platform's answer replaced; the check itself is real) ----------
 
+FA2 = ("--attention-config", '{"flash_attn_version": 2}')  # the A100 route, pinned on Hopper
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fakes the device capability of a CPU run")
-@pytest.mark.parametrize("capability,knobs,match", [
-    ((7, 5), {}, r"compute capability 7.5 < 8.0"),
-    ((8, 0), {"hi_dtype": "fp8"}, r"hi_dtype 'fp8' needs FlashAttention 3"),
-    ((8, 0), {}, None),
-    ((9, 0), {"hi_dtype": "fp8"}, None),
+@pytest.mark.parametrize("capability,knobs,extra,match", [
+    ((7, 5), {}, (), r"compute capability 7.5 < 8.0"),
+    ((8, 0), {"hi_dtype": "fp8"}, (), r"hi_dtype 'fp8' needs FlashAttention 3.*runs FlashAttention 2"),
+    ((8, 0), {"split_decode": True}, (), r"split_decode needs FlashAttention 3"),
+    ((8, 0), {"split_decode": False}, (), None),
+    ((8, 0), {}, (), None),
+    ((9, 0), {"hi_dtype": "fp8", "split_decode": True}, (), None),
+    ((9, 0), {"hi_dtype": "fp8"}, FA2, r"hi_dtype 'fp8' needs FlashAttention 3"),
+    ((9, 0), {"split_decode": True}, FA2, r"split_decode needs FlashAttention 3"),
+    ((9, 0), {}, FA2, None),
 ])
-def test_device_capability_checks(serve_engine_config, monkeypatch, capability, knobs, match):
+def test_device_capability_checks(serve_engine_config, monkeypatch, capability, knobs, extra,
+                                  match):
     from vllm.platforms import current_platform
     from vllm.platforms.interface import DeviceCapability
 
     monkeypatch.setattr(type(current_platform), "get_device_capability",
                         classmethod(lambda cls, device_id=0: DeviceCapability(*capability)))
     if match is None:
-        serve_engine_config(*mikv_args(knobs))
+        _, cfg = serve_engine_config(*mikv_args(knobs, *extra))
+        assert cfg.attention_config.flash_attn_version == (2 if extra else None)
         return
     with pytest.raises(MikvConfigError, match=match) as excinfo:
-        serve_engine_config(*mikv_args(knobs))
+        serve_engine_config(*mikv_args(knobs, *extra))
     assert_one_line_error(excinfo)

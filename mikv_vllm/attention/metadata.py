@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuilder,
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
@@ -16,6 +17,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from mikv_vllm.attention.split_decode import SplitTables
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.ops import decode_ctas_per_sm, decode_num_splits
+
+logger = init_logger("vllm.mikv")
 
 
 @dataclass
@@ -93,6 +96,10 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
                     and compilation.cudagraph_mode.has_full_cudagraphs()
                     and fa_version == 3) else 0)
             self.max_graph_tokens = compilation.max_cudagraph_capture_size or 0
+        # Which road the engine took (an A100, or --attention-config pinning FA2, runs FA2).
+        logger.info_once("mikv: prefill FlashAttention %s, decode %s", fa_version,
+                         "split (hi pages FlashAttention, lo pages mikv)" if self.split_tables
+                         else "mikv fused kernel")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MikvAttentionMetadata:
