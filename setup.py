@@ -75,7 +75,7 @@ setup(
     install_requires=["vllm==0.26.0", "torch==2.11.0"],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"vllm.general_plugins": ["mikv = mikv_vllm.plugin:register"],
-                  "vllm.stat_logger_plugins": ["mikv = mikv_vllm.metrics:MikvStatLogger"]},
+                  "vllm.stat_logger_plugins": ["mikv = mikv_vllm.integration.metrics:MikvStatLogger"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

@@ -18,7 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from mikv_vllm.eval.stats import token_match  # noqa: E402
+from benchmarks.harness.stats import token_match  # noqa: E402
 from mikv_vllm.stats import last_logged  # noqa: E402
 
 KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")

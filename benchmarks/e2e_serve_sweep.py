@@ -24,7 +24,7 @@ import urllib.request
 
 # this folder is on sys.path when run as a script; e2e_compare puts the checkout there too
 from e2e_compare import append_capacity_rows, log_counters
-from mikv_vllm.eval.server import running_server
+from benchmarks.harness.server import running_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]

@@ -37,7 +37,7 @@ stage_setup() {
     python3 -c "import sys, torch, vllm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__version__)"
   } 2>&1 | tee "$OUT/device.txt"
   if [ -L /tmp/site/mikv_vllm ] && ls mikv_vllm/_C*.so >/dev/null 2>&1; then
-    echo "mikv-vllm already installed in this lease"
+    echo "mikv-vllm already installed on this machine"
   elif ls .whl/mikv_vllm-*.whl >/dev/null 2>&1; then
     # The carried wheel gives the entry point and the compiled kernels; the code itself runs
     # from this working tree (one copy for every vLLM process).

@@ -67,10 +67,10 @@ def make_case(batch, ctx, head_dim, gqa, hi_fraction, fp8_hi, layout):
 
 
 def split_step(q, k, v, table, lens, scale, splits, layout, ctx, fa_utils):
-    """One decode of the split_decode knob, as the backend runs it (mikv_vllm.attention.
+    """One decode of the split_decode knob, as the backend runs it (mikv_vllm.integration.attention.
     split_decode.decode; the tables are split outside the timed call, as the metadata builder
     does once per step for all layers)."""
-    from mikv_vllm.attention.split_decode import SplitTables, decode
+    from mikv_vllm.integration.attention.split_decode import SplitTables, decode
 
     hi_t, hi_lens, lo_t, lo_lens = SplitTables(*table.shape, q.device).fill(table, lens, BLOCK)
     cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device="cuda")

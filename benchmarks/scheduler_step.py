@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from mikv_vllm.eval.vllm_cpu import one_layer_kv_cache_config, pin_cpu_platform
+from benchmarks.harness.vllm_cpu import one_layer_kv_cache_config, pin_cpu_platform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 16
@@ -31,7 +31,7 @@ def make(kv: str, knobs: dict | None, num_blocks: int, max_seqs: int, chunk: int
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from mikv_vllm.scheduler import MikvScheduler
+    from mikv_vllm.integration.scheduler import MikvScheduler
 
     extra = {"additional_config": {"mikv": knobs or {}}} if kv == "mikv" else {}
     config = EngineArgs(model=model, kv_cache_dtype=kv, skip_tokenizer_init=True,
@@ -54,7 +54,8 @@ def run(kv: str, knobs: dict | None, args) -> dict:
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
-    from mikv_vllm.importance import BLOCK_MASS_ATTR, REPORT_EVERY
+    from mikv_vllm.importance import REPORT_EVERY
+    from mikv_vllm.integration import protocol
 
     init_none_hash(sha256)
     hasher = get_request_block_hasher(BLOCK, sha256)
@@ -83,7 +84,7 @@ def run(kv: str, knobs: dict | None, args) -> dict:
         steps += 1
         report = kv == "mikv" and decoding and steps % REPORT_EVERY == 0
         if report:
-            setattr(runner, BLOCK_MASS_ATTR, mass)
+            protocol.put_block_mass(runner, mass)
         sched.update_from_output(out, runner)
         ms = (time.perf_counter() - t0) * 1e3
         if decoding and ids:

@@ -181,7 +181,7 @@ def main() -> None:
     forced_tokens = os.path.join(a.out, "e2e_mikv_forced.json")
     if os.path.exists(auto_tokens) and os.path.exists(forced_tokens):
         sys.path.insert(0, ROOT)
-        from mikv_vllm.eval.stats import token_match
+        from benchmarks.harness.stats import token_match
         result["forced_token_match_vs_auto"] = token_match(
             json.load(open(auto_tokens))["probe_tokens"],
             json.load(open(forced_tokens))["probe_tokens"])

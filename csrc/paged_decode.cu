@@ -116,7 +116,7 @@ __device__ __forceinline__ uint32_t scaled(uint32_t b, uint32_t scales) {
 // A ring of kLoStages tiles per warp keeps several tiles' bytes in flight without spending
 // registers on them. Measured on an H200 it saved only 5-13% over one tile's loads in flight:
 // the lo pass is bound by its instructions per tile, not by its loads
-// (benchmarks/results/2026-12-02-h200-staged/).
+// (benchmarks/results/2026-12-02-h200-staging-and-split-decode/).
 constexpr int kLoPair = 2;    // tiles a warp computes per iteration (their chains overlap)
 constexpr int kLoStages = 4;  // ring slots: one pair computed while the next is in flight
 // Row stride (halves) of the per-warp P^T transpose buffer: 24 keeps both its fp16 stores

@@ -41,10 +41,8 @@ class MikvConfig:
     prefill_window: int = 32
     # Channels per value quantization group (keys are grouped per channel over a page).
     value_group_size: int = 64
-    # MiKV outlier balancing of key channels before quantization (measured not to pay).
-    outlier_balancing: bool = False
     # Decode hi pages with vLLM's FlashAttention and only lo pages with the mikv kernel, merged
-    # by log-sum-exp (mikv_vllm/attention/split_decode.py). None: on where vLLM runs
+    # by log-sum-exp (mikv_vllm/integration/attention/split_decode.py). None: on where vLLM runs
     # FlashAttention 3 (Hopper), where it wins while many pages are hi (README's knob table has
     # the timings); off elsewhere (FA2 on sm80 is untested).
     split_decode: bool | None = None
@@ -108,7 +106,6 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "hi_budget": (float, int, type(None)),
     "prefill_window": (int,),
     "value_group_size": (int,),
-    "outlier_balancing": (bool,),
     "split_decode": (bool, type(None)),
 }
 

@@ -13,7 +13,7 @@ owns which block (a prefix-cache block that several decode rows share keeps the 
 one of them, so its mass is approximate; shared blocks are never demoted). After a measured
 step the worker sums the buffer over tensor-parallel ranks, copies it to the host without
 stalling the stream and zeroes it; the copy rides to the scheduler on the step's
-ModelRunnerOutput (attribute `BLOCK_MASS_ATTR`).
+ModelRunnerOutput (mikv_vllm.integration.protocol).
 
 At the end of every prefill chunk the same layers also score the request's pages by the
 attention of the chunk's last `prefill_window` tokens (`window_page_mass`, SnapKV's observation
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from vllm.v1.outputs import AsyncModelRunnerOutput
 
 REPORT_EVERY = 8           # steps between measured steps (one report each)
-BLOCK_MASS_ATTR = "mikv_block_mass"
 
 
 def sampled_layers(num_layers: int) -> list[int]:
@@ -99,27 +97,6 @@ class PendingMass:
     def result(self) -> np.ndarray:
         self.done.synchronize()
         return self.host.numpy()
-
-
-class AsyncOutputWithMass(AsyncModelRunnerOutput):
-    """An async step output that adds the report once the output is ready."""
-
-    def __init__(self, inner: AsyncModelRunnerOutput, pending: PendingMass) -> None:
-        self.inner, self.pending = inner, pending
-
-    def get_output(self):
-        output = self.inner.get_output()
-        setattr(output, BLOCK_MASS_ATTR, self.pending.result())
-        return output
-
-
-def attach(output, pending: PendingMass):
-    """Make `output` (a ModelRunnerOutput, or an async one) carry the report to the scheduler."""
-    if isinstance(output, AsyncModelRunnerOutput):
-        return AsyncOutputWithMass(output, pending)
-    if output is not None:
-        setattr(output, BLOCK_MASS_ATTR, pending.result())
-    return output
 
 
 def window_page_mass(mass: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,

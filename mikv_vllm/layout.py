@@ -41,6 +41,14 @@ class PageLayout:
             raise ValueError(
                 f"value_group_size {self.value_group_size} must divide head_size {self.head_size}")
 
+    @classmethod
+    def from_spec(cls, spec, lo_bits: int, value_group_size: int) -> "PageLayout":
+        """The layout of vLLM's KV cache spec (block size, KV heads per rank, head size, dtype):
+        what the scheduler and every worker derive independently, from the same spec."""
+        return cls(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
+                   head_size=spec.head_size, hi_elem_bytes=spec.dtype.itemsize,
+                   lo_bits=lo_bits, value_group_size=value_group_size)
+
     @property
     def hi_page_bytes(self) -> int:
         return 2 * self.block_size * self.num_kv_heads * self.head_size * self.hi_elem_bytes
@@ -80,6 +88,13 @@ class PageLayout:
             f"{self.pack_factor} lo pages per block; per token per layer: hi "
             f"{self.bytes_per_token(lo=False):.0f} B, lo {lo:.0f} B "
             f"({bf16 / lo:.2f}x fewer than bf16, {fp8 / lo:.2f}x fewer than fp8)")
+
+
+def split_kv_cache(kv_cache, head_size: int):
+    """Views [blocks, block_size, kv_heads, D] of the keys and the values of a layer's cache,
+    as the attention backend allocates it: [blocks, kv_heads, block_size, 2 * D] stored with
+    the tokens outermost, K then V in every row (what vLLM's FlashAttention reads)."""
+    return kv_cache.transpose(1, 2).split(head_size, dim=-1)
 
 
 def cache_layout(key_cache, lo_bits: int, value_group_size: int) -> PageLayout:

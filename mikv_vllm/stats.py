@@ -1,16 +1,15 @@
 """What the mikv scheduler reports about its pages: one dict per step on vLLM's SchedulerStats
-(field `mikv`, for the Prometheus logger in `mikv_vllm.metrics`) and a throttled log line
-(`mikv stats: {...}`) that benchmarks parse. The same counters describe any vLLM scheduler
+(field `mikv`, for the Prometheus logger in `mikv_vllm.integration.metrics`) and a throttled log
+line (`mikv stats: {...}`) that benchmarks parse. The same counters describe any vLLM scheduler
 (`observe` needs no demoter), so a benchmark can log them for the stock dtypes too."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 
-from vllm.logger import init_logger
-
-logger = init_logger("vllm.mikv")
+logger = logging.getLogger("vllm.mikv")  # a child of vLLM's logger: its handlers and format
 LOG_PREFIX = "mikv stats: "
 LOG_EVERY_S = 2.0
 

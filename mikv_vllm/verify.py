@@ -8,17 +8,16 @@ later step, the block-table entries of the demoted pages still name their slots 
 bytes are unchanged. One log line per step with demotions, one per broken page."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
-from vllm.logger import init_logger
 
-from mikv_vllm.attention.backend import split_kv_cache
-from mikv_vllm.layout import PageLayout
+from mikv_vllm.layout import PageLayout, split_kv_cache
 from mikv_vllm.quant import dequantize_page
 from mikv_vllm.reference import cache_to_float
 
-logger = init_logger("vllm.mikv")
+logger = logging.getLogger("vllm.mikv")  # a child of vLLM's logger: its handlers and format
 ENV = "MIKV_VERIFY_DEMOTIONS"
 
 

@@ -1,7 +1,7 @@
 """Shared setup of the mikv-vllm test suite.
 
 On a machine without an NVIDIA GPU, vLLM's CpuPlatform is pinned *before* anything imports
-vLLM's config machinery (mikv_vllm.eval.vllm_cpu says why). Where CUDA is available nothing is
+vLLM's config machinery (benchmarks.harness.vllm_cpu says why). Where CUDA is available nothing is
 pinned, so the GPU tests see vLLM's normal CUDA platform.
 
 Tests marked `gpu` are skipped without CUDA."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mikv_vllm.eval.vllm_cpu import one_layer_kv_cache_config, pin_cpu_platform  # noqa: F401
+from benchmarks.harness.vllm_cpu import one_layer_kv_cache_config, pin_cpu_platform  # noqa: F401
 
 HAS_CUDA = torch.cuda.is_available()
 

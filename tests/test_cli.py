@@ -63,12 +63,12 @@ def test_mikv_becomes_bf16_cache_and_custom_backend(serve_engine_config):
 
 
 def test_mikv_selects_its_scheduler_and_worker(serve_engine_config):
-    from mikv_vllm.vllm_patches import select_scheduler_and_worker
+    from mikv_vllm.integration.patches import select_scheduler_and_worker
 
     _, cfg = serve_engine_config(*mikv_args())
     # vLLM's CPU platform turns async scheduling off; on CUDA it is on by default.
     assert cfg.scheduler_config.get_scheduler_cls().__name__ == "MikvScheduler"
-    assert cfg.parallel_config.worker_cls == "mikv_vllm.worker.MikvWorker"
+    assert cfg.parallel_config.worker_cls == "mikv_vllm.integration.worker.MikvWorker"
     cfg.scheduler_config.scheduler_cls, cfg.scheduler_config.async_scheduling = None, True
     select_scheduler_and_worker(cfg)
     assert cfg.scheduler_config.get_scheduler_cls().__name__ == "MikvAsyncScheduler"
@@ -190,8 +190,10 @@ BAD_KNOBS = [
                  id="str-for-float"),
     pytest.param({"hi_budget": True}, r"knob 'hi_budget' must be float or int or null, got bool",
                  id="bool-for-float"),
-    pytest.param({"outlier_balancing": 1}, r"knob 'outlier_balancing' must be bool, got int",
+    pytest.param({"split_decode": 1}, r"knob 'split_decode' must be bool or null, got int",
                  id="int-for-bool"),
+    pytest.param({"outlier_balancing": True}, r"unknown knob 'outlier_balancing'",
+                 id="harness-only-knob"),
     pytest.param({"split_decode": "auto"}, r"knob 'split_decode' must be bool or null, got str",
                  id="str-for-optional-bool"),
     pytest.param({"hi_dtype": "fp16"}, r"hi_dtype must be 'bf16' or 'fp8', got 'fp16'",

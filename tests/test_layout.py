@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mikv_vllm.attention.backend import MikvAttentionBackend, split_kv_cache
+from mikv_vllm.integration.attention.backend import MikvAttentionBackend
+from mikv_vllm.layout import split_kv_cache
 from mikv_vllm.layout import PageLayout, decode_entry, encode_lo
 
 
@@ -190,18 +191,18 @@ def test_layout_from_engine_config(serve_engine_config):
     """The layout mikv prints at startup is vLLM's page for the tiny model's KV heads."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from mikv_vllm import vllm_patches
+    from mikv_vllm.integration import patches
     from mikv_vllm.config import MikvConfig
 
     _, cfg = serve_engine_config("--kv-cache-dtype", "mikv", "--block-size", "32")
-    layout = vllm_patches.check_model_and_device(cfg, MikvConfig())
+    layout = patches.check_model_and_device(cfg, MikvConfig())
     assert (layout.block_size, layout.num_kv_heads, layout.head_size) == (32, 2, 64)
     spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     assert layout.hi_page_bytes == spec.page_size_bytes == 16384
 
 
 def test_startup_hint_names_the_smallest_block_size_that_packs_more():
-    from mikv_vllm.vllm_patches import _better_block_size
+    from mikv_vllm.integration.patches import _better_block_size
 
     hint = _better_block_size(PageLayout(16, 8, 128, 2))   # 5 per block at 16 tokens
     assert (hint.block_size, hint.pack_factor) == (32, 6)
@@ -209,7 +210,7 @@ def test_startup_hint_names_the_smallest_block_size_that_packs_more():
 
 
 def test_cache_layout_reads_the_backend_view():
-    from mikv_vllm.attention.backend import split_kv_cache
+    from mikv_vllm.layout import split_kv_cache
     from mikv_vllm.layout import cache_layout
 
     for dtype, elem in ((torch.bfloat16, 2), (torch.uint8, 1)):

@@ -45,7 +45,7 @@ def smollm2_dir(tmp_path_factory):
 def trials(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from mikv_vllm.eval.tasks import wiki_articles
+    from benchmarks.harness.tasks import wiki_articles
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     hay = "\n\n".join(wiki_articles()[:40])
     return tok, hay, suite.make_trials(tok, lengths=(512, 1024), trials=3, haystack_text=hay)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import GPU_WORKER
-from mikv_vllm.attention.metadata import MikvAttentionMetadata, MikvMetadataBuilder
+from mikv_vllm.integration.attention.metadata import MikvAttentionMetadata, MikvMetadataBuilder
 
 LAYER = "model.layers.0.self_attn.attn"
 

@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvAsyncScheduler, MikvScheduler
+from mikv_vllm.integration import protocol
+from mikv_vllm.integration.scheduler import MikvAsyncScheduler, MikvScheduler
 from test_scheduler import BLOCK, make_scheduler, request, schedule
 
 
@@ -33,7 +34,7 @@ class PagedMemory:
 
     def execute(self, out) -> None:
         """One step in MikvWorker / GPUModelRunner order."""
-        moves = getattr(out, DEMOTIONS_ATTR)
+        moves = protocol.get_demotions(out)
         # apply_demotions: one kernel launch reads every source and writes every slot at once,
         # so no block may be both a source and a pack of the same step.
         clash = {m.src_block for m in moves} & {m.dst_code // self.n for m in moves}
@@ -89,13 +90,13 @@ def test_every_page_reads_its_own_data(tiny_llama, cls, knobs, num_blocks, share
         req = request(f"r{i}", rng.randrange(300, 700), rng.randrange(50, 300), rng, prefix)
         prompts[req.request_id] = list(req.prompt_token_ids)
         sched.add_request(req)
-    mem = PagedMemory(sched.mikv_layout.pack_factor, prompts)
+    mem = PagedMemory(sched.layout.pack_factor, prompts)
     pending, demoted = None, 0
     for _ in range(3000):  # the engine's order: step N + 1 is scheduled before N's output
         if not sched.has_requests() and pending is None:
             break
         out, runner_out = schedule(sched)
-        demoted += len(getattr(out, DEMOTIONS_ATTR))
+        demoted += len(protocol.get_demotions(out))
         mem.execute(out)
         if cls is MikvScheduler:
             sched.update_from_output(out, runner_out)

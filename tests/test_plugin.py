@@ -13,7 +13,7 @@ def _mikv_layers(func) -> int:
     layers = 0
     while func is not None:
         code = getattr(func, "__code__", None)
-        if code is not None and code.co_filename.endswith("vllm_patches.py"):
+        if code is not None and code.co_filename.endswith("integration/patches.py"):
             layers += 1
         func = getattr(func, "__wrapped__", None)
     return layers
@@ -53,7 +53,7 @@ def test_custom_backend_is_mikv():
     from vllm.plugins import load_general_plugins
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from mikv_vllm.attention.backend import MikvAttentionBackend
+    from mikv_vllm.integration.attention.backend import MikvAttentionBackend
 
     load_general_plugins()
     backend = AttentionBackendEnum.CUSTOM.get_class()
@@ -96,9 +96,9 @@ def test_twice_registered_parser_lists_mikv_once():
     assert list(choices).count("mikv") == 1
 
 
-@pytest.mark.parametrize("module", ["mikv_vllm.plugin", "mikv_vllm.vllm_patches",
-                                    "mikv_vllm.attention.backend", "mikv_vllm.attention.metadata",
-                                    "mikv_vllm.attention.impl", "mikv_vllm.ops"])
+@pytest.mark.parametrize("module", ["mikv_vllm.plugin", "mikv_vllm.integration.patches",
+                                    "mikv_vllm.integration.attention.backend", "mikv_vllm.integration.attention.metadata",
+                                    "mikv_vllm.integration.attention.impl", "mikv_vllm.ops"])
 def test_modules_import_without_kernels(module):
     """Every process imports these before a kernel runs; none may need mikv_vllm._C."""
     import importlib

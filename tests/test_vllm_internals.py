@@ -1,7 +1,7 @@
 """One test per vLLM 0.26 internal that mikv relies on.
 
 When vLLM moves one of them, the failing test's message says what moved and which mikv code
-depends on it (mikv_vllm/vllm_patches.py, plugin.py, attention/)."""
+depends on it (mikv_vllm/integration/patches.py, plugin.py, attention/)."""
 from __future__ import annotations
 
 import ast
@@ -29,14 +29,14 @@ def _param_names(func) -> list[str]:
     return list(inspect.signature(func).parameters)
 
 
-# --- the `mikv` alias (vllm_patches.py) --------------------------------------------------------
+# --- the `mikv` alias (integration/patches.py) --------------------------------------------------------
 
 def test_engine_args_add_cli_args_builds_kv_cache_dtype_choices():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     assert isinstance(inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod), (
-        "EngineArgs.add_cli_args is no longer a staticmethod; vllm_patches.apply() re-wraps it "
+        "EngineArgs.add_cli_args is no longer a staticmethod; patches.apply() re-wraps it "
         "as one")
     parser = _unwrapped(EngineArgs.add_cli_args)(FlexibleArgumentParser())
     action = parser._option_string_actions.get("--kv-cache-dtype")
@@ -62,7 +62,7 @@ def test_engine_args_fields_mikv_rewrites():
     for name in ("kv_cache_dtype", "attention_backend", "attention_config",
                  "additional_config"):
         assert name in names, (
-            f"EngineArgs.{name} is gone; vllm_patches._create_engine_config rewrites it")
+            f"EngineArgs.{name} is gone; patches._create_engine_config rewrites it")
 
 
 def test_cache_dtype_literal_needs_the_alias():
@@ -72,7 +72,7 @@ def test_cache_dtype_literal_needs_the_alias():
     assert "auto" in values and "fp8" in values, (
         f"vllm.config.cache.CacheDType no longer has 'auto'/'fp8' (mikv's hi dtypes): {values}")
     assert "mikv" not in values, (
-        "vLLM's CacheDType now knows 'mikv' itself: the alias in vllm_patches may be obsolete")
+        "vLLM's CacheDType now knows 'mikv' itself: the alias in integration/patches.py may be obsolete")
 
 
 def test_serve_parser_loads_plugins_before_engine_args():
@@ -130,7 +130,7 @@ def test_flash_attention_cache_layout_equals_mikv():
     from vllm.v1.attention.backends import utils as backend_utils
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
-    from mikv_vllm.attention.backend import MikvAttentionBackend
+    from mikv_vllm.integration.attention.backend import MikvAttentionBackend
 
     args = (10, 32, 2, 128)
     assert FlashAttentionBackend.get_kv_cache_shape(*args) == \
@@ -248,7 +248,7 @@ def test_v2_runner_puts_decodes_first():
 def test_attention_impl_forward_signature():
     from vllm.v1.attention.backend import AttentionImpl
 
-    from mikv_vllm.attention.impl import MikvAttentionImpl
+    from mikv_vllm.integration.attention.impl import MikvAttentionImpl
 
     expected = ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
                 "output_scale", "output_block_scale"]
@@ -263,7 +263,7 @@ def test_kv_cache_update_hook():
     from vllm.model_executor.layers.attention import attention
     from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
-    from mikv_vllm.attention.impl import MikvAttentionImpl
+    from mikv_vllm.integration.attention.impl import MikvAttentionImpl
 
     source = inspect.getsource(attention.unified_kv_cache_update)
     call = (r"impl\.do_kv_cache_update\((?:\s*#[^\n]*)?"  # a `# type: ignore` may follow
@@ -399,9 +399,11 @@ def test_model_runner_output_carries_an_extra_attribute():
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
+    from mikv_vllm.integration import protocol
+
     out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
-    out.mikv_block_mass = [1.0]
-    assert pickle.loads(pickle.dumps(out)).mikv_block_mass == [1.0], (
+    protocol.put_block_mass(out, [1.0])
+    assert protocol.get_block_mass(pickle.loads(pickle.dumps(out))) == [1.0], (
         "ModelRunnerOutput no longer keeps extra attributes (slots?): importance reports are lost")
     assert _param_names(Scheduler.update_from_output)[1:3] == [
         "scheduler_output", "model_runner_output"], (
@@ -417,7 +419,7 @@ def test_executors_resolve_worker_cls_and_scheduler_cls():
     assert "resolve_obj_by_qualname" in inspect.getsource(SchedulerConfig.get_scheduler_cls)
     cuda = _vllm_file("platforms/cuda.py").read_text()
     assert '"vllm.v1.worker.gpu_worker.Worker"' in cuda, (
-        "the CUDA platform's default worker moved: vllm_patches replaces exactly that class")
+        "the CUDA platform's default worker moved: integration/patches.py replaces exactly that class")
 
 
 def test_admission_gate_mikv_makes_room_for():

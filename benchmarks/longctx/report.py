@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from mikv_vllm.eval.stats import wilson  # noqa: E402
+from benchmarks.harness.stats import wilson  # noqa: E402
 
 MODEL = "Qwen2.5-Coder-1.5B-Instruct"
 

@@ -1,4 +1,4 @@
-"""The suite's trials through the quality harness (mikv_vllm/eval, transformers in fp32 on the
+"""The suite's trials through the quality harness (benchmarks/harness, transformers in fp32 on the
 CPU or a GPU), on vLLM's timeline, for comparison with the real path.
 
     python benchmarks/longctx/sim_run.py --model-dir HF_DIR --trials trials.jsonl \
@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import suite  # noqa: E402
 from methods import head_size, lo_page_ratio, methods  # noqa: E402
 from mikv_vllm.config import MikvConfig  # noqa: E402
-from mikv_vllm.eval import kvsim  # noqa: E402
-from mikv_vllm.eval.methods import Method  # noqa: E402
+from benchmarks.harness import kvsim  # noqa: E402
+from benchmarks.harness.methods import Method  # noqa: E402
 from mikv_vllm.importance import REPORT_EVERY  # noqa: E402
 
 SIMULATED = {"auto": Method("bf16"), "fp8": Method("fp8", hi="fp8"),

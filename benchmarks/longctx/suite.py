@@ -22,7 +22,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 
-from mikv_vllm.eval.tasks import ADJ, NOUN  # the LongEval keys of the harness's line retrieval
+from benchmarks.harness.tasks import ADJ, NOUN  # the LongEval keys of the harness's line retrieval
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
          "line_retrieval", "kv_retrieval")
@@ -88,7 +88,7 @@ class Builder:
     def haystack(self) -> list[int]:
         if self._hay is None:
             if self._hay_text is None:
-                from mikv_vllm.eval.tasks import wiki_articles
+                from benchmarks.harness.tasks import wiki_articles
                 self._hay_text = "\n\n".join(wiki_articles())
             self._hay = self.enc(self._hay_text)
             # Token positions right after a sentence or paragraph end: where needles go.

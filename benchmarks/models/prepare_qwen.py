@@ -27,8 +27,8 @@ import tarfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
-from mikv_vllm.eval import models  # noqa: E402
-from mikv_vllm.eval.tasks import WIKI_MEMBER  # noqa: E402
+from benchmarks.harness import models  # noqa: E402
+from benchmarks.harness.tasks import WIKI_MEMBER  # noqa: E402
 
 WHEELS = ("gguf==0.19.0",)
 

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tarfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
 PIECES_MIB = (14, 16, 57)  # then the rest: one piece per device call beside the vLLM parts
 EXTRA_WHEELS = ("gguf==0.19.0", "vllm-gguf-plugin==0.0.5", "compressed-tensors==0.17.0",
                 "loguru==0.7.3")
@@ -74,7 +76,7 @@ def probe_prompts(tok_dir: str, out: str, n: int = 16, tokens: int = 1536) -> No
     quality harness uses): real-text prompts for the greedy comparison on the GPU."""
     from transformers import AutoTokenizer
 
-    from mikv_vllm.eval.tasks import wiki_articles
+    from benchmarks.harness.tasks import wiki_articles
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     ids = [tok(a).input_ids[:tokens] for a in wiki_articles(min_chars=tokens * 6)[:n]]

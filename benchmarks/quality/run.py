@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from mikv_vllm.eval import kvsim, models, tasks  # noqa: E402
-from mikv_vllm.eval.methods import (PRODUCT, Method, hi_fraction, lo_cost,  # noqa: E402
+from benchmarks.harness import kvsim, models, tasks  # noqa: E402
+from benchmarks.harness.methods import (PRODUCT, Method, hi_fraction, lo_cost,  # noqa: E402
                                     parse_method, standard_methods)
 
 QUICK_METHODS = ["bf16", "kivi2", "h2o@0.25", "mikv@0.25"]

@@ -139,7 +139,7 @@ def test_split_decode_layers_measure_in_a_pass_of_their_own():
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
-    from mikv_vllm.attention.impl import MikvAttentionImpl
+    from mikv_vllm.integration.attention.impl import MikvAttentionImpl
     from mikv_vllm.importance import PageMassMeter
 
     gen = torch.Generator().manual_seed(5)

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from mikv_vllm.eval.server import running_server
+from benchmarks.harness.server import running_server
 
 pytestmark = pytest.mark.gpu
 

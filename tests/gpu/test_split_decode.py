@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mikv_vllm import ops, reference
-from mikv_vllm.attention import split_decode
+from mikv_vllm.integration.attention import split_decode
 from mikv_vllm.layout import PageLayout, encode_lo
 
 pytestmark = pytest.mark.gpu

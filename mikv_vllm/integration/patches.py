@@ -13,7 +13,7 @@ import functools
 
 from vllm.logger import init_logger
 
-from mikv_vllm.attention.backend import SUPPORTED_HEAD_SIZES
+from mikv_vllm.integration.attention.backend import SUPPORTED_HEAD_SIZES
 from mikv_vllm.config import ADDITIONAL_CONFIG_KEY, KV_CACHE_DTYPE, MikvConfig, MikvConfigError
 from mikv_vllm.layout import PageLayout
 
@@ -121,7 +121,7 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
 
 
 GPU_WORKER = "vllm.v1.worker.gpu_worker.Worker"
-MIKV_WORKER = "mikv_vllm.worker.MikvWorker"
+MIKV_WORKER = "mikv_vllm.integration.worker.MikvWorker"
 
 
 def select_scheduler_and_worker(vllm_config) -> None:
@@ -142,7 +142,7 @@ def select_scheduler_and_worker(vllm_config) -> None:
     if parallel.pipeline_parallel_size > 1:
         raise MikvConfigError("mikv: pipeline parallelism is not supported (tensor parallelism "
                               "is); use --pipeline-parallel-size 1")
-    from mikv_vllm.scheduler import MikvAsyncScheduler, MikvScheduler
+    from mikv_vllm.integration.scheduler import MikvAsyncScheduler, MikvScheduler
 
     sched.scheduler_cls = MikvAsyncScheduler if sched.async_scheduling else MikvScheduler
     if sched.watermark == 0.0:
@@ -208,10 +208,6 @@ def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
     import torch
     if model.dtype not in (torch.bfloat16, torch.float16):
         raise MikvConfigError(f"mikv: model dtype {model.dtype} unsupported; use --dtype bfloat16")
-    if cfg.outlier_balancing:
-        raise MikvConfigError(
-            "mikv: outlier_balancing is measured by the quality harness but not yet served by "
-            "the kernels; leave it false")
     if head_size % cfg.value_group_size:
         raise MikvConfigError(
             f"mikv: value_group_size {cfg.value_group_size} must divide head size {head_size}")

@@ -3,7 +3,8 @@
 KV layout per layer: logical [blocks, kv_heads, block_size, 2 * D] stored as
 [blocks, block_size, kv_heads, 2 * D] (K then V per row), the layout vLLM's FlashAttention
 reads, so prefill runs FlashAttention on the same tensor. One block is one contiguous page,
-which is what lets a block later hold a pack of 2-bit pages."""
+which is what lets a block later hold a pack of 2-bit pages (`layout.split_kv_cache` gives the
+K and V views)."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -26,12 +27,12 @@ class MikvAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_impl_cls():
-        from mikv_vllm.attention.impl import MikvAttentionImpl
+        from mikv_vllm.integration.attention.impl import MikvAttentionImpl
         return MikvAttentionImpl
 
     @staticmethod
     def get_builder_cls():
-        from mikv_vllm.attention.metadata import MikvMetadataBuilder
+        from mikv_vllm.integration.attention.metadata import MikvMetadataBuilder
         return MikvMetadataBuilder
 
     @staticmethod
@@ -64,8 +65,3 @@ class MikvAttentionBackend(AttentionBackend):
     @classmethod
     def supports_compute_capability(cls, capability) -> bool:
         return capability.to_int() >= 80
-
-
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views [blocks, block_size, kv_heads, D] of the keys and the values of a layer's cache."""
-    return kv_cache.transpose(1, 2).split(head_size, dim=-1)

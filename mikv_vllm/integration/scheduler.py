@@ -4,7 +4,7 @@
 Each step, before vLLM's own scheduling: (1) pages over a request's `hi_budget` go lo, (2) if
 the free blocks would not cover the running requests' next pages plus a watermark, the coldest
 demotable pages go lo until they do. The moves ride to the workers on the step's
-`SchedulerOutput` (attribute `mikv_demotions`), minus those of requests vLLM preempted or
+`SchedulerOutput` (mikv_vllm.integration.protocol), minus those of requests vLLM preempted or
 finished in the same step (their packs are already back in the pool).
 
 Pages are ranked by the attention mass the workers measure (`mikv_vllm.importance`), which
@@ -19,19 +19,13 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.demotion import Demotion, PageDemoter
-from mikv_vllm.importance import BLOCK_MASS_ATTR, request_page_mass
+from mikv_vllm.importance import request_page_mass
+from mikv_vllm.integration import protocol
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.policy import DemotionPolicy
 from mikv_vllm.stats import PageStatsRecorder
 
-DEMOTIONS_ATTR = "mikv_demotions"
 logger = init_logger("vllm.mikv")
-
-
-def layout_of_spec(spec, cfg: MikvConfig) -> PageLayout:
-    return PageLayout(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
-                      head_size=spec.head_size, hi_elem_bytes=spec.dtype.itemsize,
-                      lo_bits=cfg.lo_bits, value_group_size=cfg.value_group_size)
 
 
 class MikvSchedulerMixin:
@@ -47,12 +41,13 @@ class MikvSchedulerMixin:
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"mikv: expected one KV cache group, got {len(groups)}")
-        self.mikv_layout = layout_of_spec(groups[0].kv_cache_spec, cfg)
+        self.layout = PageLayout.from_spec(groups[0].kv_cache_spec, cfg.lo_bits,
+                                           cfg.value_group_size)
         self.mikv_policy = DemotionPolicy.from_config(cfg)
-        self.demoter = PageDemoter(self.kv_cache_manager, self.mikv_layout)
+        self.demoter = PageDemoter(self.kv_cache_manager, self.layout)
         self.page_stats = PageStatsRecorder(
-            self.mikv_layout.hi_page_bytes, self.mikv_layout.lo_page_bytes,
-            self.mikv_layout.hi_page_bytes * 2 // self.mikv_layout.hi_elem_bytes)
+            self.layout.hi_page_bytes, self.layout.lo_page_bytes,
+            self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes)
         # Decayed attention mass per physical block: the ranking of the hi page each block
         # holds. A block's entry is cleared when it leaves its last owner (finish, abort,
         # preemption, demotion), so a reused block starts cold; and again after the next
@@ -62,8 +57,8 @@ class MikvSchedulerMixin:
         # Requests whose demotable hi pages were all shared, at (demotable, lo) page counts.
         self._nothing_movable: dict[str, tuple[int, int]] = {}
         self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
-        blocks, bs, n = self.kv_cache_config.num_blocks, self.mikv_layout.block_size, \
-            self.mikv_layout.pack_factor
+        blocks, bs, n = self.kv_cache_config.num_blocks, self.layout.block_size, \
+            self.layout.pack_factor
         logger.info("mikv: KV capacity %d blocks x %d tokens = %d tokens with every page hi, up "
                     "to %d with every demotable page lo (%d lo pages per block)",
                     blocks, bs, blocks * bs, blocks * bs * n, n)
@@ -72,7 +67,7 @@ class MikvSchedulerMixin:
         def free_with_packs(request) -> None:
             held = self.demoter.manager.req_to_blocks.get(request.request_id, ())
             lo = self.demoter.num_lo_pages(request.request_id)
-            pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
+            pages = -(-request.num_computed_tokens // self.layout.block_size)
             self.page_stats.request_left(max(pages, lo), lo)
             self._release_mass([b.block_id for b in held if b.ref_cnt == 1])
             free(request)
@@ -86,18 +81,18 @@ class MikvSchedulerMixin:
         output = super().schedule(*args, **kwargs)
         gone = set(getattr(output, "preempted_req_ids", None) or ()) | set(
             output.finished_req_ids)
-        setattr(output, DEMOTIONS_ATTR, [m for m in moves if m.req_id not in gone])
+        protocol.put_demotions(output, [m for m in moves if m.req_id not in gone])
         self.page_stats.observe(self, output, self.demoter, len(moves), pressure_moves)
         return output
 
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
-        if stats is not None:  # read by mikv_vllm.metrics (field added by vllm_patches)
+        if stats is not None:  # read by mikv_vllm.integration.metrics (field added by integration/patches.py)
             stats.mikv = self.page_stats.stats.as_dict()
         return stats
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        block_mass = getattr(model_runner_output, BLOCK_MASS_ATTR, None)
+        block_mass = protocol.get_block_mass(model_runner_output)
         if block_mass is not None:
             self.report_block_mass(block_mass)
         return super().update_from_output(scheduler_output, model_runner_output)
@@ -117,7 +112,7 @@ class MikvSchedulerMixin:
 
     def plan_demotions(self) -> tuple[list[Demotion], int]:
         """This step's moves, and how many of them memory pressure asked for."""
-        bs = self.mikv_layout.block_size
+        bs = self.layout.block_size
         # Past their prefill, with its output back: the report riding on it holds the prompt's
         # window scores (mikv_vllm.importance), so no page is ranked before they are in.
         decoding = [r for r in self.running
@@ -133,7 +128,7 @@ class MikvSchedulerMixin:
         # 2. memory pressure: room for this step's pages plus a watermark.
         short = (self._blocks_wanted() + self.watermark_blocks
                  - self.kv_cache_manager.block_pool.get_num_free_blocks())
-        n = self.mikv_layout.pack_factor
+        n = self.layout.pack_factor
         budget_moves = len(moves)
         for r in sorted(decoding, key=lambda r: -r.num_computed_tokens):  # longest first
             if short <= 0:
@@ -157,7 +152,7 @@ class MikvSchedulerMixin:
         """Blocks this step may allocate: each decode's next page, each prefill's next chunk,
         and what admitting the next waiting request takes (so that admission does not stall
         while cold pages could make room)."""
-        bs, chunk = self.mikv_layout.block_size, self.max_num_scheduled_tokens
+        bs, chunk = self.layout.block_size, self.max_num_scheduled_tokens
         want = 0
         for r in self.running:
             todo = r.num_prompt_tokens - r.num_computed_tokens
@@ -172,7 +167,7 @@ class MikvSchedulerMixin:
 
     def page_mass(self, request) -> torch.Tensor:
         """The request's accumulated mass per page (0 for lo pages)."""
-        pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
+        pages = -(-request.num_computed_tokens // self.layout.block_size)
         blocks = self.demoter.manager.req_to_blocks.get(request.request_id, [])[:pages]
         mass = request_page_mass(self.block_mass, [b.block_id for b in blocks])
         if mass.numel() < pages:
@@ -182,7 +177,7 @@ class MikvSchedulerMixin:
     def _demotable_counts(self, request) -> tuple[int, int]:
         """(pages in the policy's demotable range, lo pages): every lo page lies in that
         range, which only grows while the request runs."""
-        bs = self.mikv_layout.block_size
+        bs = self.layout.block_size
         return (len(self.mikv_policy.demotable(request.num_computed_tokens, bs)),
                 self.demoter.num_lo_pages(request.request_id))
 
@@ -197,7 +192,7 @@ class MikvSchedulerMixin:
 
     def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(accumulated mass, lo, shared) per page of the request."""
-        pages = -(-request.num_computed_tokens // self.mikv_layout.block_size)
+        pages = -(-request.num_computed_tokens // self.layout.block_size)
         rid = request.request_id
         return (self.page_mass(request), self.demoter.lo_mask(rid, pages),
                 self.demoter.shared_mask(rid, pages))

@@ -15,11 +15,10 @@ from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.worker.gpu_worker import Worker
 
 from mikv_vllm import ops
-from mikv_vllm.attention.backend import split_kv_cache
 from mikv_vllm.config import MikvConfig
-from mikv_vllm.importance import PageMassMeter, attach, sampled_layers
-from mikv_vllm.layout import cache_layout
-from mikv_vllm.scheduler import DEMOTIONS_ATTR
+from mikv_vllm.importance import PageMassMeter, sampled_layers
+from mikv_vllm.integration import protocol
+from mikv_vllm.layout import PageLayout, split_kv_cache
 from mikv_vllm.verify import DemotionVerifier, enabled as verify_enabled
 
 
@@ -62,17 +61,17 @@ class MikvWorker(Worker):
             num_blocks=num_blocks, max_rows=max(sched.max_num_seqs, sched.max_num_batched_tokens),
             num_q_heads=model.get_num_attention_heads(parallel),
             num_kv_heads=model.get_num_kv_heads(parallel), num_sampled_layers=len(chosen),
-            tp_size=parallel.tensor_parallel_size, block_size=self.lo_layout.block_size,
-            head_dim=self.lo_layout.head_size, device=self.device)
+            tp_size=parallel.tensor_parallel_size, block_size=self.layout.block_size,
+            head_dim=self.layout.head_size, device=self.device)
         for i in chosen:
             layers[i].impl.mass_meter = self.mass_meter
 
     def execute_model(self, scheduler_output):
-        moves = getattr(scheduler_output, DEMOTIONS_ATTR, None)
+        moves = protocol.get_demotions(scheduler_output)
         if self.verifier is not None and self.verifier.live:
             gone = set(scheduler_output.finished_req_ids) | set(
                 getattr(scheduler_output, "preempted_req_ids", None) or ())
-            self.verifier.check_live(self.attention_layers[0], self.lo_layout,
+            self.verifier.check_live(self.attention_layers[0], self.layout,
                                      self.model_runner.block_tables.block_tables[0].gpu, gone)
         if moves:
             self.apply_demotions(moves)
@@ -87,7 +86,7 @@ class MikvWorker(Worker):
         due = self._report_due or (self.mass_meter is not None and self.mass_meter.observed)
         if due and output is not None:
             self._report_due = False
-            output = attach(output, self.mass_meter.take(self._tp_all_reduce()))
+            output = protocol.send_block_mass(output, self.mass_meter.take(self._tp_all_reduce()))
         return output
 
     def _tp_all_reduce(self):
@@ -99,7 +98,7 @@ class MikvWorker(Worker):
         return lambda t: torch.distributed.all_reduce(t, group=group)
 
     def apply_demotions(self, moves) -> None:
-        layout = self.lo_layout
+        layout = self.layout
         n = layout.pack_factor
         clash = {m.src_block for m in moves} & {m.dst_code // n for m in moves}
         if clash:  # one launch reads every source while it writes every pack slot
@@ -135,10 +134,9 @@ class MikvWorker(Worker):
                                       {m.req_id: index[m.req_id] for m in kept})
 
     @functools.cached_property
-    def lo_layout(self):
+    def layout(self) -> PageLayout:
         """The page layout of every layer's cache (one KV cache group, so one layout; the
-        scheduler refuses more groups), read once the caches exist."""
-        key_cache, _ = split_kv_cache(self.attention_layers[0].kv_cache,
-                                      self.attention_layers[0].head_size)
-        return cache_layout(key_cache, self.mikv_config.lo_bits,
-                            self.mikv_config.value_group_size)
+        scheduler refuses more groups): the scheduler's, from the same spec."""
+        spec = self.model_runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        return PageLayout.from_spec(spec, self.mikv_config.lo_bits,
+                                    self.mikv_config.value_group_size)

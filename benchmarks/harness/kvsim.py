@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from mikv_vllm.importance import sampled_layers
-from mikv_vllm.eval.methods import (PRODUCT, Method, hi_cost, hi_roundtrip, lo_cost,
+from benchmarks.harness.methods import (PRODUCT, Method, hi_cost, hi_roundtrip, lo_cost,
                                     make_policy)
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.quant import dequantize_page, quantize_page, roundtrip_pages

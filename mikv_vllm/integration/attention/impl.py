@@ -6,12 +6,11 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from mikv_vllm import ops
-from mikv_vllm.attention import split_decode
-from mikv_vllm.attention.backend import split_kv_cache
-from mikv_vllm.attention.metadata import MikvAttentionMetadata
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.importance import PageMassMeter, window_page_mass
-from mikv_vllm.layout import PageLayout, cache_layout
+from mikv_vllm.integration.attention import split_decode
+from mikv_vllm.integration.attention.metadata import MikvAttentionMetadata
+from mikv_vllm.layout import PageLayout, cache_layout, split_kv_cache
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -106,7 +105,7 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
 
     def _split_decode(self, layer, query, key_cache, value_cache, output, md) -> None:
         """Hi pages through FlashAttention, lo pages through the mikv kernel, then merged
-        (mikv_vllm/attention/split_decode.py)."""
+        (mikv_vllm/integration/attention/split_decode.py)."""
         s = md.split
         split_decode.decode(
             output, query, key_cache, value_cache, s.lo_table, s.lo_lens,

@@ -16,9 +16,9 @@ import zipfile
 
 import torch
 
-from mikv_vllm.eval.kvsim import KVSim, prefill
-from mikv_vllm.eval.methods import PRODUCT, Method
-from mikv_vllm.eval.stats import (bootstrap_ppl, bootstrap_ppl_delta, bootstrap_ratio,
+from benchmarks.harness.kvsim import KVSim, prefill
+from benchmarks.harness.methods import PRODUCT, Method
+from benchmarks.harness.stats import (bootstrap_ppl, bootstrap_ppl_delta, bootstrap_ratio,
                                   token_match, wilson)
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

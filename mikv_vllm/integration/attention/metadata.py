@@ -14,7 +14,7 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuil
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from mikv_vllm.attention.split_decode import SplitTables
+from mikv_vllm.integration.attention.split_decode import SplitTables
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.ops import decode_ctas_per_sm, decode_num_splits
 
