@@ -14,7 +14,11 @@ driver JIT-compiles on the Hopper GPU, and every engine is pinned to FA2 with vL
 5. throughput of auto and mikv on FA2 (dummy Llama-3.1-8B weights).
 
     python benchmarks/sm80_path.py --wheel W.whl --model HF_DIR --out DIR \
-        [--probe-trials benchmarks/longctx trials.jsonl] [--gpu-util 0.9]
+        [--probe-trials benchmarks/longctx trials.jsonl] [--gpu-util 0.9] [--stages ...]
+
+--stages picks steps (tests refusal allhi forced tput); a later run into the same --out adds
+its steps to the sm80_path.json already there, so throughput can be measured apart from the
+correctness steps, on a GPU nobody else is using.
 
 vLLM must be importable. The run uses a private copy of this tree with the wheel's kernels
 first on PYTHONPATH, so the engines' worker processes load the sm80 build too."""
@@ -78,6 +82,15 @@ def embedded_archs(so: str) -> dict:
     return {"sass": listing("--list-elf"), "ptx": listing("--list-ptx")}
 
 
+def device_and_versions(env: dict) -> dict:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    code = "import sys, torch, vllm; print(sys.version.split()[0], torch.__version__, vllm.__version__)"
+    py, torch_v, vllm_v = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                         text=True).stdout.split()[-3:]
+    return {"device": gpu, "python": py, "torch": torch_v, "vllm": vllm_v}
+
+
 def junit_counts(path: str) -> dict:
     if not os.path.exists(path):
         return {"tests_passed": 0, "tests_failed": None}
@@ -138,36 +151,60 @@ def engine_log(out: str, kv: str, tag: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--wheel", required=True, help="the wheel built for 8.0+PTX")
-    ap.add_argument("--model", required=True, help="a real HF model directory (bf16)")
+    ap.add_argument("--model", required=True, help="an HF model directory (bf16)")
+    ap.add_argument("--load-format", default="auto",
+                    help="dummy: random weights of the model's config (no tokenizer needed)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--probe-trials", default=None,
                     help="benchmarks/longctx trials.jsonl: real-text probes (else random ids)")
     ap.add_argument("--gpu-util", type=float, default=0.9)
     ap.add_argument("--tput-prompts", type=int, default=128)
+    ap.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     tree = os.path.join(a.out, "tree")
     so = private_tree(a.wheel, tree)
     env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result: dict = {"extension": embedded_archs(so), "attention_config": json.loads(FA2)}
-
-    junit = os.path.join(a.out, "kernels.xml")
-    sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-        *KERNEL_TESTS], os.path.join(a.out, "kernels.log"), tree, env, 1200)
-    result.update(junit_counts(junit))
-    result["fp8_hi_refused"] = fp8_refusal(a.model, tree, env)
-
-    real = ["--model", a.model, "--tokenizer", a.model, "--load-format", "auto", "--dtype",
-            "bfloat16", "--num-prompts", "0", "--probe-prompts", "16", "--probe-tokens", "64",
+    path = os.path.join(a.out, "sm80_path.json")
+    result: dict = json.load(open(path)) if os.path.exists(path) else {}
+    result.update({**device_and_versions(env), "extension": embedded_archs(so),
+                   "attention_config": json.loads(FA2),
+                   "model": a.model, "load_format": a.load_format})
+    real = ["--model", a.model, "--load-format", a.load_format, "--dtype", "bfloat16",
+            *(["--tokenizer", a.model] if a.load_format != "dummy" else []),
+            "--num-prompts", "0", "--probe-prompts", "16", "--probe-tokens", "64",
             "--max-model-len", "4608", "--gpu-util", str(a.gpu_util)]
     if a.probe_trials:
         real += ["--probe-file", probe_file(a.probe_trials, os.path.join(a.out, "probe.json"))]
+    for stage in a.stages:
+        result.update(STAGES[stage](a, tree, env, real))
+        json.dump(result, open(path, "w"), indent=1)
+    print(json.dumps(result, indent=1))
+
+
+def stage_tests(a, tree: str, env: dict, real: list[str]) -> dict:
+    junit = os.path.join(a.out, "kernels.xml")
+    sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+        *KERNEL_TESTS], os.path.join(a.out, "kernels.log"), tree, env, 1200)
+    return junit_counts(junit)
+
+
+def stage_refusal(a, tree: str, env: dict, real: list[str]) -> dict:
+    return {"fp8_hi_refused": fp8_refusal(a.model, tree, env)}
+
+
+def stage_allhi(a, tree: str, env: dict, real: list[str]) -> dict:
+    result = {}
     allhi = {r["kv"]: r for r in e2e(tree, env, a.out, "allhi", ["auto", "mikv"], real, 400)}
     result["token_match_vs_auto"] = allhi.get("mikv", {}).get("greedy_vs_auto")
     route = ROUTE.search(engine_log(a.out, "mikv", "allhi"))
     result["route"] = {"prefill_flash_attn": route.group(1), "decode": route.group(2).strip()} \
         if route else None
+    return result
 
+
+def stage_forced(a, tree: str, env: dict, real: list[str]) -> dict:
+    result = {}
     env_verify = {**env, "MIKV_VERIFY_DEMOTIONS": "1"}
     forced = e2e(tree, env_verify, a.out, "forced", ["mikv"],
                  real + ["--mikv-knobs", '{"hi_budget": 0.1}'], 400)
@@ -185,17 +222,22 @@ def main() -> None:
         result["forced_token_match_vs_auto"] = token_match(
             json.load(open(auto_tokens))["probe_tokens"],
             json.load(open(forced_tokens))["probe_tokens"])
+    return result
 
+
+def stage_tput(a, tree: str, env: dict, real: list[str]) -> dict:
     tput = e2e(tree, env, a.out, "tput", ["auto", "mikv"],
                ["--num-prompts", str(a.tput_prompts), "--input-len", "2048", "--output-len", "256",
                 "--probe-prompts", "0", "--max-model-len", "4096", "--gpu-util", str(a.gpu_util)],
                400)
     keys = ("kv", "rc", "workload", "kv_capacity_tokens", "kv_tokens", "total_tok_s",
             "gen_tok_s", "preemptions", "demotions", "total_vs_auto")
-    result["throughput"] = [{k: r.get(k) for k in keys} for r in tput]
-    result["throughput_model"] = "Llama-3.1-8B config, dummy weights"
-    json.dump(result, open(os.path.join(a.out, "sm80_path.json"), "w"), indent=1)
-    print(json.dumps(result, indent=1))
+    return {"throughput": [{k: r.get(k) for k in keys} for r in tput],
+            "throughput_model": "Llama-3.1-8B config, dummy weights"}
+
+
+STAGES = {"tests": stage_tests, "refusal": stage_refusal, "allhi": stage_allhi,
+          "forced": stage_forced, "tput": stage_tput}
 
 
 if __name__ == "__main__":

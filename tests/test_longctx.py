@@ -113,15 +113,18 @@ def test_mikv_byte_budgets_follow_the_page_layout():
         MikvConfig.from_dict(m.knobs)
 
 
+# A job that logs its start and end: what the queue let run at once.
+STAMP = ("import sys, time; f = open(sys.argv[1], 'a'); f.write(f'start {sys.argv[2]}\\n');"
+         " f.flush(); time.sleep(0.3); f.write(f'end {sys.argv[2]}\\n')")
+
+
 def test_runs_share_the_gpu_but_pressure_waits_for_auto(tmp_path):
     """run_all's job queue: up to `parallel` runs at once, never two of one method (they append
     to the same files), and mikv-pressure only after auto (its pool is sized from auto's)."""
     log = tmp_path / "events"
-    stamp = ("import sys, time; f = open(sys.argv[1], 'a'); f.write(f'start {sys.argv[2]}\\n');"
-             " f.flush(); time.sleep(0.3); f.write(f'end {sys.argv[2]}\\n')")
     jobs = run_all.Jobs(parallel=3, deadline=1e12)
     for name, n in (("auto", 0), ("mikv-pressure", 1), ("mikv-pressure", 2), ("fp8", 0)):
-        jobs.add(name, [n], [sys.executable, "-c", stamp, str(log), f"{name}/{n}"],
+        jobs.add(name, [n], [sys.executable, "-c", STAMP, str(log), f"{name}/{n}"],
                  str(tmp_path / f"log_{name}.txt"))
     extra = []
     jobs.run(lambda name, group: extra.append((name, group)) or [])
@@ -131,6 +134,23 @@ def test_runs_share_the_gpu_but_pressure_waits_for_auto(tmp_path):
     assert events.index("end mikv-pressure/1") < events.index("start mikv-pressure/2")
     assert events.index("start fp8/0") < events.index("end auto/0")  # ran beside auto
     assert extra[0] == ("auto", [0]) and len(extra) == 4
+
+
+def test_shards_of_a_method_run_together_and_pressure_waits_for_all(tmp_path):
+    """--shards: a method's task shards are separate jobs (own files), so they run at once; the
+    pressure run still waits for every shard of auto."""
+    log = tmp_path / "events"
+    jobs = run_all.Jobs(parallel=3, deadline=1e12)
+    for name in ("auto#0", "auto#1", "mikv-pressure"):
+        jobs.add(name, [0], [sys.executable, "-c", STAMP, str(log), name],
+                 str(tmp_path / f"log_{name}.txt"))
+    jobs.run(lambda name, group: [])
+    events = log.read_text().split("\n")[:-1]
+    assert events.index("start auto#1") < events.index("end auto#0")
+    assert max(events.index("end auto#0"), events.index("end auto#1")) \
+        < events.index("start mikv-pressure")
+    tasks = run_all.suite.TASKS
+    assert sorted(tasks[0::2] + tasks[1::2]) == sorted(tasks)  # two shards: every task once
 
 
 def test_report_rows_and_agreement(tmp_path):

@@ -12,6 +12,8 @@
 #                                                  run run_all.py (ARGS: its options, e.g.
 #                                                  --methods ...) in the background for SECONDS
 #   bash benchmarks/longctx/gpu.sh sim SECONDS [ARGS]  the harness on the GPU beside it
+#   bash benchmarks/longctx/gpu.sh sm80 [ARGS]     benchmarks/sm80_path.py (the A100 route) on the
+#                                                  same model and wheel, in the background
 #   bash benchmarks/longctx/gpu.sh poll SECONDS    wait while the run goes on, print progress
 #   bash benchmarks/longctx/gpu.sh collect         the results into $OUT
 set -uo pipefail
@@ -50,7 +52,7 @@ refresh() {  # the code runs from a copy of this call's tree, with the wheel's k
 }
 
 recv() {
-  if [ ! -f /tmp/site/vllm/__init__.py ] && ls .vllm-parts/part_* >/dev/null 2>&1; then bash .vllm-parts/unpack.sh 3; fi
+  if [ ! -f /tmp/site/vllm/__init__.py ] && ls .vllm-parts/part_* >/dev/null 2>&1; then bash .vllm-parts/unpack.sh "${VLLM_PARTS:-4}"; fi
   [ -d .models/qwen15/pieces ] && cp .models/qwen15/pieces/gguf.* "$S/models/"
   [ -d .models/qwen15/extra ] && cp .models/qwen15/extra/* .models/qwen15/manifest.json "$S/extra/" \
     && mv "$S/extra/manifest.json" "$S/"
@@ -89,20 +91,29 @@ sim() {
   echo "sim started for $seconds s"
 }
 
+sm80() {
+  (cd "$S/repo" && setsid nohup python3 benchmarks/sm80_path.py --wheel "$S"/extra/mikv_vllm-*.whl \
+     --model "$S/qwen15-hf" --probe-trials "$S/out/run/trials.jsonl" --out "$S/out/sm80" "$@" \
+     >> "$S/out/sm80.log" 2>&1 < /dev/null &)
+  echo "sm80 path started"
+}
+
 poll() {
   local until=$((SECONDS + $1))
-  while [ $SECONDS -lt $until ] && pgrep -f "longctx/(run_all|sim_run)" >/dev/null; do sleep 5; done
+  while [ $SECONDS -lt $until ] && pgrep -f "longctx/(run_all|sim_run)|sm80_path" >/dev/null; do sleep 5; done
   tail -n 4 "$S/out/kernels.log" 2>/dev/null
   tail -n 20 "$S/out/run_all.log" 2>/dev/null
   grep -h "longctx:" "$S"/out/run/log_*.txt 2>/dev/null | tail -n 12
   tail -n 2 "$S/out/sim.log" 2>/dev/null
+  grep -h -E "^ \"(tests_|token_match|forced_|verify_)" "$S/out/sm80/sm80_path.json" 2>/dev/null
 }
 
 collect() {
   (cd "$S/repo" && python3 benchmarks/longctx/report.py "$S/out/run" $(ls -d "$S/out/sim" 2>/dev/null) \
      > "$S/out/report.txt" 2>&1)
-  cp "$S/out/run/longctx.json" "$S/out/run/longctx.png" "$S/out/report.txt" "$OUT/" 2>/dev/null
-  tar -czf "$OUT/longctx_run.tar.gz" -C "$S/out" --exclude=run/trials.jsonl .
+  cp "$S/out/run/longctx.json" "$S/out/run/longctx.png" "$S/out/report.txt" \
+     "$S/out/sm80/sm80_path.json" "$OUT/" 2>/dev/null
+  tar -czf "$OUT/longctx_run.tar.gz" -C "$S/out" --exclude=run/trials.jsonl --exclude=sm80/tree .
   ls -la "$OUT"
 }
 

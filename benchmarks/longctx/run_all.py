@@ -24,6 +24,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import suite  # noqa: E402
+
 # Priority order: the reference, the method under test, the formats it must beat, the rest.
 PLAN = ["auto", "mikv@0.25", "int4_per_token_head", "turboquant_3bit_nc", "fp8",
         "turboquant_4bit_nc", "mikv-pressure", "mikv@min", "mikv@0.25-nowindow"]
@@ -33,7 +35,6 @@ SHORT = {"mikv@0.25-nowindow": 2}  # the A/B of the window scores: the two short
 def make_trials(model: str, path: str, lengths, trials: int, seed: int) -> None:
     from transformers import AutoTokenizer
 
-    import suite
     t0 = time.time()
     tr = suite.make_trials(AutoTokenizer.from_pretrained(model), lengths=lengths, trials=trials,
                            seed=seed)
@@ -64,9 +65,9 @@ class Jobs:
         self.pending.append((name, group, cmd, log))
 
     def _ready(self, name: str) -> bool:
-        """One run per method at a time (they append to the same files)."""
+        """One run per method (or shard of it) at a time: they append to the same files."""
         running = [n for n, *_ in self.running.values()]
-        waits = "auto" in running + [n for n, *_ in self.pending]
+        waits = "auto" in [n.split("#")[0] for n in running + [n for n, *_ in self.pending]]
         return name not in running and not (name == "mikv-pressure" and waits)
 
     def _reap(self) -> None:
@@ -121,6 +122,9 @@ def main(argv=None) -> None:
                     help="each engine's KV pool in GiB (mikv-pressure keeps its own)")
     ap.add_argument("--gpu-util", type=float, default=0.2,
                     help="with --kv-gib: the free share of the GPU each engine needs to start")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="split each method's tasks over this many engines at once (the "
+                    "pressure runs excepted: their pool is sized for the whole batch)")
     ap.add_argument("--trials-only", action="store_true", help="make OUT/trials.jsonl and stop")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="passed on to vllm_run.py (after --extra)")
@@ -138,14 +142,20 @@ def main(argv=None) -> None:
     shared = ["--gpu-util", str(a.gpu_util)] if a.kv_gib else []  # engines sharing the GPU
     for name in a.methods:
         lengths = a.lengths[:SHORT.get(name, len(a.lengths))]
-        for group in [[n] for n in lengths] if name == "mikv-pressure" else [lengths]:
-            cmd = [sys.executable, os.path.join(HERE, "vllm_run.py"), "--model", a.model,
-                   "--trials", trials, "--method", name, "--out-dir", a.out_dir,
-                   "--limit", str(a.trials_per_cell), "--lengths", *map(str, group), *a.extra]
-            if a.kv_gib and name != "mikv-pressure":
-                cmd += ["--kv-gib", str(a.kv_gib)]
-            jobs.add(name, group, cmd + shared,
-                     os.path.join(a.out_dir, f"log_{name}.txt"))
+        pressure = name == "mikv-pressure"
+        shards = 1 if pressure else a.shards
+        for group in [[n] for n in lengths] if pressure else [lengths]:
+            for k in range(shards):
+                cmd = [sys.executable, os.path.join(HERE, "vllm_run.py"), "--model", a.model,
+                       "--trials", trials, "--method", name, "--out-dir", a.out_dir,
+                       "--limit", str(a.trials_per_cell), "--lengths", *map(str, group),
+                       *a.extra]
+                if shards > 1:
+                    cmd += ["--tasks", *suite.TASKS[k::shards], "--tag", f"shard{k}"]
+                if a.kv_gib and not pressure:
+                    cmd += ["--kv-gib", str(a.kv_gib)]
+                job = f"{name}#{k}" if shards > 1 else name
+                jobs.add(job, group, cmd + shared, os.path.join(a.out_dir, f"log_{job}.txt"))
     jobs.run(lambda name, group: pressure_pool(a.out_dir, group[0])
              if name == "mikv-pressure" else [])
     subprocess.run([sys.executable, os.path.join(HERE, "report.py"), a.out_dir])

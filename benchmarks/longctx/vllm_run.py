@@ -96,6 +96,9 @@ def main(argv=None) -> None:
     ap.add_argument("--trials", required=True, help="suite.py's trials.jsonl")
     ap.add_argument("--method", required=True)
     ap.add_argument("--lengths", type=int, nargs="+", default=None)
+    ap.add_argument("--tasks", nargs="+", default=None, choices=suite.TASKS,
+                    help="a shard of the suite (its files then end in _<TAG>)")
+    ap.add_argument("--tag", default=None, help="suffix of this shard's answers and cells files")
     ap.add_argument("--limit", type=int, default=None, help="trials per cell")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--gpu-util", type=float, default=0.7,
@@ -117,13 +120,15 @@ def main(argv=None) -> None:
     m = methods(hf_config.num_key_value_heads, head_size(hf_config))[a.method]
     trials = [t for t in suite.load(a.trials)
               if (a.lengths is None or t.length in a.lengths)
+              and (a.tasks is None or t.task in a.tasks)
               and (a.limit is None or t.index < a.limit)]
     lengths = sorted({t.length for t in trials})
     if m.pressure and len(lengths) != 1:
         ap.error(f"{m.name}: one length per run (its pool is a quarter of that length's batch)")
     os.makedirs(a.out_dir, exist_ok=True)
-    answers = os.path.join(a.out_dir, f"answers_{m.name}.jsonl")
-    cells = os.path.join(a.out_dir, f"cells_{m.name}.jsonl")
+    tag = f"{m.name}_{a.tag}" if a.tag else m.name
+    answers = os.path.join(a.out_dir, f"answers_{tag}.jsonl")
+    cells = os.path.join(a.out_dir, f"cells_{tag}.jsonl")
     batch_tokens = sum(len(t.prompt_ids) + t.max_tokens for t in trials)
     pool = (a.pool_tokens or batch_tokens // 4) * bf16_bytes_per_token(hf_config) \
         if m.pressure else int(a.kv_gib * 2**30) if a.kv_gib else None
