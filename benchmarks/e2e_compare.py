@@ -50,6 +50,8 @@ def run_one(kv: str, args, out_dir: str) -> dict:
                  "attention_config"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    if args.enforce_eager:
+        cmd += ["--enforce-eager"]
     t0 = time.time()
     with open(log_path, "w") as log:
         try:
@@ -140,6 +142,7 @@ def main() -> None:
     p.add_argument("--probe-tokens", type=int, default=None, help="greedy tokens per probe")
     p.add_argument("--attention-config", default=None,
                    help='JSON for every engine, e.g. \'{"flash_attn_version": 2}\' (A100 route)')
+    p.add_argument("--enforce-eager", action="store_true", help="every engine eager (checks)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     p.add_argument("--summarize-only", action="store_true",
                    help="rebuild e2e_summary.json from the per-dtype files in --out-dir")

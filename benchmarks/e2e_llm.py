@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--probe-file", default=None, help="JSON list of prompt token-id lists")
     p.add_argument("--attention-config", default=None,
                    help='vLLM\'s attention config as JSON, e.g. \'{"flash_attn_version": 2}\'')
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no torch.compile or CUDA graphs: starts in seconds, for checks")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     extra = {}
@@ -59,7 +61,7 @@ def main() -> None:
     llm = LLM(model=a.model, load_format=a.load_format, skip_tokenizer_init=not a.tokenizer,
               kv_cache_dtype=a.kv, gpu_memory_utilization=a.gpu_memory_utilization,
               max_model_len=a.max_model_len, dtype=a.dtype, seed=0,
-              tensor_parallel_size=a.tensor_parallel_size, **extra)
+              tensor_parallel_size=a.tensor_parallel_size, enforce_eager=a.enforce_eager, **extra)
     vocab = 32000
     rng = random.Random(1234)
     if a.probe_file:

@@ -241,10 +241,11 @@ def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
 def quantization_error_bound(x_range: torch.Tensor, bits: int,
                              x_min: torch.Tensor | None = None) -> torch.Tensor:
     """Largest |x - dequant(x)| for a group spanning `x_range` (starting at `x_min`, whose
-    offset can force a coarser step, see `_quantize_groups`): half a step, plus fp16 rounding
-    of the scale (relative 2^-11, times the steps it multiplies)."""
+    offset can force a coarser step, see `_quantize_groups`): half a step (never finer than
+    fp16's smallest normal), plus fp16 rounding of the scale (relative 2^-11, times the steps
+    it multiplies)."""
     levels = (1 << bits) - 1
-    step = x_range / levels
+    step = (x_range / levels).clamp_min(2.0 ** -14)
     if x_min is not None:
         step = torch.maximum(torch.maximum(step, (-x_min).clamp_min(0) / 126),
                              x_min.clamp_min(0) / 127)

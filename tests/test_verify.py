@@ -70,9 +70,38 @@ def test_verifier_accepts_round_trips_and_reports_changes(monkeypatch, fp8):
     v.check_moves(layer, layout, moves, {"a": 0})
     v.check_live(layer, layout, table, gone=set())
     assert "worst error" in log.text and "changed" not in log.text
-    assert float(log.text.split("K ")[1].split(",")[0]) < 0.25
+    assert float(log.text.split("K ")[1].split(",")[0]) <= 1.0
     table[0, 2] = 4                                       # the entry went back to a hi block
     v.check_live(layer, layout, table, gone=set())
     assert "1 of 2 demoted pages changed" in log.text
     v.check_live(layer, layout, table, gone={"a"})        # finished or preempted: forgotten
     assert not v.live
+
+
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1e-3, 150.0), (1e-5, 0.0)])
+def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset):
+    """Keys with a channel far from zero relative to its spread (Qwen2's biased k_proj) get a
+    coarser step by design; tiny activations sit on fp16's smallest step. Neither is a broken
+    demotion: the check measures error against what the format allows each group."""
+    log = Lines()
+    monkeypatch.setattr(verify, "logger", log)
+    layer = backend_cache(False, heads=2)
+    key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
+    key_cache.mul_(scale)
+    key_cache[..., 0, 5] += offset
+    value_cache.mul_(scale)
+    layout = cache_layout(key_cache, 2, 64)
+    moves = [Demotion("a", 1, 3, 9 * layout.pack_factor + 1)]
+    v = DemotionVerifier()
+    v.save_sources(layer, torch.tensor([3]))
+    demote_on_cpu(layer, layout, 3, moves[0].dst_code)
+    v.check_moves(layer, layout, moves, {"a": 0})
+    k_ratio = float(log.text.split("K ")[1].split(",")[0])
+    assert "worst error" in log.text and 0.0 < k_ratio <= 1.0
+    raw = torch.empty(0, dtype=torch.uint8).set_(key_cache.untyped_storage())
+    start = moves[0].dst_code // layout.pack_factor * key_cache.stride(0) * 2 + \
+        moves[0].dst_code % layout.pack_factor * layout.lo_page_bytes
+    raw[start:start + 4] ^= 0xFF                           # flipped codes are still caught
+    log.text = ""
+    v.check_moves(layer, layout, moves, {"a": 0})
+    assert float(log.text.split("K ")[1].split(",")[0]) > 1.0

@@ -8,7 +8,8 @@
 #                                                  GGUF pieces, extra/, .whl/); installs once
 #                                                  vLLM and the wheels are there, then starts
 #                                                  the GPU kernel tests in the background
-#   bash benchmarks/longctx/gpu.sh start SECONDS [ARGS]  reassemble and convert the model, then
+#   bash benchmarks/longctx/gpu.sh prepare         reassemble and convert the model, make the trials
+#   bash benchmarks/longctx/gpu.sh start SECONDS [ARGS]  prepare, then
 #                                                  run run_all.py (ARGS: its options, e.g.
 #                                                  --methods ...) in the background for SECONDS
 #   bash benchmarks/longctx/gpu.sh sim SECONDS [ARGS]  the harness on the GPU beside it
@@ -61,8 +62,7 @@ recv() {
   echo "gguf pieces: $(ls "$S/models" | wc -l)/$(pieces_expected)"
 }
 
-start() {
-  local seconds=$1; shift
+prepare() {  # the model reassembled, checked and converted; the trials made
   refresh
   if [ ! -f "$S/qwen15-hf/model.safetensors" ]; then
     cat "$S"/models/gguf.* > "$S/model.gguf"
@@ -78,6 +78,11 @@ EOF
   fi
   (cd "$S/repo" && python3 benchmarks/longctx/run_all.py --model "$S/qwen15-hf" \
      --out-dir "$S/out/run" --trials-only) || return 1
+}
+
+start() {
+  local seconds=$1; shift
+  prepare || return 1
   (cd "$S/repo" && setsid nohup python3 benchmarks/longctx/run_all.py --model "$S/qwen15-hf" \
      --out-dir "$S/out/run" --deadline-s "$seconds" "$@" > "$S/out/run_all.log" 2>&1 < /dev/null &)
   echo "run started for $seconds s"
