@@ -1,0 +1,102 @@
+"""What the lo page's int8 zero points cost attention, against fp16 zero points (issue 20's
+"a better 2-bit page", measured before any kernel changes).
+
+    python benchmarks/quality/lo_zero_points.py --model Qwen2.5-Coder-1.5B-Instruct \
+        --tokens 2048 --out benchmarks/results/quality_lo_zero_points.json
+
+A real model prefills Wikipedia text at full precision; per layer, every key page is
+round-tripped through 2-bit with one (scale, zero) per channel as the product stores it (zero
+in int8 steps: the grid is shifted by up to half a step, and a channel far from zero gets a
+coarser step) and with an fp16 zero (the grid starts exactly at the page's minimum). The
+prompt's last 64 queries then attend over the quantized keys (values exact); rows: the KL
+divergence of their attention from the exact one, the relative error of the attention
+output, and the share of key groups whose step the int8 zero made coarser."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from benchmarks.harness import kvsim, models  # noqa: E402
+from benchmarks.harness.tasks import wiki_articles  # noqa: E402
+from mikv_vllm.quant import _quantize_groups  # noqa: E402
+
+QUERIES = 64
+
+
+def int8_zero(k: torch.Tensor, bits: int) -> torch.Tensor:
+    """The product's lo keys (mikv_vllm.quant), groups along dim 2."""
+    codes, scale, zero = _quantize_groups(k, bits, 2)
+    return (codes.float() - zero.float()) * scale.float()
+
+
+def fp16_zero(k: torch.Tensor, bits: int) -> torch.Tensor:
+    lo, hi = k.amin(2, keepdim=True), k.amax(2, keepdim=True)
+    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(2.0 ** -14).half().float()
+    zero = lo.half().float()
+    return torch.round((k - zero) / scale).clamp(0, (1 << bits) - 1) * scale + zero
+
+
+def coarser_share(k: torch.Tensor, bits: int) -> float:
+    lo, hi = k.amin(2), k.amax(2)
+    grown = torch.maximum((-lo).clamp_min(0) / 126, lo.clamp_min(0) / 127) \
+        > (hi - lo) / ((1 << bits) - 1)
+    return float(grown.float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=models.QWEN15)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    model, tok = models.load(a.model, kvsim.ATTN_IMPL)
+    ids = tok(" ".join(wiki_articles()[:40]))["input_ids"][:a.tokens]
+    queries = {}
+    attend = kvsim.Prefill.attend
+
+    def keep_queries(self, layer, q, k, v, scaling):
+        queries[layer] = (q[:, -QUERIES:].clone(), scaling)
+        return attend(self, layer, q, k, v, scaling)
+
+    kvsim.Prefill.attend = keep_queries
+    try:
+        state = kvsim.prefill(model, ids)
+    finally:
+        kvsim.Prefill.attend = attend
+    rows = []
+    for layer in sorted(queries):
+        k = state.cache.layers[layer].keys[0].float()      # [H, T, D], after RoPE
+        v = state.cache.layers[layer].values[0].float()
+        h, t, d = k.shape
+        t -= t % a.block_size
+        pages = k[:, :t].reshape(h, t // a.block_size, a.block_size, d)
+        q, scaling = queries[layer]
+        out0, p0 = kvsim._attend(q, k[:, :t], v[:, :t], scaling)
+        row = {"layer": layer, "coarser_step_share": coarser_share(pages, a.bits)}
+        for name, roundtrip in (("int8_zero", int8_zero), ("fp16_zero", fp16_zero)):
+            out, p = kvsim._attend(q, roundtrip(pages, a.bits).reshape(h, t, d), v[:, :t],
+                                   scaling)
+            kl = (p0 * (p0.clamp_min(1e-30).log() - p.clamp_min(1e-30).log())).sum(-1).mean()
+            rel = ((out - out0).norm(dim=-1) / out0.norm(dim=-1).clamp_min(1e-12)).mean()
+            row[name] = {"attention_kl": round(float(kl), 5), "output_rel_err": round(float(rel), 5)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    mean = {name: {m: round(sum(r[name][m] for r in rows) / len(rows), 5)
+                   for m in ("attention_kl", "output_rel_err")}
+            for name in ("int8_zero", "fp16_zero")}
+    result = {"model": a.model, "tokens": len(ids), "bits": a.bits, "block_size": a.block_size,
+              "queries": QUERIES, "mean_over_layers": mean, "layers": rows}
+    json.dump(result, open(a.out, "w"), indent=1)
+    print(json.dumps(mean))
+
+
+if __name__ == "__main__":
+    main()
