@@ -221,11 +221,22 @@ def dequantize_page(page: torch.Tensor, layout: PageLayout,
     return k.permute(1, 0, 2), v.permute(1, 0, 2)
 
 
+def roundtrip_fp16_zero(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """A candidate lo format's round trip (measured in the harness, not stored): an fp16 zero
+    at each group's minimum, so the grid's ends sit on the group's extremes."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(2.0 ** -14).half().float()
+    zero = lo.half().float()
+    return torch.round((x - zero) / scale).clamp(0, (1 << bits) - 1) * scale + zero
+
+
 def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
-                    e4m3_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    e4m3_scales: bool = False, k_zero_fp16: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [kv_heads, pages * block_size, D] of whole pages -> what their lo pages hold
     (fp32, same shape): dequantize_page(quantize_page(...)) without the byte layout, for many
-    pages at once (the quality harness demotes hundreds per step)."""
+    pages at once (the quality harness demotes hundreds per step). `k_zero_fp16` measures the
+    candidate format of `roundtrip_fp16_zero` for keys."""
     h, t, d = k.shape
     b, g, bits = layout.block_size, layout.value_group_size, layout.lo_bits
 
@@ -233,7 +244,8 @@ def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
         codes, scale, zero = _quantize_groups(x, bits, dim, e4m3_scales)
         return (codes.float() - zero.float()) * scale.float()
 
-    dk = roundtrip(k.float().reshape(h, t // b, b, d), 2)               # per channel, page
+    k_pages = k.float().reshape(h, t // b, b, d)
+    dk = roundtrip_fp16_zero(k_pages, bits, 2) if k_zero_fp16 else roundtrip(k_pages, 2)
     dv = roundtrip(v.float().reshape(h, t // b, b, d // g, g), 4)       # per token, group
     return dk.reshape(h, t, d), dv.reshape(h, t, d)
 

@@ -111,6 +111,23 @@ def test_byte_ratios():
     f8 = hi_fraction(parse_method("mikv_fp8hi@0.5"), lay8)
     assert math.isclose(f8 * 0.5 + (1 - f8) * lo_cost(lay8), 0.5) or f8 == 1.0
     assert hi_fraction(parse_method("mikv@1.0"), lay) == 1.0
+    kz = parse_method("mikv_kz16@0.25")
+    assert kz.label == "mikv_kz16" and lo_cost(lay, k_zero16=True) == (2256 + 3 * 64) / 12288
+    fk = hi_fraction(kz, lay)
+    assert fk < f and math.isclose(fk + (1 - fk) * lo_cost(lay, k_zero16=True), 0.25)
+
+
+def test_fp16_key_zeros_put_the_grid_ends_on_the_extremes():
+    """The candidate format of issue 20 (quant.roundtrip_fp16_zero): each group's minimum and
+    maximum come back (to fp16 rounding), every value within half a step."""
+    from mikv_vllm.quant import roundtrip_fp16_zero
+    x = torch.randn(2, 5, 16, 64) * 3 + torch.linspace(-50, 50, 64)  # offsets of both signs
+    y = roundtrip_fp16_zero(x, 2, 2)
+    lo, hi = x.amin(2), x.amax(2)
+    step = (hi - lo) / 3
+    fp16 = 0.05  # the zero's and scale's fp16 rounding at offsets up to ~55
+    assert torch.allclose(y.amin(2), lo, atol=fp16) and torch.allclose(y.amax(2), hi, atol=fp16)
+    assert ((y - x).abs() <= step.unsqueeze(2) * 0.5 + fp16).all()
 
 
 def test_quick_cli_rows(smollm2, tmp_path):

@@ -160,7 +160,7 @@ class KVSim:
         self.step_mass = None
         self.ratios: list[float] = []                    # bytes vs bf16, per step
         self.h = hi_cost(method, self.layout.head_size)
-        self.lc = lo_cost(self.layout, method.scale8)
+        self.lc = lo_cost(self.layout, method.scale8, method.k_zero16)
         self.mc = lo_cost(self.mid_layout) if method.mid else None
 
     # -- inside the model forward --
@@ -218,7 +218,8 @@ class KVSim:
             idx = rows.to(l.keys.device)
             k, v = (self.k[i], self.v[i]) if from_mid else (l.keys[0], l.values[0])
             dk, dv = roundtrip_pages(k[:, idx], v[:, idx], self.mid_layout if to_mid else lay,
-                                     e4m3_scales=self.method.scale8)
+                                     e4m3_scales=self.method.scale8,
+                                     k_zero_fp16=self.method.k_zero16)
             self.k[i][:, idx], self.v[i][:, idx] = dk, dv
 
     def begin_step(self, n_new: int):

@@ -37,13 +37,15 @@ class Method:
     balance: bool = False         # MiKV key-channel outlier balancing of lo pages
     all_lo: bool = False          # KIVI: every full page lo, no policy
     scale8: bool = False          # lo scales as 1-byte float8-e4m3 (zeros stay fp16)
+    k_zero16: bool = False        # lo keys with fp16 zero points (quant.roundtrip_fp16_zero)
 
     @property
     def label(self) -> str:
         if self.name != "mikv":
             return self.name
         return ("mikv" + ("_bal" if self.balance else "") + ("_fp8hi" if self.hi == "fp8" else "")
-                + ("_s8" if self.scale8 else "") + ("_tier" if self.mid else ""))
+                + ("_s8" if self.scale8 else "") + ("_kz16" if self.k_zero16 else "")
+                + ("_tier" if self.mid else ""))
 
     @property
     def lo_bits(self) -> int:
@@ -77,12 +79,15 @@ def parse_method(spec: str) -> Method:
         return Method("h2o", budget, lo="evict")
     if name.startswith("mikv"):
         flags = set(name.split("_")[1:])
-        if flags - {"bal", "fp8hi", "s8", "tier"}:
-            raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, _tier)")
-        if "tier" in flags and flags & {"bal", "s8"}:
-            raise ValueError(f"{spec!r}: _tier does not combine with _bal or _s8")
+        if flags - {"bal", "fp8hi", "s8", "kz16", "tier"}:
+            raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, "
+                             "_kz16, _tier)")
+        if "tier" in flags and flags & {"bal", "s8", "kz16"}:
+            raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8 or _kz16")
+        if "kz16" in flags and "bal" in flags:
+            raise ValueError(f"{spec!r}: _kz16 does not combine with _bal")
         return Method("mikv", budget, hi="fp8" if "fp8hi" in flags else "bf16", lo="q2",
-                      balance="bal" in flags, scale8="s8" in flags,
+                      balance="bal" in flags, scale8="s8" in flags, k_zero16="kz16" in flags,
                       mid="q4" if "tier" in flags else None)
     raise ValueError(f"unknown method {spec!r}")
 
@@ -97,14 +102,16 @@ def hi_cost(method: Method, head_dim: int) -> float:
     return 1.0
 
 
-def lo_cost(layout: PageLayout, scale8: bool = False) -> float:
+def lo_cost(layout: PageLayout, scale8: bool = False, k_zero16: bool = False) -> float:
     """Stored bytes of a lo page over the bf16 bytes of the same tokens (PageLayout counts;
-    with `scale8`, every fp16 scale counted as one byte)."""
+    with `scale8`, every fp16 scale counted as one byte; with `k_zero16`, every key zero point
+    as two)."""
     bf16 = PageLayout(layout.block_size, layout.num_kv_heads, layout.head_size, 2,
                       layout.lo_bits, layout.value_group_size)
     o = layout.lo_offsets
     saved = (o.k_zeros - o.k_scales) // 2 if scale8 else 0  # one byte of each fp16 scale
-    return (layout.lo_page_bytes - saved) / bf16.hi_page_bytes
+    extra = o.v_zeros - o.k_zeros if k_zero16 else 0        # one more byte per key zero point
+    return (layout.lo_page_bytes - saved + extra) / bf16.hi_page_bytes
 
 
 def hi_fraction(method: Method, layout: PageLayout) -> float | None:
@@ -112,7 +119,7 @@ def hi_fraction(method: Method, layout: PageLayout) -> float | None:
     if method.budget is None or method.lo is None or method.all_lo or method.mid:
         return None
     h = hi_cost(method, layout.head_size)
-    lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8)
+    lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8, method.k_zero16)
     return min(1.0, max(0.0, (method.budget - lo) / (h - lo)))
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.harness import kvsim, models  # noqa: E402
 from benchmarks.harness.tasks import wiki_articles  # noqa: E402
-from mikv_vllm.quant import _quantize_groups  # noqa: E402
+from mikv_vllm.quant import _quantize_groups, roundtrip_fp16_zero  # noqa: E402
 
 QUERIES = 64
 
@@ -36,10 +36,7 @@ def int8_zero(k: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def fp16_zero(k: torch.Tensor, bits: int) -> torch.Tensor:
-    lo, hi = k.amin(2, keepdim=True), k.amax(2, keepdim=True)
-    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(2.0 ** -14).half().float()
-    zero = lo.half().float()
-    return torch.round((k - zero) / scale).clamp(0, (1 << bits) - 1) * scale + zero
+    return roundtrip_fp16_zero(k, bits, 2)
 
 
 def coarser_share(k: torch.Tensor, bits: int) -> float:
