@@ -36,6 +36,9 @@ import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from benchmarks.harness.stats import token_match  # noqa: E402
 FA2 = '{"flash_attn_version": 2}'
 KERNEL_TESTS = ["tests/gpu/test_decode_kernel.py", "tests/gpu/test_lo_pages.py",
                 "tests/gpu/test_page_mass.py", "tests/gpu/test_split_decode.py"]
@@ -241,8 +244,6 @@ def answer_match(a, run: str) -> dict:
     other = os.path.join(a.out, f"e2e_{run}.json")
     if not (os.path.exists(auto) and os.path.exists(other)):
         return {}
-    sys.path.insert(0, ROOT)
-    from benchmarks.harness.stats import token_match
     ref = json.load(open(auto))["probe_tokens"]
     got = json.load(open(other))["probe_tokens"]
     eos = eos_ids(a.model) if a.load_format != "dummy" else set()

@@ -40,7 +40,9 @@ install() {  # once per machine: the plugin's wheel (kernels + entry points), gg
     python3 -c "import sys, torch, vllm, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
   } > "$S/out/device.txt" 2>&1
   cat "$S/out/device.txt"
-  (cd "$S/repo" && setsid nohup python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py \
+  # From a copy of their own: `prepare` and `start` replace $S/repo while they run.
+  rm -rf "$S/ktests" && cp -r "$S/repo" "$S/ktests"
+  (cd "$S/ktests" && setsid nohup python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_kernel.py \
      tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py tests/gpu/test_split_decode.py \
      > "$S/out/kernels.log" 2>&1 < /dev/null &)
   echo "kernel tests started"

@@ -24,19 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.harness import kvsim, models  # noqa: E402
 from benchmarks.harness.tasks import wiki_articles  # noqa: E402
-from mikv_vllm.quant import _quantize_groups, roundtrip_fp16_zero  # noqa: E402
+from mikv_vllm.quant import roundtrip_pages  # noqa: E402
 
 QUERIES = 64
-
-
-def int8_zero(k: torch.Tensor, bits: int) -> torch.Tensor:
-    """The product's lo keys (mikv_vllm.quant), groups along dim 2."""
-    codes, scale, zero = _quantize_groups(k, bits, 2)
-    return (codes.float() - zero.float()) * scale.float()
-
-
-def fp16_zero(k: torch.Tensor, bits: int) -> torch.Tensor:
-    return roundtrip_fp16_zero(k, bits, 2)
 
 
 def coarser_share(k: torch.Tensor, bits: int) -> float:
@@ -68,6 +58,7 @@ def main() -> None:
         state = kvsim.prefill(model, ids)
     finally:
         kvsim.Prefill.attend = attend
+    layout = kvsim.layout_of(model, a.block_size, lo_bits=a.bits)
     rows = []
     for layer in sorted(queries):
         k = state.cache.layers[layer].keys[0].float()      # [H, T, D], after RoPE
@@ -78,9 +69,9 @@ def main() -> None:
         q, scaling = queries[layer]
         out0, p0 = kvsim._attend(q, k[:, :t], v[:, :t], scaling)
         row = {"layer": layer, "coarser_step_share": coarser_share(pages, a.bits)}
-        for name, roundtrip in (("int8_zero", int8_zero), ("fp16_zero", fp16_zero)):
-            out, p = kvsim._attend(q, roundtrip(pages, a.bits).reshape(h, t, d), v[:, :t],
-                                   scaling)
+        for name, k_zero_fp16 in (("int8_zero", False), ("fp16_zero", True)):
+            lo_k, _ = roundtrip_pages(k[:, :t], v[:, :t], layout, k_zero_fp16=k_zero_fp16)
+            out, p = kvsim._attend(q, lo_k, v[:, :t], scaling)
             kl = (p0 * (p0.clamp_min(1e-30).log() - p.clamp_min(1e-30).log())).sum(-1).mean()
             rel = ((out - out0).norm(dim=-1) / out0.norm(dim=-1).clamp_min(1e-12)).mean()
             row[name] = {"attention_kl": round(float(kl), 5), "output_rel_err": round(float(rel), 5)}
