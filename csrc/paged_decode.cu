@@ -174,20 +174,21 @@ struct SplitPages {
   __device__ __forceinline__ int page(int i) const { return i * splits + split; }
 };
 
-// Walks one warp's lo tiles in order: the warp's pages are the split's pages warp + kWarps * i;
-// a window of 32 of them is read with one load per lane and a ballot, so the table costs one
-// load per 32 pages and hi pages cost nothing.
+// Walks one warp's lo tiles of one tier in order: the warp's pages are the split's pages
+// warp + kWarps * i; a window of 32 of them is read with one load per lane and a ballot, so the
+// table costs one load per 32 pages and hi pages (and the other tier's) cost nothing.
 struct LoCursor {
   SplitPages pages;
   int base;        // first split page of the current window
   int entry;       // this lane's table entry in the window
-  uint32_t todo;   // window lanes whose page is lo and not yet started
+  uint32_t todo;   // window lanes whose page is of this tier and not yet started
   int code, page, tile;  // the current lo page, a sequence page (page < 0: none)
+  int32_t tier_flag;  // the tier walked: codes whose kMidTier flag equals this
 
   __device__ __forceinline__ void load_window(const int32_t* __restrict__ bt, int lane) {
     const int p = base + lane * kWarps;
     entry = p < pages.count ? bt[pages.page(p)] : 0;
-    todo = __ballot_sync(0xffffffffu, entry < 0);
+    todo = __ballot_sync(0xffffffffu, entry < 0 && ((-entry - 1) & kMidTier) == tier_flag);
   }
   // Moves to the next lo tile (code, page, tile); false when the warp's share is done.
   __device__ __forceinline__ bool next(const int32_t* __restrict__ bt, int t_end, int block_size,
@@ -201,7 +202,7 @@ struct LoCursor {
     const int i = __ffs(todo) - 1;
     todo &= todo - 1;
     page = pages.page(base + i * kWarps);
-    code = -__shfl_sync(0xffffffffu, entry, i) - 1;
+    code = (-__shfl_sync(0xffffffffu, entry, i) - 1) & ~kMidTier;
     tile = 0;
     return true;
   }
@@ -218,7 +219,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One warp's share of the lo pages among the split's `pages` (tokens from t_end on are masked),
+// One warp's share of the lo pages of one tier (`lo`, whose codes carry lo.tier_flag) among the
+// split's `pages` (tokens from t_end on are masked),
 // merged into the warp's slot of hi-pass results (sm_ml / sm_acc, in the hi path's units:
 // values / v_scale). Lane L = 4g + j holds the
 // scores of tokens {g, g + 8} x heads {2j, 2j + 1} of a tile and the outputs of channels
@@ -287,7 +289,7 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
 
   // Stage the next lo tile (if any) into ring slot `stage`; sm_tok says which tokens it holds
   // (-1: none, and none after it). Every call commits one cp.async group, empty or not.
-  LoCursor cur{pages, warp, 0, 0u, 0, -1, 0};
+  LoCursor cur{pages, warp, 0, 0u, 0, -1, 0, lo.tier_flag};
   cur.load_window(bt, lane);
   auto stage_next = [&](int stage) {
     int tok0 = -1;
@@ -520,8 +522,8 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
                     q_t* __restrict__ out, int64_t out_stride_tok, int64_t out_stride_head,
                     float* __restrict__ part_acc, float* __restrict__ part_ml,
                     int num_q_heads, int group, int head_chunks, int block_size,
-                    float scale_log2, float k_scale, float v_scale, const LoLayout lo,
-                    float* __restrict__ lse, float* __restrict__ slab_lse,
+                    float scale_log2, float k_scale, float v_scale, const LoLayout two,
+                    const LoLayout four, float* __restrict__ lse, float* __restrict__ slab_lse,
                     const int32_t* __restrict__ slab_gate) {
   constexpr int LPT = D / kElems;   // lanes per token row
   constexpr int SUBS = 32 / LPT;    // rows per warp per step
@@ -695,14 +697,18 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   __shared__ int sm_tok[kWarps][kLoStages];
   extern __shared__ __align__(16) uint8_t lo_ring[];  // kWarps x kLoStages staged lo tiles
   const q_t* q_heads = q + seq * q_stride_tok + h0 * q_stride_head;
-  if (lo.bits == 2)
+  // One pass per tier present (`two`: 2-bit pages, `four`: 4-bit ones, bits 0 where absent),
+  // each merged into the warp's slot.
+  uint8_t* const ring = lo_ring + warp * (four.bits == 4 ? lo_ring_bytes<D, 4>()
+                                                         : lo_ring_bytes<D, 2>());
+  if (two.bits == 2)
     lo_pass<2, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, pages, seq_len, block_size,
-                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
-                              lo_ring + warp * lo_ring_bytes<D, 2>(), sm_tok[warp]);
-  else
+                              kvh, scale_log2, inv_v_scale, two, sm_ml[warp], sm_acc[warp],
+                              sm_p[warp], ring, sm_tok[warp]);
+  if (four.bits == 4)
     lo_pass<4, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, pages, seq_len, block_size,
-                              kvh, scale_log2, inv_v_scale, lo, sm_ml[warp], sm_acc[warp], sm_p[warp],
-                              lo_ring + warp * lo_ring_bytes<D, 4>(), sm_tok[warp]);
+                              kvh, scale_log2, inv_v_scale, four, sm_ml[warp], sm_acc[warp],
+                              sm_p[warp], ring, sm_tok[warp]);
   __syncthreads();
 
   for (int i = threadIdx.x; i < ng * D; i += kThreads) {
@@ -761,7 +767,13 @@ template <typename q_t, typename kv_t, int D, int MAX_G>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   const int head_chunks = (a.group + MAX_G - 1) / MAX_G;
   dim3 grid(a.num_seqs, a.num_kv_heads * head_chunks, a.num_splits);
-  const int ring_bytes = kWarps * (a.lo.bits == 2 ? lo_ring_bytes<D, 2>() : lo_ring_bytes<D, 4>());
+  // The kernel's passes by bits: the lo tier's, and a 4-bit middle tier's where there is one.
+  const LoLayout none{nullptr, 0, 0, 0, 0, 0};
+  const LoLayout& two = a.lo.bits == 2 ? a.lo : none;
+  const LoLayout& four = a.lo.bits == 4 ? a.lo : a.mid;
+  // Warps' rings at the 4-bit stride whenever 4-bit tiles may be staged (a 2-bit-only table
+  // needs less shared memory, which can fit one more CTA per SM).
+  const int ring_bytes = kWarps * (four.bits == 4 ? lo_ring_bytes<D, 4>() : lo_ring_bytes<D, 2>());
   auto* kernel = paged_decode_kernel<q_t, kv_t, D, MAX_G>;
   // The default dynamic limit is 48 KB less the kernel's static shared memory, which D 256 or
   // 8 heads per CTA exceed with the ring: raise it once per instantiation and device (a
@@ -786,7 +798,7 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
       a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
       a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale,
-      a.lo, a.lse, a.slab_lse, a.slab_gate);
+      two, four, a.lse, a.slab_lse, a.slab_gate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
     decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
@@ -859,6 +871,21 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   return lo;
 }
 
+LoLayout make_mid_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
+                         int64_t lo_pack_factor, int64_t lo_bits, int64_t group,
+                         int64_t mid_pack_factor, int64_t mid_bits) {
+  if (mid_pack_factor == 0) return LoLayout{nullptr, 0, 0, 0, 0, 0};  // bits 0: no middle tier
+  TORCH_CHECK(lo_bits == 2 && mid_bits == 4 && lo_pack_factor > 1 && mid_pack_factor > 1,
+              "a middle tier must be 4-bit pages in front of 2-bit ones, both packed (got ",
+              mid_bits, "-bit x ", mid_pack_factor, " before ", lo_bits, "-bit x ",
+              lo_pack_factor, ")");
+  TORCH_CHECK(key_cache.size(0) * std::max(lo_pack_factor, mid_pack_factor) < kMidTier,
+              "lo pages: too many blocks (", key_cache.size(0), ") for two tiers");
+  LoLayout mid = make_lo_layout(a, key_cache, mid_pack_factor, mid_bits, group);
+  mid.tier_flag = kMidTier;
+  return mid;
+}
+
 int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits) {
   TORCH_CHECK(group >= 1 && (lo_bits == 2 || lo_bits == 4),
               "decode_ctas_per_sm: group must be >= 1 and lo_bits 2 or 4");
@@ -878,7 +905,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
-                  int64_t lo_group, const std::optional<torch::Tensor>& lse,
+                  int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
+                  const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
                   const std::optional<torch::Tensor>& slab_gate) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
@@ -936,6 +964,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   a.k_scale = static_cast<float>(k_scale);
   a.v_scale = static_cast<float>(v_scale);
   a.lo = make_lo_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group);
+  a.mid = make_mid_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group, mid_pack_factor,
+                          mid_bits);
   if (lse.has_value()) {
     TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
                     lse->numel() >= a.num_seqs * a.num_q_heads,

@@ -10,6 +10,10 @@ namespace mikv {
 // lies in one page; paged_decode's slab_lse has one entry per slab (mikv_vllm/ops.SLAB_ELEMS).
 constexpr int kSlabElems = 1024;
 
+// Flag of a lo-page code (block-table entry -(1 + code)) that names a slot of the middle tier
+// (4-bit pages that hi pages visit before the 2-bit tier); mikv_vllm/layout.MID_TIER.
+constexpr int32_t kMidTier = 1 << 30;
+
 // Where and how this layer's lo (2/4-bit) pages are stored; see mikv_vllm/quant.py.
 struct LoLayout {
   const uint8_t* base = nullptr;  // byte 0 of block 0 of the layer's cache
@@ -17,7 +21,8 @@ struct LoLayout {
   int pack_factor = 1;            // lo pages per block
   uint32_t pack_magic = 0;        // ceil(2^32 / pack_factor): code / pack_factor as a umulhi
   int page_bytes = 0;             // bytes of one lo page (slot stride within a block)
-  int bits = 2;
+  int bits = 2;                   // 0: no such tier
+  int32_t tier_flag = 0;          // the codes of this tier carry this flag (0 or kMidTier)
   int group = 64;                 // value channels per (scale, zero) group
   // section offsets within a lo page (mikv_vllm/layout.py): codes, fp16 scales, int8 zeros
   int v_codes = 0, k_scales = 0, v_scales = 0, k_zeros = 0, v_zeros = 0;
@@ -38,6 +43,7 @@ struct DecodeArgs {
   int block_size = 0, num_splits = 1;
   float scale_log2 = 0.f, k_scale = 1.f, v_scale = 1.f;
   LoLayout lo;
+  LoLayout mid{nullptr, 0, 0, 0, 0, 0};  // the middle tier's pages (bits 0: no middle tier)
   float* lse = nullptr;     // optional [seqs, q_heads]: log2 of each head's softmax sum
   float* slab_lse = nullptr;  // optional [blocks, block / slab rows, q_heads]: the same per slab
   const int32_t* slab_gate = nullptr;  // optional device flag: write slab_lse only when nonzero
@@ -48,15 +54,23 @@ struct DecodeArgs {
 LoLayout make_lo_layout(const DecodeArgs& shape, const torch::Tensor& key_cache,
                         int64_t pack_factor, int64_t bits, int64_t group);
 
+// The middle tier's layout (bits 0 where `mid_pack_factor` is 0: none), checked against the
+// lo tier's.
+LoLayout make_mid_layout(const DecodeArgs& shape, const torch::Tensor& key_cache,
+                         int64_t lo_pack_factor, int64_t lo_bits, int64_t group,
+                         int64_t mid_pack_factor, int64_t mid_bits);
+
 // CTAs of the decode kernel for these shapes that one SM holds at once (its registers and
 // shared memory decide): ops.decode_num_splits sizes the grid in whole waves of them.
+// `lo_bits`: the widest lo tier a table may name (4 where a 4-bit middle tier exists).
 int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits);
 
 void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
-                  int64_t lo_group, const std::optional<torch::Tensor>& lse,
+                  int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
+                  const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
                   const std::optional<torch::Tensor>& slab_gate);
 
@@ -66,11 +80,12 @@ void page_mass(torch::Tensor& mass, const torch::Tensor& slab_lse, const torch::
                const torch::Tensor& seq_lens, const torch::Tensor& lse, int64_t block_size,
                int64_t num_kv_heads, double weight);
 
-// Demotes hi pages into lo slots in place (csrc/quantize.cu).
+// Demotes pages into lo slots in place (csrc/quantize.cu): hi pages (`src_entries` >= 0, block
+// ids) or lo pages of another tier (block-table codes < 0, requantized from their codes).
 void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,
-                    const torch::Tensor& src_blocks, const torch::Tensor& dst_codes,
+                    const torch::Tensor& src_entries, const torch::Tensor& dst_codes,
                     double k_scale, double v_scale, int64_t lo_pack_factor, int64_t lo_bits,
-                    int64_t lo_group);
+                    int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits);
 
 }  // namespace mikv
 

@@ -1,7 +1,8 @@
-// Demote hi pages to lo slots in place: the CUDA twin of mikv_vllm/quant.py:quantize_page.
+// Demote pages to lo slots in place: the CUDA twin of mikv_vllm/quant.py:quantize_page.
 //
 // One CTA per (page, KV head). It stages the head's K rows of the page in shared memory as
-// fp32, writes one (scale, zero) pair per channel and the packed codes (in the decode kernel's
+// fp32 (a hi page's values, or a lo page's dequantized ones where a middle-tier page moves on
+// to the 2-bit tier), writes one (scale, zero) pair per channel and the packed codes (in the decode kernel's
 // fragment order), then does the same for V with one pair per (token, channel group). The scale
 // is rounded to fp16 before the zero point and the codes are computed, with IEEE division and
 // round-half-even, so the bytes match the torch reference (up to fp32 ties).
@@ -84,6 +85,21 @@ __device__ void pack_fragment_codes(const uint8_t* codes, uint32_t* dst, int row
   }
 }
 
+// Code of element (t, d) of one head's K (`keys`) or V section in fragment order: the inverse
+// of pack_fragment_codes.
+__device__ __forceinline__ int fragment_code(const uint32_t* words, int t, int d, int D, int bits,
+                                             bool keys) {
+  const int tt = t % 16, dd = d % 16, tile = t / 16, chunk = d / 16;
+  // keys: rows g + 8 (r & 1), channels 2j + 8 (r >> 1) + e; values: the two swapped
+  const int x = keys ? tt : dd, y = keys ? dd : tt;
+  const int g = x % 8, r = 2 * (y / 8) + x / 8, j = y % 8 / 2, e = y % 2;
+  const int half_words = D * bits / 128;
+  const int q = 2 * chunk + (r >> 1);
+  const int i = q / half_words, w = 2 * (q % half_words) + (r & 1);
+  const uint32_t word = words[(tile * 32 + 4 * g + j) * (2 * half_words) + w];
+  return static_cast<int>((word >> (16 * e + i * bits)) & ((1u << bits) - 1u));
+}
+
 // Index of a group's scale or zero point within a head's runs ([runs, 2 (+0 | +8), 2 (e)], in
 // elements) for position `x` (channel or token) of a 16-wide tile; `run` counts the runs:
 // [j][chunk] for keys, [tile][group][j] for values (mikv_vllm/quant.py).
@@ -92,30 +108,69 @@ __device__ __forceinline__ int param_index(int run, int x) {
   return (run * 2 + r / 8) * 2 + r % 2;
 }
 
+// The first byte of lo code `code`'s slot (its tier's layout: `mid` where flagged kMidTier).
+__device__ __forceinline__ const uint8_t* lo_slot(int code, const LoLayout& lo,
+                                                  const LoLayout& mid, const LoLayout** tier) {
+  *tier = (code & kMidTier) ? &mid : &lo;
+  code &= ~kMidTier;
+  return (*tier)->base + static_cast<int64_t>(code / (*tier)->pack_factor) * (*tier)->block_bytes +
+         static_cast<int64_t>(code % (*tier)->pack_factor) * (*tier)->page_bytes;
+}
+
+// Stages head h of a source page into `tile` [block_size][D] as fp32: a hi block's K or V
+// (times the cache's fp8 scale), or a lo page's values (code - zero) * scale.
+template <typename kv_t>
+__device__ void stage_source(float* tile, bool keys, const kv_t* __restrict__ cache,
+                             int64_t src, const uint8_t* src_page, const LoLayout* st,
+                             int64_t stride_block, int64_t stride_tok, int64_t stride_head,
+                             int block_size, int h, int D, float scale) {
+  const int n = block_size * D;
+  if (src_page == nullptr) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const int t = i / D, d = i % D;
+      tile[i] = load_float(cache + src * stride_block + t * stride_tok + h * stride_head + d) * scale;
+    }
+    return;
+  }
+  const int64_t section = static_cast<int64_t>(block_size) * D * st->bits / 8;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(
+      src_page + (keys ? 0 : st->v_codes) + static_cast<int64_t>(h) * section);
+  const __half* scales = reinterpret_cast<const __half*>(src_page + (keys ? st->k_scales : st->v_scales));
+  const int8_t* zeros = reinterpret_cast<const int8_t*>(src_page + (keys ? st->k_zeros : st->v_zeros));
+  const int groups = D / st->group;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int t = i / D, d = i % D;
+    const int slot = keys ? h * D + param_index((d % 16 % 8 / 2) * (D / 16) + d / 16, d)
+                          : h * block_size * groups +
+                                param_index(((t / 16) * groups + d / st->group) * 4 + t % 16 % 8 / 2, t);
+    const int c = fragment_code(words, t, d, D, st->bits, keys);
+    tile[i] = __fmul_rn(static_cast<float>(c - zeros[slot]), __half2float(scales[slot]));
+  }
+}
+
 template <typename kv_t>
 __global__ void __launch_bounds__(kQuantThreads)
 quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
                       int64_t stride_block, int64_t stride_tok, int64_t stride_head,
-                      const int32_t* __restrict__ src_blocks, const int32_t* __restrict__ dst_codes,
-                      const LoLayout lo, int block_size, int num_kv_heads, int D,
-                      float k_scale, float v_scale) {
+                      const int32_t* __restrict__ src_entries, const int32_t* __restrict__ dst_codes,
+                      const LoLayout lo_tier, const LoLayout mid_tier, int block_size,
+                      int num_kv_heads, int D, float k_scale, float v_scale) {
   extern __shared__ float tile[];                        // [block_size][D] fp32
   uint8_t* codes = reinterpret_cast<uint8_t*>(tile + block_size * D);  // [block_size][D]
   const int page = blockIdx.x, h = blockIdx.y;
-  const int64_t src = src_blocks[page];
-  const int code = dst_codes[page];
-  uint8_t* dst = const_cast<uint8_t*>(lo.base) +
-                 static_cast<int64_t>(code / lo.pack_factor) * lo.block_bytes +
-                 static_cast<int64_t>(code % lo.pack_factor) * lo.page_bytes;
+  const int64_t src = src_entries[page];
+  const LoLayout* st = nullptr;  // a lo source's tier
+  const uint8_t* src_page = src < 0 ? lo_slot(static_cast<int>(-src - 1), lo_tier, mid_tier, &st)
+                                    : nullptr;
+  const LoLayout* dt = nullptr;
+  uint8_t* dst = const_cast<uint8_t*>(lo_slot(dst_codes[page], lo_tier, mid_tier, &dt));
+  const LoLayout& lo = *dt;
   const int levels = (1 << lo.bits) - 1;
-  const int n = block_size * D;
   const int64_t section = static_cast<int64_t>(block_size) * D * lo.bits / 8;  // one head's codes
 
   // Keys: one (scale, zero) per channel over the page's tokens.
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int t = i / D, d = i % D;
-    tile[i] = load_float(k_cache + src * stride_block + t * stride_tok + h * stride_head + d) * k_scale;
-  }
+  stage_source(tile, true, k_cache, src, src_page, st, stride_block, stride_tok, stride_head,
+               block_size, h, D, k_scale);
   __syncthreads();
   __half* k_scales = reinterpret_cast<__half*>(dst + lo.k_scales) + h * D;
   int8_t* k_zeros = reinterpret_cast<int8_t*>(dst + lo.k_zeros) + h * D;
@@ -137,10 +192,8 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
   __syncthreads();
 
   // Values: one (scale, zero) per (token, group of `lo.group` channels).
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int t = i / D, d = i % D;
-    tile[i] = load_float(v_cache + src * stride_block + t * stride_tok + h * stride_head + d) * v_scale;
-  }
+  stage_source(tile, false, v_cache, src, src_page, st, stride_block, stride_tok, stride_head,
+               block_size, h, D, v_scale);
   __syncthreads();
   const int groups = D / lo.group;
   __half* v_scales = reinterpret_cast<__half*>(dst + lo.v_scales) + h * block_size * groups;
@@ -168,25 +221,27 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
 }  // namespace detail
 
 void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,
-                    const torch::Tensor& src_blocks, const torch::Tensor& dst_codes,
+                    const torch::Tensor& src_entries, const torch::Tensor& dst_codes,
                     double k_scale, double v_scale, int64_t lo_pack_factor, int64_t lo_bits,
-                    int64_t lo_group) {
+                    int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits) {
   TORCH_CHECK(key_cache.is_cuda() && key_cache.dim() == 4, "caches must be CUDA [blocks, block, heads, D]");
   TORCH_CHECK(key_cache.strides() == value_cache.strides() && key_cache.sizes() == value_cache.sizes(),
               "key and value caches must share shape and strides");
-  TORCH_CHECK(src_blocks.scalar_type() == at::kInt && dst_codes.scalar_type() == at::kInt &&
-                  src_blocks.numel() == dst_codes.numel(),
-              "src_blocks and dst_codes must be int32 of equal length");
+  TORCH_CHECK(src_entries.scalar_type() == at::kInt && dst_codes.scalar_type() == at::kInt &&
+                  src_entries.numel() == dst_codes.numel(),
+              "src_entries and dst_codes must be int32 of equal length");
   const int block_size = key_cache.size(1), heads = key_cache.size(2), D = key_cache.size(3);
   TORCH_CHECK(block_size * D <= detail::kMaxTileFloats, "block_size * head_dim must be <= ",
               detail::kMaxTileFloats);
-  const int64_t pages = src_blocks.numel();
+  const int64_t pages = src_entries.numel();
   if (pages == 0) return;
   DecodeArgs shape;  // reuse the decode launch's lo-layout arithmetic
   shape.num_kv_heads = heads;
   shape.block_size = block_size;
   shape.head_dim = D;
   LoLayout lo = make_lo_layout(shape, key_cache, lo_pack_factor, lo_bits, lo_group);
+  LoLayout mid = make_mid_layout(shape, key_cache, lo_pack_factor, lo_bits, lo_group,
+                                 mid_pack_factor, mid_bits);
 
   const at::cuda::OptionalCUDAGuard guard(device_of(key_cache));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -197,8 +252,8 @@ void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_c
   detail::quantize_pages_kernel<T><<<grid, detail::kQuantThreads, smem, stream>>>(               \
       static_cast<const T*>(key_cache.data_ptr()), static_cast<const T*>(value_cache.data_ptr()), \
       key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),                             \
-      src_blocks.data_ptr<int32_t>(), dst_codes.data_ptr<int32_t>(), lo, block_size, heads, D,  \
-      static_cast<float>(k_scale), static_cast<float>(v_scale))
+      src_entries.data_ptr<int32_t>(), dst_codes.data_ptr<int32_t>(), lo, mid, block_size,     \
+      heads, D, static_cast<float>(k_scale), static_cast<float>(v_scale))
   if (kdt == at::kBFloat16) MIKV_LAUNCH_QUANT(__nv_bfloat16);
   else if (kdt == at::kHalf) MIKV_LAUNCH_QUANT(__half);
   else if (kdt == at::kByte || kdt == at::kFloat8_e4m3fn) MIKV_LAUNCH_QUANT(uint8_t);

@@ -2,13 +2,17 @@
 
 A page is one vLLM block of one layer (all KV heads, K and V). The block table keeps plain block
 ids for hi pages; a lo page is written into it as a negative code naming (pack block, slot), so
-the page map lives inside the table the kernels already read."""
+the page map lives inside the table the kernels already read. With a middle tier (4-bit pages
+that hi pages visit before the 2-bit tier) a code's MID_TIER flag says which tier's packs it
+names; each tier packs its own pages (at block 16 with bf16 hi pages: 3 four-bit, 5 two-bit)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 SCALE_BYTES = 2  # fp16 scale per quantization group
 ZERO_BYTES = 1   # int8 zero point (a whole number of steps) per quantization group
+MID_TIER = 1 << 30  # flag of a lo code naming a middle-tier slot (csrc/paged_decode.h kMidTier)
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,12 @@ class PageLayout:
     hi_elem_bytes: int  # 2 for bf16/fp16, 1 for fp8
     lo_bits: int = 2
     value_group_size: int = 64
+    mid_bits: int | None = None  # the middle tier's bits (4, before 2-bit lo pages), or none
 
     def __post_init__(self):
+        if self.mid_bits is not None and (self.mid_bits, self.lo_bits) != (4, 2):
+            raise ValueError(f"a middle tier must be 4-bit pages before 2-bit ones, got "
+                             f"{self.mid_bits}-bit before {self.lo_bits}-bit")
         # The lo format is laid out in 16 x 16 tensor-core tiles (mikv_vllm/quant.py).
         for name in ("block_size", "head_size", "value_group_size"):
             if getattr(self, name) % 16:
@@ -42,18 +50,54 @@ class PageLayout:
                 f"value_group_size {self.value_group_size} must divide head_size {self.head_size}")
 
     @classmethod
-    def from_spec(cls, spec, lo_bits: int, value_group_size: int) -> "PageLayout":
+    def from_spec(cls, spec, lo_bits: int, value_group_size: int,
+                  mid_bits: int | None = None) -> "PageLayout":
         """The layout of vLLM's KV cache spec (block size, KV heads per rank, head size, dtype):
         what the scheduler and every worker derive independently, from the same spec."""
         return cls(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
                    head_size=spec.head_size, hi_elem_bytes=spec.dtype.itemsize,
-                   lo_bits=lo_bits, value_group_size=value_group_size)
+                   lo_bits=lo_bits, value_group_size=value_group_size, mid_bits=mid_bits)
+
+    # Cached: the scheduler asks these for every page it moves (a frozen dataclass keeps them).
+    @cached_property
+    def mid(self) -> "PageLayout | None":
+        """The middle tier's pages as a single-tier layout (lo_bits = mid_bits), or None."""
+        if self.mid_bits is None:
+            return None
+        return replace(self, lo_bits=self.mid_bits, mid_bits=None)
+
+    @cached_property
+    def last(self) -> "PageLayout":
+        """The last lo tier's single-tier layout."""
+        return self if self.mid_bits is None else replace(self, mid_bits=None)
+
+    def tier(self, mid: bool) -> "PageLayout":
+        """The single-tier layout of the middle (`mid`) or the last lo tier."""
+        if mid and self.mid is None:
+            raise ValueError("this layout has no middle tier")
+        return self.mid if mid else self.last
+
+    def lo_code(self, pack_block: int, slot: int, mid: bool = False) -> int:
+        """The code of slot `slot` of pack `pack_block` of a tier (table entry -(1 + code))."""
+        n = self.tier(mid).pack_factor
+        if not 0 <= slot < n:
+            raise ValueError(f"slot {slot} outside a pack of {n}")
+        return (MID_TIER if mid else 0) + pack_block * n + slot
+
+    def locate(self, entry: int) -> tuple[int, int, "PageLayout"]:
+        """(pack block, slot, the tier's single-tier layout) of a lo page's table entry."""
+        if entry >= 0:
+            raise ValueError(f"table entry {entry} names a hi page")
+        code = -entry - 1
+        tier = self.tier(bool(code & MID_TIER))
+        code &= ~MID_TIER
+        return code // tier.pack_factor, code % tier.pack_factor, tier
 
     @property
     def hi_page_bytes(self) -> int:
         return 2 * self.block_size * self.num_kv_heads * self.head_size * self.hi_elem_bytes
 
-    @property
+    @cached_property
     def lo_offsets(self) -> LoPageOffsets:
         h, b, d = self.num_kv_heads, self.block_size, self.head_size
         codes = h * b * d * self.lo_bits // 8                                # K, then V
@@ -70,7 +114,7 @@ class PageLayout:
     def lo_page_bytes(self) -> int:
         return self.lo_offsets.end
 
-    @property
+    @cached_property
     def pack_factor(self) -> int:
         """Lo pages that fit in one block (N): demoting N pages frees N - 1 blocks."""
         return self.hi_page_bytes // self.lo_page_bytes
@@ -83,9 +127,13 @@ class PageLayout:
         bf16 = 4 * self.num_kv_heads * self.head_size
         fp8 = bf16 / 2
         lo = self.bytes_per_token(lo=True)
+        mid = self.mid
+        mid_text = "" if mid is None else (
+            f", {mid.lo_bits}-bit mid page {mid.lo_page_bytes} B ({mid.pack_factor} per block, "
+            f"{mid.bytes_per_token(lo=True):.0f} B per token per layer)")
         return (
             f"hi page {self.hi_page_bytes} B, {self.lo_bits}-bit lo page {self.lo_page_bytes} B, "
-            f"{self.pack_factor} lo pages per block; per token per layer: hi "
+            f"{self.pack_factor} lo pages per block{mid_text}; per token per layer: hi "
             f"{self.bytes_per_token(lo=False):.0f} B, lo {lo:.0f} B "
             f"({bf16 / lo:.2f}x fewer than bf16, {fp8 / lo:.2f}x fewer than fp8)")
 
@@ -97,11 +145,12 @@ def split_kv_cache(kv_cache, head_size: int):
     return kv_cache.transpose(1, 2).split(head_size, dim=-1)
 
 
-def cache_layout(key_cache, lo_bits: int, value_group_size: int) -> PageLayout:
+def cache_layout(key_cache, lo_bits: int, value_group_size: int,
+                 mid_bits: int | None = None) -> PageLayout:
     """The layout of one layer's cache, read off its key view [blocks, block_size, kv_heads, D]."""
     _, block_size, num_kv_heads, head_size = key_cache.shape
     return PageLayout(block_size, num_kv_heads, head_size, key_cache.element_size(), lo_bits,
-                      value_group_size)
+                      value_group_size, mid_bits)
 
 
 def encode_lo(pack_block: int, slot: int, pack_factor: int) -> int:

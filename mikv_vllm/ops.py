@@ -56,16 +56,25 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int
 
 @functools.cache
 def decode_ctas_per_sm(head_dim: int, group: int, fp8_kv: bool, lo_bits: int = 2) -> int:
-    """CTAs of paged_decode (for these shapes) that one SM of the current GPU holds at once."""
+    """CTAs of paged_decode (for these shapes) that one SM of the current GPU holds at once;
+    `lo_bits`: the widest lo tier the tables name (`widest_lo_bits`)."""
     load_kernels()
     return max(1, int(torch.ops.mikv.decode_ctas_per_sm(head_dim, group, fp8_kv, lo_bits)))
 
 
-def _lo_args(layout: PageLayout | None, head_dim: int) -> tuple[int, int, int]:
-    """(pack factor, bits, value group) of the lo pages a block table may name."""
+def widest_lo_bits(layout: PageLayout) -> int:
+    """The most bits of any lo tier of `layout` (what sizes the decode kernel's staging)."""
+    return max(layout.lo_bits, layout.mid_bits or 0)
+
+
+def _lo_args(layout: PageLayout | None, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(pack factor, bits, value group, middle tier's pack factor and bits; 0, 0 for none) of
+    the lo pages a block table may name."""
     if layout is None:
-        return 1, 2, head_dim  # the table holds hi pages only
-    return layout.pack_factor, layout.lo_bits, layout.value_group_size
+        return 1, 2, head_dim, 0, 0  # the table holds hi pages only
+    mid = layout.mid
+    return (layout.pack_factor, layout.lo_bits, layout.value_group_size,
+            0 if mid is None else mid.pack_factor, 0 if mid is None else mid.lo_bits)
 
 
 def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
@@ -79,8 +88,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
 
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
     (any strides but the last; fp8 caches as uint8 or float8_e4m3fn with k/v_scale);
-    block_table: [seqs, pages] int32, block ids for hi pages and `mikv_vllm.layout.encode_lo` codes for
-    lo pages; seq_lens: [seqs] int32. With `lse` (fp32 [seqs, q_heads]) it also leaves each
+    block_table: [seqs, pages] int32, block ids for hi pages and -(1 + `PageLayout.lo_code`)
+    for lo pages of either tier; seq_lens: [seqs] int32. With `lse` (fp32 [seqs, q_heads]) it also leaves each
     head's softmax normaliser (log2 domain), and with `slab_lse` (fp32 [num_blocks,
     slabs_per_block, q_heads]) the same over each slab of every hi page it reads: what
     `page_mass` turns into page masses. `slab_gate` (CUDA int32 [1]) writes slab_lse only
@@ -122,17 +131,20 @@ def page_mass(mass: torch.Tensor, slab_lse: torch.Tensor, block_table: torch.Ten
     return mass
 
 
-def quantize_pages(key_cache: torch.Tensor, value_cache: torch.Tensor, src_blocks: torch.Tensor,
+def quantize_pages(key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.Tensor,
                    dst_codes: torch.Tensor, layout: PageLayout, k_scale: float = 1.0,
                    v_scale: float = 1.0) -> None:
-    """Demote hi blocks `src_blocks` into lo slots `dst_codes` (pack_block * N + slot) of the
-    same layer cache, in place; one launch for all pages and KV heads of the layer."""
-    if src_blocks.shape != dst_codes.shape or src_blocks.dim() != 1:
-        raise ValueError("quantize_pages: src_blocks and dst_codes must be 1-D of equal length")
-    if src_blocks.dtype != torch.int32 or dst_codes.dtype != torch.int32:
-        raise ValueError("quantize_pages: src_blocks and dst_codes must be int32")
+    """Demote pages into lo slots `dst_codes` (`PageLayout.lo_code`s, either tier) of the same
+    layer cache, in place; one launch for all pages and KV heads of the layer. `src` holds each
+    page's table entry: a hi block id (its values, times the fp8 k/v scales), or a lo entry
+    (< 0) whose page is requantized from its codes (a middle-tier page moving on to 2-bit). No
+    slot may be read and written by the same launch."""
+    if src.shape != dst_codes.shape or src.dim() != 1:
+        raise ValueError("quantize_pages: src and dst_codes must be 1-D of equal length")
+    if src.dtype != torch.int32 or dst_codes.dtype != torch.int32:
+        raise ValueError("quantize_pages: src and dst_codes must be int32")
     if key_cache.shape[1:] != (layout.block_size, layout.num_kv_heads, layout.head_size):
         raise ValueError(f"quantize_pages: cache {tuple(key_cache.shape)} does not match {layout}")
     load_kernels()
-    torch.ops.mikv.quantize_pages(key_cache, value_cache, src_blocks, dst_codes, float(k_scale),
+    torch.ops.mikv.quantize_pages(key_cache, value_cache, src, dst_codes, float(k_scale),
                                   float(v_scale), *_lo_args(layout, layout.head_size))

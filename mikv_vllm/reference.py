@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mikv_vllm.layout import PageLayout, decode_entry
-from mikv_vllm.quant import dequantize_page
+from mikv_vllm.layout import PageLayout
+from mikv_vllm.quant import dequantize_page, quantize_page
 
 
 def cache_to_float(cache: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -37,7 +37,8 @@ def gather_kv(k_all: torch.Tensor, v_all: torch.Tensor, block_row: torch.Tensor,
               cache_bytes: torch.Tensor | None = None, layout: PageLayout | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's K and V rows [seq_len, kv_heads, D] over a page map of hi blocks and lo
-    slots (negative entries, read from `cache_bytes` [blocks, block_bytes] with `layout`)."""
+    slots of either tier (negative entries, read from `cache_bytes` [blocks, block_bytes] with
+    `layout`)."""
     num_pages = -(-seq_len // k_all.shape[1])
     ks, vs = [], []
     for entry in block_row[:num_pages].tolist():
@@ -47,12 +48,34 @@ def gather_kv(k_all: torch.Tensor, v_all: torch.Tensor, block_row: torch.Tensor,
             continue
         if cache_bytes is None or layout is None:
             raise ValueError("a lo page in the block table needs cache_bytes and layout")
-        block, slot = decode_entry(entry, layout.pack_factor)
-        start = slot * layout.lo_page_bytes
-        k, v = dequantize_page(cache_bytes[block, start:start + layout.lo_page_bytes], layout)
+        k, v = dequantize_page(*lo_slot(cache_bytes, entry, layout))
         ks.append(k)
         vs.append(v)
     return torch.cat(ks)[:seq_len], torch.cat(vs)[:seq_len]
+
+
+def lo_slot(cache_bytes: torch.Tensor, entry: int, layout: PageLayout
+            ) -> tuple[torch.Tensor, PageLayout]:
+    """The bytes of a lo page's slot (a view into `cache_bytes` [blocks, block_bytes]) and its
+    tier's layout."""
+    block, slot, tier = layout.locate(entry)
+    start = slot * tier.lo_page_bytes
+    return cache_bytes[block, start:start + tier.lo_page_bytes], tier
+
+
+def quantize_pages(cache_bytes: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, src: torch.Tensor, dst_codes: torch.Tensor,
+                   layout: PageLayout, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Reference of `ops.quantize_pages`, writing into `cache_bytes` [blocks, block_bytes] (the
+    bytes of the cache that `key_cache`/`value_cache` view): hi sources quantized from their
+    values, lo sources (entries < 0) requantized from their dequantized codes."""
+    for s, code in zip(src.tolist(), dst_codes.tolist()):
+        if s >= 0:
+            k, v = cache_to_float(key_cache[s], k_scale), cache_to_float(value_cache[s], v_scale)
+        else:
+            k, v = dequantize_page(*lo_slot(cache_bytes, s, layout))
+        dst, tier = lo_slot(cache_bytes, -1 - code, layout)
+        dst.copy_(quantize_page(k, v, tier))
 
 
 def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

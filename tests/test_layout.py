@@ -92,6 +92,36 @@ def test_slot_outside_pack(slot):
         encode_lo(3, slot, 5)
 
 
+def test_two_tiers_keep_their_own_packs_and_codes():
+    """A 4-bit middle tier packs 3 pages per block at block 16 (bf16 hi), the 2-bit tier 5;
+    a code names its tier, and entries of both tiers never collide."""
+    layout = PageLayout(block_size=16, num_kv_heads=2, head_size=128, hi_elem_bytes=2,
+                        mid_bits=4)
+    assert (layout.mid.lo_bits, layout.mid.pack_factor, layout.pack_factor) == (4, 3, 5)
+    assert layout.tier(False) == PageLayout(16, 2, 128, 2)
+    seen = set()
+    for mid in (False, True):
+        tier = layout.tier(mid)
+        for block in range(30):
+            for slot in range(tier.pack_factor):
+                entry = -1 - layout.lo_code(block, slot, mid)
+                assert entry < 0 and layout.locate(entry) == (block, slot, tier)
+                seen.add(entry)
+    assert len(seen) == 30 * (3 + 5)
+    assert layout.lo_code(2, 1) == 2 * 5 + 1  # the 2-bit tier keeps the one-tier codes
+    assert "4-bit mid page" in layout.describe() and "3 per block" in layout.describe()
+    with pytest.raises(ValueError, match="outside a pack of 3"):
+        layout.lo_code(0, 3, mid=True)
+    with pytest.raises(ValueError, match="no middle tier"):
+        PageLayout(16, 2, 128, 2).lo_code(0, 0, mid=True)
+
+
+@pytest.mark.parametrize("mid_bits,lo_bits", [(2, 4), (4, 4), (8, 2)])
+def test_a_middle_tier_is_4_bit_before_2_bit(mid_bits, lo_bits):
+    with pytest.raises(ValueError, match="must be 4-bit pages before 2-bit"):
+        PageLayout(16, 2, 128, 2, lo_bits=lo_bits, mid_bits=mid_bits)
+
+
 # --- the cache tensor as vLLM allocates it ------------------------------------------------------
 
 CACHES = [

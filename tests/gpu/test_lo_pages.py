@@ -1,5 +1,6 @@
 """Lo (2/4-bit) pages on the GPU: the quantize kernel and the decode kernel over mixed page
-maps, against the torch reference in mikv_vllm.quant / mikv_vllm.reference (GPU only)."""
+maps (hi pages with one lo tier, or with 4-bit and 2-bit tiers side by side), against the torch
+reference in mikv_vllm.quant / mikv_vllm.reference (GPU only)."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from mikv_vllm import ops, reference
-from mikv_vllm.layout import PageLayout, encode_lo
+from mikv_vllm.layout import PageLayout
 from mikv_vllm.quant import dequantize_page, quantization_error_bound, quantize_page
 
 pytestmark = pytest.mark.gpu
@@ -24,9 +25,10 @@ def make_cache(gen, num_blocks, block_size, heads, head_dim, fp8):
     return kv, k, v
 
 
-def layout_of(block_size, heads, head_dim, fp8, bits, group):
+def layout_of(block_size, heads, head_dim, fp8, bits, group, mid_bits=None):
     return PageLayout(block_size=block_size, num_kv_heads=heads, head_size=head_dim,
-                      hi_elem_bytes=1 if fp8 else 2, lo_bits=bits, value_group_size=group)
+                      hi_elem_bytes=1 if fp8 else 2, lo_bits=bits, value_group_size=group,
+                      mid_bits=mid_bits)
 
 
 @pytest.mark.parametrize("fp8,bits,head_dim,block_size", list(itertools.product(
@@ -69,6 +71,48 @@ def test_quantize_kernel_matches_reference(fp8, bits, head_dim, block_size):
         assert (v_err <= v_bound).all()
 
 
+@pytest.mark.parametrize("fp8,head_dim,block_size", [
+    (False, 128, 16), (False, 64, 32), (False, 256, 16), (False, 128, 64)])
+def test_quantize_kernel_moves_pages_between_tiers(fp8, head_dim, block_size):
+    """(A 4-bit page never packs twice into an fp8 block: tiers go with bf16 hi pages.)
+    Hi pages into 4-bit slots, then those on into 2-bit slots (requantized from the 4-bit
+    codes) with more hi pages into 4-bit in the same launch: the bytes the reference writes,
+    and nothing outside the packs touched."""
+    gen = torch.Generator().manual_seed(head_dim + block_size + fp8)
+    heads, blocks = 2, 16
+    layout = layout_of(block_size, heads, head_dim, fp8, 2, min(64, head_dim), mid_bits=4)
+    mid = layout.mid
+    kv, k, v = make_cache(gen, blocks, block_size, heads, head_dim, fp8)
+    k_scale, v_scale = (0.5, 0.25) if fp8 else (1.0, 1.0)
+    raw = kv.view(torch.uint8).reshape(blocks, -1)
+    raw[12:].fill_(0xFF)  # poison the pack blocks: 12, 13 (4-bit), 14 (2-bit)
+    want = raw.cpu()
+    k_cpu, v_cpu = k.cpu(), v.cpu()
+    first = (torch.tensor([3, 7, 1, 9][:mid.pack_factor + 1], dtype=torch.int32),
+             torch.tensor([layout.lo_code(12 + i // mid.pack_factor, i % mid.pack_factor, True)
+                           for i in range(min(4, mid.pack_factor + 1))], dtype=torch.int32))
+    moved = first[1][:2]
+    second = (torch.cat([-1 - moved, torch.tensor([5], dtype=torch.int32)]),
+              torch.cat([torch.tensor([layout.lo_code(14, 0), layout.lo_code(14, 1)],
+                                      dtype=torch.int32),
+                         torch.tensor([layout.lo_code(13, mid.pack_factor - 1, True)],
+                                      dtype=torch.int32)]))
+    for src, dst in (first, second):
+        before = raw.clone()
+        ops.quantize_pages(k, v, src.cuda(), dst.cuda(), layout, k_scale, v_scale)
+        torch.cuda.synchronize()
+        reference.quantize_pages(want, k_cpu, v_cpu, src, dst, layout, k_scale, v_scale)
+        got = raw.cpu()
+        assert torch.equal(got[:12], before[:12].cpu()), "blocks outside the packs changed"
+        for code in dst.tolist():
+            slot_got, tier = reference.lo_slot(got, -1 - code, layout)
+            slot_want, _ = reference.lo_slot(want, -1 - code, layout)
+            mismatch = (slot_got != slot_want).float().mean().item()
+            assert mismatch <= 1e-3, f"{mismatch:.2%} of a {tier.lo_bits}-bit page's bytes differ"
+            want_slot = reference.lo_slot(want, -1 - code, layout)[0]
+            want_slot.copy_(slot_got)  # carry the kernel's bytes forward (fp32 ties)
+
+
 CASES = list(itertools.product(
     [False, True],        # fp8 hi pages
     [2, 4],               # lo bits
@@ -91,16 +135,25 @@ def test_mixed_decode_with_several_tiles_per_page(fp8, bits, group, head_dim, bl
     check_mixed_decode(fp8, bits, 0.25, group, head_dim, block_size=block_size)
 
 
-def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size):
+@pytest.mark.parametrize("hi_fraction,gqa_dim,block_size", [
+    (0.25, (4, 128), 16), (0.0, (8, 128), 16), (0.1, (1, 64), 32), (0.25, (6, 256), 32),
+    (1.0, (4, 128), 16), (0.0, (2, 64), 64), (0.5, (16, 128), 16)])
+def test_decode_over_two_lo_tiers(hi_fraction, gqa_dim, block_size):
+    """Hi, 4-bit and 2-bit pages in one table: the kernel's two lo passes and its hi pass
+    merge into the reference's attention."""
+    check_mixed_decode(False, 2, hi_fraction, *gqa_dim, block_size=block_size, mid_bits=4)
+
+
+def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size, mid_bits=None):
     heads, num_seqs = 2, 4
     gen = torch.Generator().manual_seed(int(hi_fraction * 100) + bits + group + fp8)
-    layout = layout_of(block_size, heads, head_dim, fp8, bits, 64 if head_dim >= 64 else 32)
-    n = layout.pack_factor
+    layout = layout_of(block_size, heads, head_dim, fp8, bits, 64 if head_dim >= 64 else 32,
+                       mid_bits)
     lens = torch.randint(1, 600, (num_seqs,), generator=gen)
     lens[0] = 600
     pages = ((lens + block_size - 1) // block_size).tolist()
     total = sum(pages)
-    num_blocks = total + total // n + 4
+    num_blocks = 2 * total + 4  # hi pages in blocks [0, total); each tier's packs after them
     kv, k, v = make_cache(gen, num_blocks, block_size, heads, head_dim, fp8)
     k_scale, v_scale = (0.5, 0.25) if fp8 else (1.0, 1.0)
     raw = kv.view(torch.uint8).reshape(num_blocks, -1)
@@ -108,7 +161,9 @@ def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size):
     v_all = reference.cache_to_float(v, v_scale).cpu()
     table = torch.zeros(num_seqs, max(pages), dtype=torch.int32)
     perm = torch.randperm(total, generator=gen)
-    next_code = total * n  # packs live in blocks total, total + 1, ...
+    tiers = [False] if mid_bits is None else [False, True]  # the 2-bit tier, the middle one
+    next_slot = {False: 0, True: 0}
+    first_pack = {False: total, True: total + total // 2 + 2}
     used = 0
     for i, p in enumerate(pages):
         for j in range(p):
@@ -117,12 +172,14 @@ def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size):
             if torch.rand(1, generator=gen).item() < hi_fraction:
                 table[i, j] = block
                 continue
-            pack, slot = divmod(next_code, n)
-            start = slot * layout.lo_page_bytes
-            raw[pack, start:start + layout.lo_page_bytes] = quantize_page(
-                k_all[block], v_all[block], layout).cuda()
-            table[i, j] = encode_lo(pack, slot, n)
-            next_code += 1
+            mid = tiers[int(torch.randint(len(tiers), (1,), generator=gen))]
+            tier = layout.tier(mid)
+            pack, slot = divmod(next_slot[mid], tier.pack_factor)
+            next_slot[mid] += 1
+            code = layout.lo_code(first_pack[mid] + pack, slot, mid)
+            dst, _ = reference.lo_slot(raw, -1 - code, layout)
+            dst.copy_(quantize_page(k_all[block], v_all[block], tier).cuda())
+            table[i, j] = -1 - code
     table, lens = table.cuda(), lens.to(torch.int32).cuda()
     q = torch.randn(num_seqs, heads * group, head_dim, generator=gen).to(torch.bfloat16).cuda()
     scale = 1.0 / math.sqrt(head_dim)

@@ -9,37 +9,42 @@ import torch
 
 from mikv_vllm import ops, reference
 from mikv_vllm.integration.attention import split_decode
-from mikv_vllm.layout import PageLayout, encode_lo
+from mikv_vllm.layout import PageLayout
 
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("tiered", [False, True])
 @pytest.mark.parametrize("fa_splits", [0, 32])
 @pytest.mark.parametrize("lo_share", [0.0, 0.5, 0.9])
-def test_split_decode_matches_fused_kernel(fa_splits, lo_share):
+def test_split_decode_matches_fused_kernel(fa_splits, lo_share, tiered):
+    """`tiered`: lo pages split between a 4-bit and the 2-bit tier."""
     fa = pytest.importorskip("vllm.v1.attention.backends.fa_utils")
-    gen = torch.Generator().manual_seed(int(lo_share * 10) + fa_splits)
+    gen = torch.Generator().manual_seed(int(lo_share * 10) + fa_splits + tiered)
     bs, heads, group, d = 16, 8, 4, 128
-    layout = PageLayout(bs, heads, d, 2)
-    n = layout.pack_factor
+    layout = PageLayout(bs, heads, d, 2, mid_bits=4 if tiered else None)
     lens = torch.tensor([3000, 17, 1, 700, 16 * 40], dtype=torch.int32)
     pages = [-(-int(x) // bs) for x in lens]
-    blocks = sum(pages) + sum(pages) // n + 4
+    blocks = 2 * sum(pages) + 4  # hi pages, then the 2-bit packs, then the 4-bit ones
     kv = torch.randn(blocks, bs, heads, 2 * d, generator=gen).to(torch.bfloat16).cuda()
     k, v = kv.split(d, dim=-1)
     table = torch.zeros(len(pages), max(pages) + 3, dtype=torch.int32)
     table[:, max(pages):] = 77  # entries past the pages are never read
     perm = (torch.randperm(sum(pages), generator=gen) + 1).tolist()
     src, codes = [], []
-    code = (sum(pages) + 2) * n
+    slots = {False: 0, True: 0}
+    first_pack = {False: sum(pages) + 2, True: sum(pages) + 2 + sum(pages) // 2}
     for i, p in enumerate(pages):
         for j in range(p):
             table[i, j] = perm.pop()
             if 0 < j < p - 1 and torch.rand(1, generator=gen).item() < lo_share:
+                mid = tiered and torch.rand(1, generator=gen).item() < 0.5
+                n = layout.tier(mid).pack_factor
                 src.append(int(table[i, j]))
-                codes.append(code)
-                table[i, j] = encode_lo(code // n, code % n, n)
-                code += 1
+                codes.append(layout.lo_code(first_pack[mid] + slots[mid] // n, slots[mid] % n,
+                                            mid))
+                table[i, j] = -1 - codes[-1]
+                slots[mid] += 1
     if src:
         ops.quantize_pages(k, v, torch.tensor(src, dtype=torch.int32).cuda(),
                            torch.tensor(codes, dtype=torch.int32).cuda(), layout)
