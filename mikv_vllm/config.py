@@ -24,8 +24,11 @@ class MikvConfig:
     # bf16: exact while nothing is demoted, and runs on sm80; fp8 (sm90) buys more hi pages
     # per byte under a budget.
     hi_dtype: str = "bf16"
-    # Bits per element of demoted (lo) pages.
-    lo_bits: int = 2
+    # Bits per element of demoted (lo) pages: 2 or 4, or [4, 2] to demote by degrees: the
+    # coldest hi pages go to 4-bit first, and 4-bit pages go on to 2-bit only when that no
+    # longer frees enough (at equal bytes 3-12x less perplexity loss than hi/2-bit alone,
+    # benchmarks/results/QUALITY.md "Tiers").
+    lo_bits: int | tuple[int, ...] = 2
     # First pages of every request that always stay hi (attention sinks): 0 costs +2.5 PPL,
     # a second page buys 0.03.
     sink_pages: int = 1
@@ -34,6 +37,10 @@ class MikvConfig:
     recent_pages: int = 4
     # Fraction of a request's pages allowed to stay hi; None demotes only under memory pressure.
     hi_budget: float | None = None
+    # Fraction of bf16's KV bytes a request's pages may take (instead of hi_budget), met by the
+    # mix that loses least: with lo_bits [4, 2] the coldest hi pages go to 4-bit, and 4-bit
+    # pages on to 2-bit only where all-4-bit would not fit. Sink and recent pages count hi.
+    kv_budget: float | None = None
     # Query tokens at the end of a prefill whose attention over the prompt scores its pages
     # before their first demotion (SnapKV's observation window: the question at the end of a
     # prompt points at the pages the answer needs); 0 leaves pages unscored until decode
@@ -64,6 +71,7 @@ class MikvConfig:
                 f"mikv: unknown knob {unknown[0]!r} (known: {', '.join(known)})")
         for name, value in raw.items():
             _check_type(name, value, _TYPES[name])
+        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         cfg = cls(**raw)
         cfg._check_values()
         return cfg
@@ -71,8 +79,11 @@ class MikvConfig:
     def _check_values(self) -> None:
         if self.hi_dtype not in ("bf16", "fp8"):
             raise MikvConfigError(f"mikv: hi_dtype must be 'bf16' or 'fp8', got {self.hi_dtype!r}")
-        if self.lo_bits not in (2, 4):
-            raise MikvConfigError(f"mikv: lo_bits must be 2 or 4, got {self.lo_bits}")
+        tiers = self.lo_bits if isinstance(self.lo_bits, tuple) else (self.lo_bits,)
+        if self.lo_bits not in (2, 4, (4, 2)) or not all(type(b) is int for b in tiers):
+            raise MikvConfigError(
+                f"mikv: lo_bits must be 2, 4 or [4, 2] (4-bit, then 2-bit), got "
+                f"{list(self.lo_bits) if isinstance(self.lo_bits, tuple) else self.lo_bits!r}")
         if self.sink_pages < 0:
             raise MikvConfigError(f"mikv: sink_pages must be >= 0, got {self.sink_pages}")
         if self.recent_pages < 1:
@@ -81,6 +92,11 @@ class MikvConfig:
                 f"got {self.recent_pages}")
         if self.hi_budget is not None and not 0.0 < self.hi_budget <= 1.0:
             raise MikvConfigError(f"mikv: hi_budget must be in (0, 1], got {self.hi_budget}")
+        if self.kv_budget is not None and not 0.0 < self.kv_budget <= 1.0:
+            raise MikvConfigError(f"mikv: kv_budget must be in (0, 1], got {self.kv_budget}")
+        if self.kv_budget is not None and self.hi_budget is not None:
+            raise MikvConfigError("mikv: set hi_budget (a share of pages) or kv_budget (a share "
+                                  "of bf16's bytes), not both")
         if not 0 <= self.prefill_window <= MAX_PREFILL_WINDOW:
             raise MikvConfigError(f"mikv: prefill_window must be in [0, {MAX_PREFILL_WINDOW}], "
                                   f"got {self.prefill_window}")
@@ -89,7 +105,19 @@ class MikvConfig:
                 f"mikv: value_group_size must be 32, 64 or 128, got {self.value_group_size}")
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The knobs as JSON values (what additional_config carries to every process)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def final_bits(self) -> int:
+        """Bits of the last lo tier (where pages end up under the most pressure)."""
+        return self.lo_bits[-1] if isinstance(self.lo_bits, tuple) else self.lo_bits
+
+    @property
+    def mid_bits(self) -> int | None:
+        """Bits of the middle tier hi pages visit first, or None (one lo tier)."""
+        return self.lo_bits[0] if isinstance(self.lo_bits, tuple) else None
 
     @property
     def vllm_kv_cache_dtype(self) -> str:
@@ -100,10 +128,11 @@ class MikvConfig:
 # Accepted JSON types per knob (bool is not an int here, and floats accept ints).
 _TYPES: dict[str, tuple[type, ...]] = {
     "hi_dtype": (str,),
-    "lo_bits": (int,),
+    "lo_bits": (int, list, tuple),
     "sink_pages": (int,),
     "recent_pages": (int,),
     "hi_budget": (float, int, type(None)),
+    "kv_budget": (float, int, type(None)),
     "prefill_window": (int,),
     "value_group_size": (int,),
     "split_decode": (bool, type(None)),

@@ -19,11 +19,12 @@ class DemotionPolicy:
     recent_pages: int = 4
     hi_budget: float | None = None
     decay: float = 0.95  # per decode step, applied to accumulated page mass
+    kv_budget: float | None = None  # a share of bf16's bytes (met through `tier_limits`)
 
     @classmethod
     def from_config(cls, cfg: MikvConfig) -> "DemotionPolicy":
         return cls(sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages,
-                   hi_budget=cfg.hi_budget)
+                   hi_budget=cfg.hi_budget, kv_budget=cfg.kv_budget)
 
     def demotable(self, num_tokens: int, block_size: int) -> range:
         """Page indices that may be demoted: full, past the sinks, before the recent window."""
@@ -72,6 +73,24 @@ class DemotionPolicy:
             extra = min(free, int((room - free * mid) / (hi - mid)))
             return total - free + extra, free - extra
         return total - free, max(0, min(free, int((room - free * lo) / (mid - lo))))
+
+    def kv_budget_excess(self, num_tokens: int, block_size: int, lo_pages: int, mid_pages: int,
+                         hi: float, mid: float | None, lo: float) -> tuple[int, int]:
+        """(hi pages to demote, middle-tier pages to move on to the last tier) for a request with
+        `lo_pages` lo pages (`mid_pages` of them in the middle tier) to fit `kv_budget`; page
+        costs as in `tier_limits` (`mid` None: one lo tier). Counts only: cheap every step."""
+        if self.kv_budget is None:
+            return 0, 0
+        total = -(-num_tokens // block_size)
+        if mid is None:  # one tier: the hi pages that fit beside all-lo
+            free = len(self.demotable(num_tokens, block_size))
+            room = self.kv_budget * total - (total - free) * hi - free * lo
+            hi_limit = total - free + max(0, min(free, int(room / (hi - lo))))
+            return max(0, total - lo_pages - hi_limit), 0
+        hi_limit, mid_limit = self.tier_limits(num_tokens, block_size, self.kv_budget, hi, mid,
+                                               lo)
+        hi_excess = max(0, total - lo_pages - hi_limit)
+        return hi_excess, max(0, mid_pages + hi_excess - mid_limit)
 
     def budget_excess(self, num_tokens: int, block_size: int, lo_pages: int) -> int:
         """How many hi pages a request with `lo_pages` lo pages holds beyond `hi_budget` (0

@@ -19,17 +19,20 @@ class PageStats:
     resident_tokens: int = 0       # tokens whose K/V is in the cache now (running requests)
     max_resident_tokens: int = 0
     hi_pages: int = 0              # blocks holding one hi page each
-    lo_pages: int = 0
-    pack_blocks: int = 0           # blocks holding lo pages
+    lo_pages: int = 0              # pages in either lo tier
+    pack_blocks: int = 0           # blocks holding lo pages, either tier
+    mid_pages: int = 0             # of lo_pages, those in the middle (4-bit) tier
+    mid_pack_blocks: int = 0       # of pack_blocks, the middle tier's
     demotions_total: int = 0
     pressure_demotions_total: int = 0  # pages demoted because free blocks ran short
     preemptions_total: int = 0
-    bytes_saved: int = 0           # per layer and rank: lo pages x (hi page - lo page bytes)
+    bytes_saved: int = 0           # per layer and rank: lo pages x (hi page - their tier's bytes)
     # Requests that left the cache (finished, aborted or preempted) and their pages then: the
     # KV bytes they were answered from, over bf16's for the same pages.
     left_requests: int = 0
     left_pages: int = 0
     left_lo_pages: int = 0
+    left_mid_pages: int = 0
     left_kv_bytes_ratio: float = 0.0
 
     def as_dict(self) -> dict:
@@ -40,10 +43,10 @@ class PageStatsRecorder:
     """Updates a PageStats after every `schedule()` and logs it at most every LOG_EVERY_S."""
 
     def __init__(self, hi_page_bytes: int = 0, lo_page_bytes: int = 0,
-                 bf16_page_bytes: int = 0) -> None:
+                 bf16_page_bytes: int = 0, mid_page_bytes: int = 0) -> None:
         self.stats = PageStats()
-        self.saved_per_page = max(0, hi_page_bytes - lo_page_bytes)
-        self.page_bytes = (hi_page_bytes, lo_page_bytes, bf16_page_bytes or hi_page_bytes)
+        self.page_bytes = (hi_page_bytes, lo_page_bytes, bf16_page_bytes or hi_page_bytes,
+                           mid_page_bytes)
         self._last_log = 0.0
         self._busy = False
 
@@ -57,10 +60,12 @@ class PageStatsRecorder:
         used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is the null block
         if demoter is not None:
             s.lo_pages, s.pack_blocks = demoter.num_lo_pages(), demoter.num_pack_blocks()
+            s.mid_pages, s.mid_pack_blocks = demoter.num_mid_pages(), demoter.num_pack_blocks(True)
             s.demotions_total += new_moves
             s.pressure_demotions_total += pressure_moves
         s.hi_pages = used - s.pack_blocks
-        s.bytes_saved = s.lo_pages * self.saved_per_page
+        s.bytes_saved = self._stored(s.lo_pages, 0, 0) - self._stored(
+            s.lo_pages, s.mid_pages, s.lo_pages)
         now = time.monotonic()
         went_idle = self._busy and not scheduler.running
         self._busy = bool(scheduler.running)
@@ -68,16 +73,29 @@ class PageStatsRecorder:
             self._last_log = now
             self.log()
 
-    def request_left(self, pages: int, lo_pages: int) -> None:
-        """Count a request leaving the cache with `pages` pages, `lo_pages` of them lo."""
+    def _stored(self, pages: int, mid_pages: int, lo_pages: int) -> int:
+        """Bytes of `pages` pages of which `lo_pages` are lo, `mid_pages` of those 4-bit."""
+        hi, lo, _, mid = self.page_bytes
+        return (pages - lo_pages) * hi + (lo_pages - mid_pages) * lo + mid_pages * mid
+
+    def request_left(self, pages: int, lo_pages: int, mid_pages: int = 0) -> None:
+        """Count a request leaving the cache with `pages` pages, `lo_pages` of them lo
+        (`mid_pages` of those in the middle tier)."""
         s = self.stats
         s.left_requests += 1
         s.left_pages += pages
         s.left_lo_pages += lo_pages
-        hi, lo, bf16 = self.page_bytes
-        if s.left_pages and bf16:
-            stored = (s.left_pages - s.left_lo_pages) * hi + s.left_lo_pages * lo
-            s.left_kv_bytes_ratio = stored / (s.left_pages * bf16)
+        s.left_mid_pages += mid_pages
+        s.left_kv_bytes_ratio = self.bytes_ratio(s.left_pages, s.left_lo_pages,
+                                                 s.left_mid_pages) or 0.0
+
+    def bytes_ratio(self, pages: int, lo_pages: int, mid_pages: int = 0) -> float | None:
+        """The bytes of `pages` pages (`lo_pages` lo, `mid_pages` of those 4-bit) over bf16's
+        for the same pages."""
+        bf16 = self.page_bytes[2]
+        if not pages or not bf16:
+            return None
+        return self._stored(pages, mid_pages, lo_pages) / (pages * bf16)
 
     def log(self) -> None:
         logger.info("%s%s", LOG_PREFIX, json.dumps(self.stats.as_dict()))

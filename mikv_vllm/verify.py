@@ -39,10 +39,10 @@ class DemotionVerifier:
         raw = torch.empty(0, dtype=torch.uint8, device=key_cache.device).set_(
             key_cache.untyped_storage())
         block_bytes = key_cache.stride(0) * key_cache.element_size()
+        block, slot, tier = layout.locate(-1 - dst_code)
         start = (key_cache.storage_offset() * key_cache.element_size()
-                 + dst_code // layout.pack_factor * block_bytes
-                 + dst_code % layout.pack_factor * layout.lo_page_bytes)
-        return raw[start:start + layout.lo_page_bytes]
+                 + block * block_bytes + slot * tier.lo_page_bytes)
+        return raw[start:start + tier.lo_page_bytes]
 
     def check_live(self, layer, layout: PageLayout, table: torch.Tensor, gone) -> None:
         """Step start: the earlier demotions of live requests (not finished or preempted, in
@@ -62,21 +62,33 @@ class DemotionVerifier:
             logger.warning("mikv verify: %d of %d demoted pages changed since their demotion",
                            bad, len(self.live))
 
-    def save_sources(self, layer, src: torch.Tensor) -> None:
+    def save_sources(self, layer, layout: PageLayout, moves) -> None:
+        """Each move's source values (fp32 K and V) before the launch rewrites anything: a hi
+        block's, or a middle-tier page's dequantized ones."""
         key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
-        self.sources = (cache_to_float(key_cache[src.long()], layer._k_scale_float),
-                        cache_to_float(value_cache[src.long()], layer._v_scale_float))
+        ks, vs = [], []
+        for m in moves:
+            if m.src >= 0:
+                ks.append(cache_to_float(key_cache[m.src], layer._k_scale_float))
+                vs.append(cache_to_float(value_cache[m.src], layer._v_scale_float))
+            else:
+                k, v = dequantize_page(self._slot_bytes(layer, layout, -1 - m.src),
+                                       layout.locate(m.src)[2])
+                ks.append(k)
+                vs.append(v)
+        self.sources = (torch.stack(ks), torch.stack(vs))
 
     def check_moves(self, layer, layout: PageLayout, moves, rows: dict[str, int]) -> None:
         """After quantize + table write: each slot round-trips to its saved source."""
         k_src, v_src = self.sources
         worst_k = worst_v = 0.0
         for i, m in enumerate(moves):
-            k, v = dequantize_page(self._slot_bytes(layer, layout, m.dst_code), layout)
-            worst_k = max(worst_k, _worst_over_bound(k, k_src[i], layout, 0))  # per channel
+            tier = layout.locate(-1 - m.dst_code)[2]
+            k, v = dequantize_page(self._slot_bytes(layer, layout, m.dst_code), tier)
+            worst_k = max(worst_k, _worst_over_bound(k, k_src[i], tier, 0))  # per channel
             v_src_groups = v_src[i].unflatten(-1, (-1, layout.value_group_size))
             worst_v = max(worst_v, _worst_over_bound(  # per token and group of channels
-                v.unflatten(-1, (-1, layout.value_group_size)), v_src_groups, layout, -1))
+                v.unflatten(-1, (-1, layout.value_group_size)), v_src_groups, tier, -1))
             if m.req_id in rows:
                 self.live[(m.req_id, m.page)] = (rows[m.req_id], -(1 + m.dst_code), int(
                     self._slot_bytes(layer, layout, m.dst_code).sum()))

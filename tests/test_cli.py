@@ -95,9 +95,29 @@ def test_scheduler_and_worker_conflicts(serve_engine_config, argv, match):
 
 
 def test_hi_dtype_fp8_becomes_fp8_cache(serve_engine_config):
-    _, cfg = serve_engine_config(*mikv_args({"hi_dtype": "fp8", "lo_bits": 4}))
+    _, cfg = serve_engine_config(*mikv_args({"hi_dtype": "fp8"}))
     assert cfg.cache_config.cache_dtype == "fp8"
-    assert cfg.additional_config["mikv"] == {**DEFAULT_KNOBS, "hi_dtype": "fp8", "lo_bits": 4}
+    assert cfg.additional_config["mikv"] == {**DEFAULT_KNOBS, "hi_dtype": "fp8"}
+
+
+def test_two_lo_tiers_are_parsed_and_carried(serve_engine_config):
+    _, cfg = serve_engine_config(*mikv_args({"lo_bits": [4, 2]}))
+    assert cfg.additional_config["mikv"] == {**DEFAULT_KNOBS, "lo_bits": [4, 2]}
+    parsed = MikvConfig.from_additional_config(cfg.additional_config)
+    assert (parsed.mid_bits, parsed.final_bits) == (4, 2)
+
+
+@pytest.mark.parametrize("knobs", [{"hi_dtype": "fp8", "lo_bits": 4},
+                                   {"hi_dtype": "fp8", "lo_bits": [4, 2]}])
+def test_a_4_bit_page_that_does_not_pack_in_an_fp8_block_is_refused(serve_engine_config, knobs):
+    with pytest.raises(MikvConfigError, match="4-bit page .* does not fit twice in a fp8 block"):
+        serve_engine_config(*mikv_args(knobs))
+
+
+def test_a_kv_budget_below_all_lo_is_refused(serve_engine_config):
+    with pytest.raises(MikvConfigError, match=r"kv_budget 0.1 is not above what a 2-bit page "
+                                              r"stores \(0.1\d\d of bf16's bytes\)"):
+        serve_engine_config(*mikv_args({"kv_budget": 0.1}))
 
 
 def test_knobs_are_normalized_and_other_additional_config_kept(serve_engine_config):
@@ -180,7 +200,8 @@ def test_engine_args_path_of_llm(tiny_llama):
 
 BAD_KNOBS = [
     pytest.param({"lo_bit": 2}, r"unknown knob 'lo_bit'", id="unknown-knob"),
-    pytest.param({"lo_bits": True}, r"knob 'lo_bits' must be int, got bool", id="bool-for-int"),
+    pytest.param({"lo_bits": True}, r"knob 'lo_bits' must be int or list or tuple, got bool",
+                 id="bool-for-int"),
     pytest.param({"sink_pages": "1"}, r"knob 'sink_pages' must be int, got str",
                  id="str-for-int"),
     pytest.param({"recent_pages": 4.0}, r"knob 'recent_pages' must be int, got float",
@@ -198,7 +219,13 @@ BAD_KNOBS = [
                  id="str-for-optional-bool"),
     pytest.param({"hi_dtype": "fp16"}, r"hi_dtype must be 'bf16' or 'fp8', got 'fp16'",
                  id="hi-dtype"),
-    pytest.param({"lo_bits": 3}, r"lo_bits must be 2 or 4, got 3", id="lo-bits-3"),
+    pytest.param({"lo_bits": 3}, r"lo_bits must be 2, 4 or \[4, 2\] .*, got 3", id="lo-bits-3"),
+    pytest.param({"kv_budget": 0}, r"kv_budget must be in \(0, 1\], got 0", id="kv-budget-0"),
+    pytest.param({"kv_budget": 0.3, "hi_budget": 0.2}, r"not both", id="both-budgets"),
+    pytest.param({"lo_bits": [2, 4]}, r"lo_bits must be 2, 4 or \[4, 2\] .*, got \[2, 4\]",
+                 id="lo-bits-2-4"),
+    pytest.param({"lo_bits": [4, 2.0]}, r"lo_bits must be .*, got \[4, 2.0\]",
+                 id="lo-bits-float"),
     pytest.param({"hi_budget": 0}, r"hi_budget must be in \(0, 1\], got 0", id="hi-budget-0"),
     pytest.param({"hi_budget": 1.5}, r"hi_budget must be in \(0, 1\], got 1.5",
                  id="hi-budget-1.5"),
@@ -261,7 +288,7 @@ def test_bad_knobs_through_engine_args(tiny_llama):
 
     engine_args = EngineArgs(model=tiny_llama, kv_cache_dtype="mikv", worker_cls=GPU_WORKER,
                              additional_config={"mikv": {"lo_bits": 8}})
-    with pytest.raises(MikvConfigError, match=r"lo_bits must be 2 or 4, got 8"):
+    with pytest.raises(MikvConfigError, match=r"lo_bits must be 2, 4 or \[4, 2\] .*, got 8"):
         engine_args.create_engine_config()
 
 

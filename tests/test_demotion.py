@@ -1,6 +1,7 @@
 """PageDemoter on a real vLLM 0.26 KVCacheManager: blocks move to packs, nothing leaks."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -13,11 +14,12 @@ from vllm.v1.request import Request
 
 from conftest import one_layer_kv_cache_config
 from mikv_vllm.demotion import PageDemoter
-from mikv_vllm.layout import PageLayout, decode_entry
+from mikv_vllm.layout import MID_TIER, PageLayout, decode_entry
 from mikv_vllm.policy import DemotionPolicy
 
 BLOCK = 16
 LAYOUT = PageLayout(block_size=BLOCK, num_kv_heads=2, head_size=128, hi_elem_bytes=2)
+TIERED = dataclasses.replace(LAYOUT, mid_bits=4)  # 3 four-bit or 5 two-bit pages per block
 
 
 def make_manager(num_blocks: int = 200, caching: bool = True) -> KVCacheManager:
@@ -64,7 +66,7 @@ def test_demoting_n_pages_frees_n_minus_one_blocks():
     assert mgr.block_pool.get_num_free_blocks() == free_before + n - 1
     packs = {decode_entry(-(1 + m.dst_code), n)[0] for m in moves}
     assert len(packs) == 1 and packs.isdisjoint(old)
-    assert [m.src_block for m in moves] == old[1:1 + n]
+    assert [m.src for m in moves] == old[1:1 + n]
     blocks = mgr.coordinator.single_type_managers[0].req_to_blocks["a"]
     assert all(blocks[p].is_null for p in range(1, 1 + n))
     # demoting again is a no-op; the request keeps decoding into new hi blocks
@@ -102,10 +104,44 @@ def test_pool_is_short_of_packs():
     assert demoter.demote("a", list(range(1, 12))) == []  # no block for a first pack
 
 
-def test_random_workload_never_leaks():
+def test_tiers_move_pages_to_4_bit_then_pack_by_pack_to_2_bit():
+    mgr = make_manager()
+    demoter = PageDemoter(mgr, TIERED)
+    prefill(mgr, make_request("a", list(range(BLOCK * 12))))
+    free_before = mgr.block_pool.get_num_free_blocks()
+    pages = list(range(1, 7))
+    moves = demoter.demote("a", pages, mass=[0.5, 0.1, 0.1, 0.0, 0.0, 0.2])
+    assert [m.page for m in moves] == pages and all(m.dst_code & MID_TIER for m in moves)
+    assert demoter.free_sources() == 6
+    assert mgr.block_pool.get_num_free_blocks() == free_before + 6 - 2  # two 4-bit packs
+    assert demoter.num_mid_pages("a") == demoter.num_lo_pages("a") == 6
+    assert demoter.num_pack_blocks(mid=True) == 2 and demoter.num_pack_blocks(mid=False) == 0
+    # the pack of pages 4-6 (mass 0.2) moves on before that of pages 1-3 (mass 0.7)
+    assert [pages for _, pages in demoter.mid_packs("a")] == [[4, 5, 6], [1, 2, 3]]
+    mid_codes = {m.page: m.dst_code for m in moves}
+    on = demoter.demote_mid("a", [4, 5, 6])
+    assert [m.src for m in on] == [-1 - mid_codes[p] for p in (4, 5, 6)]
+    assert not any(m.dst_code & MID_TIER for m in on)
+    assert demoter.free_sources() == 1  # the emptied 4-bit pack
+    assert mgr.block_pool.get_num_free_blocks() == free_before + 6 - 2  # one 2-bit pack taken
+    assert demoter.num_mid_pages("a") == 3 and demoter.num_lo_pages("a") == 6
+    assert demoter.num_pack_blocks(mid=True) == 1 and demoter.num_pack_blocks(mid=False) == 1
+    # a later page opens a new 4-bit pack (slot 0) rather than the emptied one's slots
+    later = demoter.demote("a", [7])
+    assert TIERED.locate(-1 - later[0].dst_code)[1] == 0
+    assert demoter.num_pack_blocks(mid=True) == 2
+    assert demoter.demote_mid("a", [7]) == []  # a page moves once per step
+    assert all(7 not in pages for _, pages in demoter.mid_packs("a"))
+    demoter.free_sources()
+    demoter.release("a")
+    assert demoter.num_pack_blocks() == 0
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, TIERED], ids=["one tier", "two tiers"])
+def test_random_workload_never_leaks(layout):
     rng = random.Random(0)
     mgr = make_manager(num_blocks=300)
-    demoter = PageDemoter(mgr, LAYOUT)
+    demoter = PageDemoter(mgr, layout)
     policy = DemotionPolicy(sink_pages=1, recent_pages=2, hi_budget=0.3)
     running: dict[str, Request] = {}
     mass: dict[str, torch.Tensor] = {}
@@ -131,11 +167,16 @@ def test_random_workload_never_leaks():
             assert is_lo.tolist() == [demoter.is_lo(rid, p) for p in range(pages)]
             demoter.demote(rid, policy.over_budget(mass[rid], is_lo, req.num_computed_tokens,
                                                    BLOCK))
+            if demoter.tiered and rng.random() < 0.2 and demoter.mid_packs(rid):
+                demoter.demote_mid(rid, demoter.mid_packs(rid)[0][1])
         demoter.free_sources()
         # Every block is free, held by a running request, or a pack: none lost, none twice.
         tables = mgr.coordinator.single_type_managers[0].req_to_blocks
         held = {b.block_id for r in running for b in tables[r] if not b.is_null}
-        packs = {b.block_id for s in demoter.requests.values() for b in s.packs}
+        packs = {b.block_id for s in demoter.requests.values()
+                 for b in s.lo.packs + s.mid.packs}
+        assert sum(len(s.lo.packs) + len(s.mid.packs)
+                   for s in demoter.requests.values()) == len(packs)
         assert held.isdisjoint(packs)
         assert mgr.block_pool.get_num_free_blocks() + len(held) + len(packs) == 300 - 1
     assert demoter.total_demoted > 100
@@ -164,4 +205,4 @@ def test_no_block_is_a_source_and_a_pack_of_one_step():
                                   list(range(1000, 1000 + BLOCK * 12))))
     moves = demoter.demote("a", list(range(1, 1 + n))) + demoter.demote("b", list(range(1, 1 + n)))
     demoter.free_sources()
-    assert {m.src_block for m in moves}.isdisjoint({m.dst_code // n for m in moves})
+    assert {m.src for m in moves}.isdisjoint({m.dst_code // n for m in moves})

@@ -37,12 +37,12 @@ class PagedMemory:
         moves = protocol.get_demotions(out)
         # apply_demotions: one kernel launch reads every source and writes every slot at once,
         # so no block may be both a source and a pack of the same step.
-        clash = {m.src_block for m in moves} & {m.dst_code // self.n for m in moves}
+        clash = {m.src for m in moves} & {m.dst_code // self.n for m in moves}
         assert not clash, f"blocks {sorted(clash)[:5]} are sources and packs of one step"
         for m in moves:
-            assert self.hi.get(m.src_block) == self.tag(m.req_id, m.page), f"{m}: source " \
-                f"holds {self.hi.get(m.src_block)}"
-            assert self.rows[m.req_id][m.page] == m.src_block
+            assert self.hi.get(m.src) == self.tag(m.req_id, m.page), f"{m}: source " \
+                f"holds {self.hi.get(m.src)}"
+            assert self.rows[m.req_id][m.page] == m.src
         for m in moves:
             pack, slot = divmod(m.dst_code, self.n)
             self.hi.pop(pack, None)                        # lo bytes now fill the block

@@ -93,7 +93,47 @@ def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     assert sched.demoter.num_pack_blocks() == 0
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 120 - 1
     # every move names a page that left its request for a pack slot of another block
-    assert all(m.src_block != m.dst_code // n for m in moves)
+    assert all(m.src != m.dst_code // n for m in moves)
+
+
+def test_tiers_take_4_bit_first_and_2_bit_when_short(tiny_llama):
+    """With lo_bits [4, 2] memory pressure moves pages to 4-bit; once 4-bit alone cannot make
+    room, whole 4-bit packs move on to 2-bit (requantized by the workers): more tokens fit
+    than in all-4-bit, nothing is preempted, and the pool is whole at the end."""
+    from mikv_vllm.layout import MID_TIER
+
+    rng = random.Random(0)
+    blocks = 100
+    sched = make_scheduler(tiny_llama, num_blocks=blocks, log_stats=True,
+                           knobs={"lo_bits": [4, 2]})
+    mid, lo = sched.layout.mid.pack_factor, sched.layout.pack_factor
+    assert 2 <= mid < lo
+    for i in range(6):  # 6 x 50 pages: 6 x (5 hi + 15) blocks all-4-bit, 6 x (5 + 9) all-2-bit
+        sched.add_request(request(f"r{i}", 600, 200, rng))
+    moves, preempted, most_resident, stats = [], 0, 0, []
+    for _ in range(1000):
+        if not sched.has_requests():
+            break
+        out = step(sched)
+        moves += protocol.get_demotions(out)
+        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+        stats.append(sched.make_stats().mikv)
+    to_mid = [m for m in moves if m.src >= 0 and m.dst_code & MID_TIER]
+    on_to_lo = [m for m in moves if m.src < 0]
+    direct = [m for m in moves if m.src >= 0 and not m.dst_code & MID_TIER]
+    assert to_mid and on_to_lo and not any(m.dst_code & MID_TIER for m in on_to_lo)
+    assert {-1 - m.src for m in on_to_lo} <= {m.dst_code for m in to_mid}
+    # the first 2-bit move comes only once pages are 4-bit, and hi pages go straight to
+    # 2-bit only once 4-bit packs have had to move on
+    assert moves.index(on_to_lo[0]) > moves.index(to_mid[0])
+    assert direct and moves.index(direct[0]) > moves.index(on_to_lo[0])
+    assert preempted == 0
+    assert max(s["mid_pages"] for s in stats) > 0 and max(s["mid_pack_blocks"] for s in stats)
+    assert max(s["max_resident_tokens"] for s in stats) > (blocks - 1) * BLOCK * 2
+    final = stats[-1]
+    assert 0 < final["left_kv_bytes_ratio"] < 1
+    assert sched.demoter.num_pack_blocks() == 0 and not sched.demoter.requests
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == blocks - 1
 
 
 def test_moves_survive_the_trip_to_the_workers(tiny_llama):
@@ -121,6 +161,33 @@ def test_shared_prefix_pages_do_not_stop_demotion(tiny_llama):
     assert run_to_completion(sched, reqs) == 0
     assert sched.demoter.total_demoted > 0
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 100 - 1
+
+
+@pytest.mark.parametrize("lo_bits,budget", [(2, 0.25), ([4, 2], 0.25), ([4, 2], 0.4)])
+def test_kv_budget_is_met_by_the_mix_that_loses_least(tiny_llama, lo_bits, budget):
+    """kv_budget, a share of bf16's bytes, without pressure: a request leaves within it (to a
+    pack of slack); with two tiers a loose budget keeps its demoted pages 4-bit and a tight one
+    sends only what it must on to 2-bit."""
+    rng = random.Random(3)
+    sched = make_scheduler(tiny_llama, num_blocks=400,
+                           knobs={"kv_budget": budget, "lo_bits": lo_bits, "recent_pages": 2})
+    sched.add_request(request("a", 1200, 60, rng))
+    moves = []
+    for _ in range(120):
+        if not sched.has_requests():
+            break
+        moves += protocol.get_demotions(step(sched))
+    s = sched.page_stats.stats
+    assert s.left_requests == 1 and s.left_pages == 79 and moves
+    assert budget - 0.05 < s.left_kv_bytes_ratio <= budget + 0.01
+    assert s.pressure_demotions_total == 0
+    if lo_bits == 2:
+        assert s.left_mid_pages == 0
+    elif budget == 0.4:  # all-4-bit fits: nothing goes to 2-bit
+        assert s.left_mid_pages == s.left_lo_pages and all(m.src >= 0 for m in moves)
+    else:
+        assert 0 < s.left_mid_pages < s.left_lo_pages and any(m.src < 0 for m in moves)
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 400 - 1
 
 
 def test_hi_budget_demotes_without_pressure(tiny_llama):
@@ -221,7 +288,8 @@ def test_random_schedules_with_shared_prefixes_leak_nothing(tiny_llama, seed):
     rng = random.Random(seed)
     blocks = rng.choice([60, 90, 140])
     sched = make_scheduler(tiny_llama, num_blocks=blocks, max_num_seqs=rng.choice([4, 16, 32]),
-                           knobs=rng.choice([{}, {"hi_budget": 0.3}]))
+                           knobs=rng.choice([{}, {"hi_budget": 0.3}, {"lo_bits": [4, 2]},
+                                             {"lo_bits": [4, 2], "hi_budget": 0.3}]))
     prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 12) * BLOCK)]
                for _ in range(3)] + [[]]
     _, _, _, moves, _ = random_schedule(sched, rng, 30, range(16, 300), range(8, 150), prompts)
@@ -395,7 +463,7 @@ def test_a_report_late_for_a_demoted_page_is_dropped(tiny_llama):
     sched.add_request(request("a", 20 * BLOCK, 30, rng))
     step(sched)                                   # prefill
     out, runner_out = schedule(sched)             # the budget demotes here
-    sources = [m.src_block for m in protocol.get_demotions(out)]
+    sources = [m.src for m in protocol.get_demotions(out)]
     assert sources
     late = torch.zeros(100)
     late[sources] = 1.0                           # read by the step before the demotion

@@ -12,8 +12,7 @@ from mikv_vllm.integration.attention.backend import MikvAttentionBackend
 from mikv_vllm.layout import split_kv_cache
 from mikv_vllm.demotion import Demotion
 from mikv_vllm.layout import cache_layout
-from mikv_vllm.quant import quantize_page
-from mikv_vllm.reference import cache_to_float
+from mikv_vllm import reference
 from mikv_vllm import verify
 from mikv_vllm.verify import DemotionVerifier
 
@@ -45,11 +44,8 @@ def backend_cache(fp8: bool, num_blocks=12, block=16, heads=3, d=64):
 def demote_on_cpu(layer, layout, src: int, dst_code: int) -> None:
     """What quantize_pages does on the GPU, with the torch reference."""
     k, v = split_kv_cache(layer.kv_cache, layer.head_size)
-    page = quantize_page(cache_to_float(k[src]), cache_to_float(v[src]), layout)
-    raw = torch.empty(0, dtype=torch.uint8).set_(k.untyped_storage())
-    start = dst_code // layout.pack_factor * k.stride(0) * k.element_size() + \
-        dst_code % layout.pack_factor * layout.lo_page_bytes
-    raw[start:start + layout.lo_page_bytes] = page
+    raw = torch.empty(0, dtype=torch.uint8).set_(k.untyped_storage()).view(k.shape[0], -1)
+    reference.quantize_pages(raw, k, v, torch.tensor([src]), torch.tensor([dst_code]), layout)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -63,9 +59,9 @@ def test_verifier_accepts_round_trips_and_reports_changes(monkeypatch, fp8):
              Demotion("a", 2, 4, 9 * layout.pack_factor + 2)]
     table = torch.zeros(2, 8, dtype=torch.int32)
     v = DemotionVerifier()
-    v.save_sources(layer, torch.tensor([m.src_block for m in moves]))
+    v.save_sources(layer, layout, moves)
     for m in moves:
-        demote_on_cpu(layer, layout, m.src_block, m.dst_code)
+        demote_on_cpu(layer, layout, m.src, m.dst_code)
         table[0, m.page] = -(1 + m.dst_code)
     v.check_moves(layer, layout, moves, {"a": 0})
     v.check_live(layer, layout, table, gone=set())
@@ -93,7 +89,7 @@ def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset):
     layout = cache_layout(key_cache, 2, 64)
     moves = [Demotion("a", 1, 3, 9 * layout.pack_factor + 1)]
     v = DemotionVerifier()
-    v.save_sources(layer, torch.tensor([3]))
+    v.save_sources(layer, layout, moves)
     demote_on_cpu(layer, layout, 3, moves[0].dst_code)
     v.check_moves(layer, layout, moves, {"a": 0})
     k_ratio = float(log.text.split("K ")[1].split(",")[0])
@@ -105,3 +101,25 @@ def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset):
     log.text = ""
     v.check_moves(layer, layout, moves, {"a": 0})
     assert float(log.text.split("K ")[1].split(",")[0]) > 1.0
+
+
+def test_verifier_follows_pages_through_both_tiers(monkeypatch):
+    """Hi -> 4-bit, then 4-bit -> 2-bit (requantized from the 4-bit codes): each move is held
+    to its own tier's bound and found in its own tier's slot."""
+    log = Lines()
+    monkeypatch.setattr(verify, "logger", log)
+    layer = backend_cache(False, heads=2)
+    key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
+    layout = cache_layout(key_cache, 2, 64, mid_bits=4)
+    v = DemotionVerifier()
+    table = torch.zeros(1, 8, dtype=torch.int32)
+    for moves in ([Demotion("a", 1, 3, layout.lo_code(9, 1, mid=True))],
+                  [Demotion("a", 1, -1 - layout.lo_code(9, 1, mid=True), layout.lo_code(10, 0))]):
+        log.text = ""
+        v.save_sources(layer, layout, moves)
+        demote_on_cpu(layer, layout, moves[0].src, moves[0].dst_code)
+        table[0, 1] = -1 - moves[0].dst_code
+        v.check_moves(layer, layout, moves, {"a": 0})
+        v.check_live(layer, layout, table, gone=set())
+        assert "worst error" in log.text and "changed" not in log.text
+        assert float(log.text.split("K ")[1].split(",")[0]) <= 1.0

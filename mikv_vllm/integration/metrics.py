@@ -20,8 +20,13 @@ def _metrics():
     labels = ["model_name", "engine"]
     return {
         "hi_pages": Gauge("vllm:mikv_hi_pages", "KV blocks holding a hi-precision page.", labels),
-        "lo_pages": Gauge("vllm:mikv_lo_pages", "Pages demoted to low precision (2-bit).", labels),
+        "lo_pages": Gauge("vllm:mikv_lo_pages",
+                          "Pages demoted to low precision (either lo tier).", labels),
         "pack_blocks": Gauge("vllm:mikv_pack_blocks", "KV blocks holding packed lo pages.", labels),
+        "mid_pages": Gauge("vllm:mikv_mid_pages",
+                           "Of the lo pages, those in the 4-bit middle tier.", labels),
+        "mid_pack_blocks": Gauge("vllm:mikv_mid_pack_blocks",
+                                 "Of the pack blocks, the 4-bit middle tier's.", labels),
         "resident_tokens": Gauge("vllm:mikv_resident_tokens",
                                  "Tokens of running requests whose K/V is in the cache.", labels),
         "bytes_saved": Gauge("vllm:mikv_kv_bytes_saved",
@@ -52,7 +57,8 @@ class MikvStatLogger(StatLoggerBase):
         if not page_stats:
             return
         metrics = _metrics()
-        for name in ("hi_pages", "lo_pages", "pack_blocks", "resident_tokens", "bytes_saved",
+        for name in ("hi_pages", "lo_pages", "pack_blocks", "mid_pages", "mid_pack_blocks",
+                     "resident_tokens", "bytes_saved",
                      "left_kv_bytes_ratio"):
             metrics[name].labels(*self.labels).set(page_stats[name])
         delta = {name: page_stats[name] - self.last.get(name, 0)

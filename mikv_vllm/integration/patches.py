@@ -233,11 +233,24 @@ def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
     block_size = vllm_config.cache_config.block_size or 16
     if block_size % 16:
         raise MikvConfigError(f"mikv: block size must be a multiple of 16, got {block_size}")
-    return PageLayout(
+    layout = PageLayout(
         block_size=block_size,
         num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
         head_size=head_size,
         hi_elem_bytes=1 if cfg.hi_dtype == "fp8" else 2,
-        lo_bits=cfg.lo_bits,
+        lo_bits=cfg.final_bits,
         value_group_size=cfg.value_group_size,
+        mid_bits=cfg.mid_bits,
     )
+    for tier in filter(None, (layout.mid, layout)):
+        if tier.pack_factor < 2:  # a pack of one frees nothing
+            raise MikvConfigError(
+                f"mikv: a {tier.lo_bits}-bit page ({tier.lo_page_bytes} B) does not fit twice in "
+                f"a {cfg.hi_dtype} block of {tier.hi_page_bytes} B; use a larger --block-size, "
+                f"or fewer lo_bits")
+    floor = layout.lo_page_bytes / (layout.hi_page_bytes * 2 // layout.hi_elem_bytes)
+    if cfg.kv_budget is not None and cfg.kv_budget <= floor:
+        raise MikvConfigError(
+            f"mikv: kv_budget {cfg.kv_budget} is not above what a {layout.lo_bits}-bit page "
+            f"stores ({floor:.3f} of bf16's bytes); raise it")
+    return layout

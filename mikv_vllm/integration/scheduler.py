@@ -1,9 +1,12 @@
 """The scheduler side of mikv: a vLLM Scheduler subclass (selected through
 `SchedulerConfig.scheduler_cls`) that demotes pages before vLLM has to preempt.
 
-Each step, before vLLM's own scheduling: (1) pages over a request's `hi_budget` go lo, (2) if
+Each step, before vLLM's own scheduling: (1) pages over a request's `hi_budget` (or
+`kv_budget`) go lo, (2) if
 the free blocks would not cover the running requests' next pages plus a watermark, the coldest
-demotable pages go lo until they do. The moves ride to the workers on the step's
+demotable pages go lo until they do; (3) with two lo tiers (`lo_bits` [4, 2]) steps 1 and 2
+move hi pages to 4-bit, and if that did not free enough, 4-bit packs move on to 2-bit, least
+attention mass per block freed first. The moves ride to the workers on the step's
 `SchedulerOutput` (mikv_vllm.integration.protocol), minus those of requests vLLM preempted or
 finished in the same step (their packs are already back in the pool).
 
@@ -41,13 +44,20 @@ class MikvSchedulerMixin:
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"mikv: expected one KV cache group, got {len(groups)}")
-        self.layout = PageLayout.from_spec(groups[0].kv_cache_spec, cfg.lo_bits,
-                                           cfg.value_group_size)
+        self.layout = PageLayout.from_spec(groups[0].kv_cache_spec, cfg.final_bits,
+                                           cfg.value_group_size, cfg.mid_bits)
         self.mikv_policy = DemotionPolicy.from_config(cfg)
+        # A page's bytes in each tier over a bf16 page's (what kv_budget counts).
+        bf16 = self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes
+        self.page_costs = (self.layout.hi_page_bytes / bf16,
+                           None if self.layout.mid is None else self.layout.mid.lo_page_bytes / bf16,
+                           self.layout.lo_page_bytes / bf16)
         self.demoter = PageDemoter(self.kv_cache_manager, self.layout)
+        mid = self.layout.mid
         self.page_stats = PageStatsRecorder(
             self.layout.hi_page_bytes, self.layout.lo_page_bytes,
-            self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes)
+            self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes,
+            mid.lo_page_bytes if mid is not None else 0)
         # Decayed attention mass per physical block: the ranking of the hi page each block
         # holds. A block's entry is cleared when it leaves its last owner (finish, abort,
         # preemption, demotion), so a reused block starts cold; and again after the next
@@ -56,19 +66,26 @@ class MikvSchedulerMixin:
         self._released: list[int] = []
         # Requests whose demotable hi pages were all shared, at (demotable, lo) page counts.
         self._nothing_movable: dict[str, tuple[int, int]] = {}
+        # Two tiers: whether 4-bit packs had to move on to 2-bit last step (memory is short of
+        # even all-4-bit; see plan_demotions).
+        self._mid_saturated = False
         self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
         blocks, bs, n = self.kv_cache_config.num_blocks, self.layout.block_size, \
             self.layout.pack_factor
         logger.info("mikv: KV capacity %d blocks x %d tokens = %d tokens with every page hi, up "
-                    "to %d with every demotable page lo (%d lo pages per block)",
-                    blocks, bs, blocks * bs, blocks * bs * n, n)
+                    "to %d with every demotable page lo (%d %d-bit lo pages per block%s)",
+                    blocks, bs, blocks * bs, blocks * bs * n, n, self.layout.lo_bits,
+                    "" if mid is None else
+                    f"; {blocks * bs * mid.pack_factor} with every one {mid.lo_bits}-bit, "
+                    f"{mid.pack_factor} per block")
         free = self.kv_cache_manager.free
 
         def free_with_packs(request) -> None:
             held = self.demoter.manager.req_to_blocks.get(request.request_id, ())
             lo = self.demoter.num_lo_pages(request.request_id)
             pages = -(-request.num_computed_tokens // self.layout.block_size)
-            self.page_stats.request_left(max(pages, lo), lo)
+            self.page_stats.request_left(max(pages, lo), lo,
+                                         self.demoter.num_mid_pages(request.request_id))
             self._release_mass([b.block_id for b in held if b.ref_cnt == 1])
             free(request)
             self.demoter.release(request.request_id)
@@ -123,13 +140,24 @@ class MikvSchedulerMixin:
                 if self.mikv_policy.budget_excess(r.num_computed_tokens, bs,
                                                   self.demoter.num_lo_pages(r.request_id)):
                     mass, is_lo, shared = self._ranking(r)
-                    moves += self.demoter.demote(r.request_id, self.mikv_policy.over_budget(
+                    moves += self._demote(r, mass, self.mikv_policy.over_budget(
                         mass, is_lo, r.num_computed_tokens, bs, shared))
+        if self.mikv_policy.kv_budget is not None:
+            for r in decoding:  # 1'. the per-request byte budget
+                moves += self._fit_kv_budget(r)
         # 2. memory pressure: room for this step's pages plus a watermark.
-        short = (self._blocks_wanted() + self.watermark_blocks
-                 - self.kv_cache_manager.block_pool.get_num_free_blocks())
-        n = self.layout.pack_factor
+        pool = self.kv_cache_manager.block_pool
+        short = self._blocks_wanted() + self.watermark_blocks - pool.get_num_free_blocks()
+        n = (self.layout.mid or self.layout).pack_factor  # hi pages go to the first lo tier
         budget_moves = len(moves)
+        # While 4-bit packs are moving on, a hi page no warmer than the next pack's pages (any,
+        # once none is left) goes straight to 2-bit: it would follow them soon, and one
+        # quantization from the original values is cheaper and more exact than two.
+        direct_below = None
+        if self._mid_saturated:
+            direct_below = self.demoter.cheapest_mid_page_mass()
+            direct_below = float("inf") if direct_below is None else direct_below
+        direct_moves = 0
         for r in sorted(decoding, key=lambda r: -r.num_computed_tokens):  # longest first
             if short <= 0:
                 break
@@ -141,12 +169,57 @@ class MikvSchedulerMixin:
                                              shared)
             if not pages:  # its hi demotable pages are all shared: skip it until that changes
                 self._nothing_movable[r.request_id] = self._demotable_counts(r)
-            done = self.demoter.demote(r.request_id, pages)
+            if direct_below is not None and pages:
+                cold = (mass[pages] <= direct_below).tolist()
+                done = self._demote(r, mass, [p for p, c in zip(pages, cold) if c], to_last=True)
+                short -= len(done) - -(-len(done) // self.layout.pack_factor)
+                direct_moves += len(done)
+                moves += done
+                pages = [p for p, c in zip(pages, cold) if not c]
+            done = self._demote(r, mass, pages)
             short -= len(done) - -(-len(done) // n)
             moves += done
+        moved_on = 0
+        while self.demoter.tiered and short > 0:  # 3. 4-bit packs on to 2-bit, cheapest first
+            before = pool.get_num_free_blocks() + self.demoter.pending_free
+            done = self.demoter.move_on_cheapest()
+            if not done:  # none left, or no block left to open a 2-bit pack in
+                break
+            short -= pool.get_num_free_blocks() + self.demoter.pending_free - before
+            moves += done
+            moved_on += len(done)
+        self._mid_saturated = bool(moved_on or direct_moves)
         self.demoter.free_sources()  # only now: no pack of this step may be a source of it
-        self._release_mass([m.src_block for m in moves])
+        self._release_mass([m.src for m in moves if m.src >= 0])
         return moves, len(moves) - budget_moves
+
+    def _fit_kv_budget(self, request) -> list[Demotion]:
+        """The moves that bring one request within kv_budget: its coldest hi pages to the first
+        lo tier, then (two tiers) its cheapest 4-bit packs on to 2-bit."""
+        rid, bs = request.request_id, self.layout.block_size
+        hi_excess, mid_excess = self.mikv_policy.kv_budget_excess(
+            request.num_computed_tokens, bs, self.demoter.num_lo_pages(rid),
+            self.demoter.num_mid_pages(rid), *self.page_costs)
+        moves: list[Demotion] = []
+        if hi_excess:
+            mass, is_lo, shared = self._ranking(request)
+            moves += self._demote(request, mass, self.mikv_policy.coldest(
+                mass, is_lo, request.num_computed_tokens, bs, hi_excess, shared))
+        for _, pages in self.demoter.mid_packs(rid) if mid_excess else ():
+            if mid_excess <= 0:
+                break
+            done = self.demoter.demote_mid(rid, pages)
+            if not done:
+                break
+            mid_excess -= len(done)
+            moves += done
+        return moves
+
+    def _demote(self, request, mass: torch.Tensor, pages: list[int],
+                to_last: bool = False) -> list[Demotion]:
+        """Demote hi `pages` of `request`, handing the demoter their mass (it ranks them in the
+        middle tier, where nothing is measured)."""
+        return self.demoter.demote(request.request_id, pages, mass[pages].tolist(), to_last)
 
     def _blocks_wanted(self) -> int:
         """Blocks this step may allocate: each decode's next page, each prefill's next chunk,

@@ -99,18 +99,20 @@ class MikvWorker(Worker):
 
     def apply_demotions(self, moves) -> None:
         layout = self.layout
-        n = layout.pack_factor
-        clash = {m.src_block for m in moves} & {m.dst_code // n for m in moves}
-        if clash:  # one launch reads every source while it writes every pack slot
+        # One launch reads every source while it writes every pack slot: no block may be both
+        # (a middle-tier page moving on reads its own slot, which no move of the step writes).
+        sources = {m.src for m in moves if m.src >= 0}
+        clash = sources & {layout.locate(-1 - m.dst_code)[0] for m in moves}
+        if clash:
             raise RuntimeError(f"mikv: blocks {sorted(clash)[:8]} are both demotion sources and "
                                "packs of one step (scheduler bug): refusing to corrupt them")
         # Pinned, non-blocking copies: a blocking one would wait for the previous step's GPU
         # work, which async scheduling lets run while this step is prepared.
         device = self.device
-        src = async_tensor_h2d([m.src_block for m in moves], device, torch.int32)
+        src = async_tensor_h2d([m.src for m in moves], device, torch.int32)
         dst = async_tensor_h2d([m.dst_code for m in moves], device, torch.int32)
         if self.verifier is not None:
-            self.verifier.save_sources(self.attention_layers[0], src)
+            self.verifier.save_sources(self.attention_layers[0], layout, moves)
         for layer in self.attention_layers:
             key_cache, value_cache = split_kv_cache(layer.kv_cache, layer.head_size)
             ops.quantize_pages(key_cache, value_cache, src, dst, layout,
@@ -126,8 +128,7 @@ class MikvWorker(Worker):
             table = runner.block_tables.block_tables[0].gpu
             rows = async_tensor_h2d([index[m.req_id] for m in kept], device, torch.long)
             pages = async_tensor_h2d([m.page for m in kept], device, torch.long)
-            codes = async_tensor_h2d([-(1 + m.dst_code) for m in kept], device,
-                                     table.dtype)  # encode_lo
+            codes = async_tensor_h2d([-(1 + m.dst_code) for m in kept], device, table.dtype)
             table[rows, pages] = codes
         if self.verifier is not None:
             self.verifier.check_moves(self.attention_layers[0], layout, moves,
@@ -138,5 +139,5 @@ class MikvWorker(Worker):
         """The page layout of every layer's cache (one KV cache group, so one layout; the
         scheduler refuses more groups): the scheduler's, from the same spec."""
         spec = self.model_runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        return PageLayout.from_spec(spec, self.mikv_config.lo_bits,
-                                    self.mikv_config.value_group_size)
+        cfg = self.mikv_config
+        return PageLayout.from_spec(spec, cfg.final_bits, cfg.value_group_size, cfg.mid_bits)

@@ -64,7 +64,8 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         md: MikvAttentionMetadata = attn_metadata
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         if self.layout is None:
-            self.layout = cache_layout(key_cache, self.mikv.lo_bits, self.mikv.value_group_size)
+            self.layout = cache_layout(key_cache, self.mikv.final_bits,
+                                       self.mikv.value_group_size, self.mikv.mid_bits)
         nd = md.num_decodes
         meter = self.mass_meter
         if nd and md.split is not None:

@@ -77,7 +77,8 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
         # The decode grid is sized in waves of the kernel's occupancy on this GPU.
         self.ctas_per_sm = decode_ctas_per_sm(
-            kv_cache_spec.head_size, self.group, mikv.hi_dtype == "fp8", mikv.lo_bits) if on_gpu else 2
+            kv_cache_spec.head_size, self.group, mikv.hi_dtype == "fp8",
+            mikv.mid_bits or mikv.final_bits) if on_gpu else 2
         self.split_tables: SplitTables | None = None
         knob = mikv.split_decode
         fa_version = get_flash_attn_version()
