@@ -14,7 +14,7 @@
 # profile Nsight Compute on the decode kernel at issue 3's row (text in $OUT/ncu/)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
-#         4's workloads a and b for every kv dtype; demote: demotion forced on (dummy weights);
+#         4's workloads a and b for every kv dtype (e2e_b_tiers: b with lo_bits [4, 2]); demote: demotion forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
@@ -159,6 +159,11 @@ stage_e2e_a() {
 # (b) long prompts: N x (32K + 512); N=64 in the issue, fewer where the call's 10 minutes end.
 stage_e2e_b() {
   E2E_ARGS="--kv ${E2E_B_KV:-$KV_ALL} --tag b --num-prompts ${E2E_B_N:-64} --input-len 32768 --output-len 512 --max-model-len 33344 --probe-prompts 0 --timeout ${E2E_B_TIMEOUT:-280} ${E2E_B_ARGS:-}" stage_e2e
+}
+
+# Workload b with two lo tiers (lo_bits [4, 2]), tagged b_tiers: beside e2e_b's one-tier mikv.
+stage_e2e_b_tiers() {
+  E2E_B_KV=mikv E2E_B_ARGS="${E2E_B_ARGS:-} --tag b_tiers --mikv-knobs {\"lo_bits\":[4,2]}" stage_e2e_b
 }
 # Demotion forced on (tiny hi budget): every request completes; greedy tokens vs auto.
 stage_demote() {

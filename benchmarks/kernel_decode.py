@@ -1,10 +1,12 @@
-"""Decode-attention kernel benchmark: mikv's paged decode over mixed hi/2-bit pages vs vLLM's
+"""Decode-attention kernel benchmark: mikv's paged decode over mixed hi/2-bit pages (and, with
+--mid-shares, hi/4-bit/2-bit pages: that share of the lo pages in the 4-bit tier) vs vLLM's
 FlashAttention decode on bf16 and fp8 caches of the same shapes (one layer, H100).
 
 Times are CUDA-event medians (triton.testing.do_bench); bytes_read counts what each kernel must
 read at least once (K/V pages and their scales, queries, block table) plus the output it writes;
 hbm_gbps is a device-to-device copy measured in the same run. Writes JSON rows
-{kernel, batch, ctx, hi_fraction, head_dim, gqa, us, bytes_read, gbps, hbm_gbps, frac_of_hbm}
+{kernel, batch, ctx, hi_fraction, mid_share, head_dim, gqa, us, bytes_read, gbps, hbm_gbps,
+frac_of_hbm}
 and a PNG of speedup vs context length."""
 from __future__ import annotations
 
@@ -44,23 +46,35 @@ def hbm_copy_gbps() -> float:
     return 2 * src.numel() / us / 1e3
 
 
-def make_case(batch, ctx, head_dim, gqa, hi_fraction, fp8_hi, layout):
+def make_case(batch, ctx, head_dim, gqa, hi_fraction, fp8_hi, layout, mid_share=0.0):
     pages = math.ceil(ctx / BLOCK)
     lo_pages = min(round(pages * (1 - hi_fraction)), pages - 1)  # the sink page stays hi
-    n = layout.pack_factor
-    num_blocks = batch * pages + math.ceil(batch * lo_pages / n) + 1
+    mid_pages = round(lo_pages * mid_share)
+    tiers = [(False, 1 + mid_pages, 1 + lo_pages)]  # (middle tier?, first column, end)
+    if mid_pages:
+        tiers.append((True, 1, 1 + mid_pages))
+    first_pack = batch * pages
+    num_blocks = first_pack + sum(
+        math.ceil(batch * (end - start) / layout.tier(mid).pack_factor)
+        for mid, start, end in tiers) + 1
     dtype = torch.uint8 if fp8_hi else torch.bfloat16
     kv = torch.randn(num_blocks, BLOCK, KV_HEADS, 2 * head_dim, device="cuda").to(
         torch.float8_e4m3fn if fp8_hi else torch.bfloat16).view(dtype)
     k, v = kv.split(head_dim, dim=-1)
     table = torch.arange(batch * pages, dtype=torch.int32, device="cuda").reshape(batch, pages)
-    if lo_pages:
-        # The oldest pages after the sink go lo, packed n to a block.
-        cols = torch.arange(1, 1 + lo_pages, device="cuda")
+    for mid, start, end in tiers:
+        if end == start:
+            continue
+        # The oldest pages after the sink go lo (4-bit first, where a share of them is), each
+        # tier packed in blocks of its own.
+        cols = torch.arange(start, end, device="cuda")
         src = table[:, cols].reshape(-1).contiguous()
-        codes = torch.arange(src.numel(), dtype=torch.int32, device="cuda") + batch * pages * n
+        n = layout.tier(mid).pack_factor
+        slots = torch.arange(src.numel(), dtype=torch.int32, device="cuda")
+        codes = layout.lo_code(first_pack, 0, mid) + slots  # pack first_pack + slot // n
         ops.quantize_pages(k, v, src, codes, layout)
-        table[:, cols] = -(1 + codes.reshape(batch, -1))  # = layout.encode_lo(pack, slot)
+        table[:, cols] = -(1 + codes.reshape(batch, -1))
+        first_pack += math.ceil(src.numel() / n)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, KV_HEADS * gqa, head_dim, device="cuda", dtype=torch.bfloat16)
     return q, k, v, table, lens, lo_pages, pages
@@ -86,9 +100,13 @@ def split_step(q, k, v, table, lens, scale, splits, layout, ctx, fa_utils):
                           layout)
 
 
-def bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, hi_elem, layout) -> int:
+def bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, hi_elem, layout,
+               mid_share=0.0) -> int:
     hi_rows = (pages - lo_pages) * BLOCK
-    kv = batch * (hi_rows * KV_HEADS * 2 * head_dim * hi_elem + lo_pages * layout.lo_page_bytes)
+    mid_pages = round(lo_pages * mid_share)
+    lo_bytes = (lo_pages - mid_pages) * layout.lo_page_bytes + (
+        mid_pages * layout.mid.lo_page_bytes if mid_pages else 0)
+    kv = batch * (hi_rows * KV_HEADS * 2 * head_dim * hi_elem + lo_bytes)
     qo = 2 * batch * KV_HEADS * gqa * head_dim * 2
     return kv + qo + batch * pages * 4
 
@@ -110,18 +128,30 @@ def run(args) -> list[dict]:
             splits = args.splits or ops.decode_num_splits(
                 batch, KV_HEADS, gqa, num_sms, ops.decode_ctas_per_sm(head_dim, gqa, fp8_hi))
             layout = PageLayout(BLOCK, KV_HEADS, head_dim, 1 if fp8_hi else 2, 2, 64)
-            for hi in args.hi_fractions:
+            tiered = PageLayout(BLOCK, KV_HEADS, head_dim, 2, 2, 64, mid_bits=4)
+            # Tiers go with bf16 hi pages (a 4-bit page does not pack twice in an fp8 block).
+            cases = [(hi, 0.0) for hi in args.hi_fractions] + (
+                [] if fp8_hi else [(hi, m) for hi in args.hi_fractions if hi < 1.0
+                                   for m in args.mid_shares])
+            for hi, mid_share in cases:
+                lay = tiered if mid_share else layout
+                tier_splits = splits if not mid_share or args.splits else ops.decode_num_splits(
+                    batch, KV_HEADS, gqa, num_sms, ops.decode_ctas_per_sm(head_dim, gqa, False, 4))
                 q, k, v, table, lens, lo_pages, pages = make_case(batch, ctx, head_dim, gqa, hi,
-                                                                  fp8_hi, layout)
+                                                                  fp8_hi, lay, mid_share)
                 out = torch.empty_like(q)
                 us = bench(lambda: ops.paged_decode(out, q, k, v, table, lens, scale, 1.0, 1.0,
-                                                    splits, layout))
+                                                    tier_splits, lay))
                 b = bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, layout.hi_elem_bytes,
-                               layout)
-                rows.append(dict(kernel=f"mikv_{'fp8' if fp8_hi else 'bf16'}hi", batch=batch,
-                                 ctx=ctx, hi_fraction=hi, head_dim=head_dim, gqa=gqa, us=us,
-                                 bytes_read=b, gbps=b / us / 1e3, hbm_gbps=hbm,
-                                 frac_of_hbm=b / us / 1e3 / hbm, splits=splits))
+                               lay, mid_share)
+                rows.append(dict(kernel=f"mikv_{'fp8' if fp8_hi else 'bf16'}hi"
+                                 + ("_tiers" if mid_share else ""), batch=batch,
+                                 ctx=ctx, hi_fraction=hi, mid_share=mid_share, head_dim=head_dim,
+                                 gqa=gqa, us=us, bytes_read=b, gbps=b / us / 1e3, hbm_gbps=hbm,
+                                 frac_of_hbm=b / us / 1e3 / hbm, splits=tier_splits))
+                if mid_share:  # the tiered table's time only
+                    print(json.dumps(rows[-1]))
+                    continue
                 if args.mass:  # a sampled layer also leaves per-page attention mass
                     lse = torch.empty(batch, q.shape[1], device="cuda")
                     mass = torch.zeros(k.shape[0], device="cuda")
@@ -203,6 +233,8 @@ def main() -> None:
     p.add_argument("--hi-fractions", type=float, nargs="+", default=[1.0, 0.25, 0.1, 0.0])
     p.add_argument("--head-dims", type=int, nargs="+", default=[128])
     p.add_argument("--gqa", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--mid-shares", type=float, nargs="*", default=[],
+                   help="also time tables whose lo pages are this share 4-bit, the rest 2-bit")
     p.add_argument("--no-mass", dest="mass", action="store_false",
                    help="skip timing the page-mass output")
     p.add_argument("--no-split", dest="split", action="store_false",

@@ -4,7 +4,9 @@ Every method is one `--kv-cache-dtype` (mikv with its knobs). mikv's byte budget
 `hi_budget` knob (the fraction of a request's pages kept hi) through the page layout: a lo page
 costs `lo` of a bf16 page, so b = h + (1 - h) * lo. With 2-bit pages at block 16 and head_dim
 128, lo = 0.184: no hi_budget reaches 0.15 of bf16's bytes, and `mikv@min` keeps only the sink
-and recent pages hi (the least mikv can store)."""
+and recent pages hi (the least mikv can store). The tiered rows (`mikv-tier@B`: lo_bits [4, 2])
+use the `kv_budget` knob, which takes the byte budget itself; `mikv@0.35` does too, as their
+one-tier twin at the same bytes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +14,9 @@ from dataclasses import dataclass, field
 from mikv_vllm.layout import PageLayout
 
 BLOCK = 16
+TIERS = {"lo_bits": [4, 2]}
+# Methods run under memory pressure (no budget; run_all.py sizes their pool).
+PRESSURE = ("mikv-pressure", "mikv-tier-pressure")
 
 
 @dataclass(frozen=True)
@@ -55,5 +60,10 @@ def methods(num_kv_heads: int, head_size: int) -> dict[str, Method]:
     out += [Method("mikv@0.25", "mikv", {"hi_budget": quarter}),
             Method("mikv@0.25-nowindow", "mikv", {"hi_budget": quarter, "prefill_window": 0}),
             Method("mikv@min", "mikv", {"hi_budget": 0.001}),
-            Method("mikv-pressure", "mikv", pressure=True)]
+            Method("mikv-pressure", "mikv", pressure=True),
+            Method("mikv@0.35", "mikv", {"kv_budget": 0.35}),
+            Method("mikv-tier@0.35", "mikv", {**TIERS, "kv_budget": 0.35}),
+            Method("mikv-tier@0.25", "mikv", {**TIERS, "kv_budget": 0.25}),
+            Method("mikv-tier-pressure", "mikv", TIERS, pressure=True)]
+    assert {m.name for m in out if m.pressure} == set(PRESSURE)
     return {m.name: m for m in out}

@@ -86,6 +86,36 @@ def agreement(answers: list[dict]) -> list[dict]:
     return out
 
 
+def paired_rows(answers: list[dict], bytes_of: dict, methods: list[str],
+                model: str = MODEL) -> list[dict]:
+    """vLLM rows of `methods` in the quality harness's row format (benchmarks/results/
+    quality.json: task "longctx", size = context length), each with its paired difference to
+    auto over the same trials (normal approximation, 95%)."""
+    by = defaultdict(dict)
+    for r in answers:
+        if r["path"] == "vllm":
+            by[(r["method"], r["length"])][r["key"]] = bool(r["correct"])
+    out = []
+    for method in methods:
+        for (m, length), hits in sorted(by.items()):
+            base = by.get(("auto", length), {})
+            keys = [k for k in hits if k in base]
+            if m != method or not keys:
+                continue
+            d = [int(hits[k]) - int(base[k]) for k in keys]
+            n, mean = len(d), sum(d) / len(d)
+            se = (sum((x - mean) ** 2 for x in d) / max(n - 1, 1) / n) ** 0.5
+            lo, hi = wilson(sum(hits[k] for k in keys), n)
+            ratio = bytes_of.get(("vllm", m, length))
+            out.append(dict(model=model, task="longctx", method=m, budget=None,
+                            score=round(sum(hits[k] for k in keys) / n, 4), ci_low=round(lo, 4),
+                            ci_high=round(hi, 4), n=n,
+                            kv_bytes_ratio=None if ratio is None else round(ratio, 4),
+                            delta_vs_bf16=round(mean, 4), delta_ci_low=round(mean - 1.96 * se, 4),
+                            delta_ci_high=round(mean + 1.96 * se, 4), size=length))
+    return out
+
+
 def plot(table: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -132,8 +162,18 @@ def main(argv=None) -> None:
     ap.add_argument("run_dirs", nargs="+")
     ap.add_argument("--json", default=None, help="default: first RUN_DIR/longctx.json")
     ap.add_argument("--png", default=None, help="default: the JSON's path with .png")
+    ap.add_argument("--quality-json", default=None,
+                    help="also put --quality-methods' rows (paired with auto) into this JSON of "
+                    "the quality harness (its rows of task longctx replaced)")
+    ap.add_argument("--quality-methods", nargs="+", default=[])
     a = ap.parse_args(argv)
     answers, bytes_of = load(a.run_dirs)
+    if a.quality_json:
+        doc = json.load(open(a.quality_json))
+        doc["rows"] = [r for r in doc["rows"] if r["task"] != "longctx"] + paired_rows(
+            answers, bytes_of, a.quality_methods)
+        with open(a.quality_json, "w") as f:
+            json.dump(doc, f, indent=1)
     table = rows(answers, bytes_of)
     out = a.json or os.path.join(a.run_dirs[0], "longctx.json")
     with open(out, "w") as f:

@@ -25,10 +25,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "..")]  # suite.py, and the repo for benchmarks.*
 
 import suite  # noqa: E402
+from methods import PRESSURE  # noqa: E402
 
 # Priority order: the reference, the method under test, the formats it must beat, the rest.
 PLAN = ["auto", "mikv@0.25", "int4_per_token_head", "turboquant_3bit_nc", "fp8",
-        "turboquant_4bit_nc", "mikv-pressure", "mikv@min", "mikv@0.25-nowindow"]
+        "turboquant_4bit_nc", "mikv-pressure", "mikv@min", "mikv@0.25-nowindow",
+        "mikv-tier@0.25", "mikv-tier@0.35", "mikv@0.35", "mikv-tier-pressure"]
 SHORT = {"mikv@0.25-nowindow": 2}  # the A/B of the window scores: the two shorter lengths
 
 
@@ -68,7 +70,7 @@ class Jobs:
         """One run per method (or shard of it) at a time: they append to the same files."""
         running = [n for n, *_ in self.running.values()]
         waits = "auto" in [n.split("#")[0] for n in running + [n for n, *_ in self.pending]]
-        return name not in running and not (name == "mikv-pressure" and waits)
+        return name not in running and not (name in PRESSURE and waits)
 
     def _reap(self) -> None:
         for proc, (name, group, t0, f) in list(self.running.items()):
@@ -142,7 +144,7 @@ def main(argv=None) -> None:
     shared = ["--gpu-util", str(a.gpu_util)] if a.kv_gib else []  # engines sharing the GPU
     for name in a.methods:
         lengths = a.lengths[:SHORT.get(name, len(a.lengths))]
-        pressure = name == "mikv-pressure"
+        pressure = name in PRESSURE
         shards = 1 if pressure else a.shards
         for group in [[n] for n in lengths] if pressure else [lengths]:
             for k in range(shards):
@@ -157,7 +159,7 @@ def main(argv=None) -> None:
                 job = f"{name}#{k}" if shards > 1 else name
                 jobs.add(job, group, cmd + shared, os.path.join(a.out_dir, f"log_{job}.txt"))
     jobs.run(lambda name, group: pressure_pool(a.out_dir, group[0])
-             if name == "mikv-pressure" else [])
+             if name in PRESSURE else [])
     subprocess.run([sys.executable, os.path.join(HERE, "report.py"), a.out_dir])
 
 

@@ -71,12 +71,12 @@ def run_length(llm, sched, m, trials, hf_config) -> tuple[list[dict], dict]:
         rows.append(dict(method=m.name, key=t.key, task=t.task, length=t.length, index=t.index,
                          depth=t.depth, digest=t.digest(), prompt_tokens=len(t.prompt_ids),
                          text=text, correct=suite.score(t, text)))
-    d = {k: after[k] - before[k] for k in ("left_pages", "left_lo_pages", "preemptions_total",
-                                           "demotions_total", "left_requests")}
+    d = {k: after[k] - before[k] for k in ("left_pages", "left_lo_pages", "left_mid_pages",
+                                           "preemptions_total", "demotions_total",
+                                           "left_requests")}
     if m.is_mikv:
-        hi, lo, bf16 = sched.page_stats.page_bytes
-        pages, lo_pages = d["left_pages"], d["left_lo_pages"]
-        ratio = ((pages - lo_pages) * hi + lo_pages * lo) / (pages * bf16) if pages else None
+        ratio = sched.page_stats.bytes_ratio(d["left_pages"], d["left_lo_pages"],
+                                             d["left_mid_pages"])
     else:
         ratio = pool_bytes_per_token(sched) / bf16_bytes_per_token(hf_config)
     cell = dict(method=m.name, kv_cache_dtype=m.kv_cache_dtype, knobs=m.knobs,
@@ -85,6 +85,7 @@ def run_length(llm, sched, m, trials, hf_config) -> tuple[list[dict], dict]:
                 preemptions=d["preemptions_total"], demotions=d["demotions_total"],
                 max_resident_tokens=after["max_resident_tokens"],
                 lo_page_share=(d["left_lo_pages"] / d["left_pages"]) if d["left_pages"] else None,
+                mid_page_share=(d["left_mid_pages"] / d["left_pages"]) if d["left_pages"] else None,
                 kv_pool_tokens=sched.kv_cache_config.num_blocks
                 * sched.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size)
     return rows, cell

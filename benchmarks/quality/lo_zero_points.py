@@ -23,10 +23,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from benchmarks.harness import kvsim, models  # noqa: E402
-from benchmarks.harness.tasks import wiki_articles  # noqa: E402
+from benchmarks.quality.attention_probe import (QUERIES, attention_error,  # noqa: E402
+                                                mean_over_layers, prefill_wiki)
 from mikv_vllm.quant import roundtrip_pages  # noqa: E402
-
-QUERIES = 64
 
 
 def coarser_share(k: torch.Tensor, bits: int) -> float:
@@ -44,43 +43,23 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    model, tok = models.load(a.model, kvsim.ATTN_IMPL)
-    ids = tok(" ".join(wiki_articles()[:40]))["input_ids"][:a.tokens]
-    queries = {}
-    attend = kvsim.Prefill.attend
-
-    def keep_queries(self, layer, q, k, v, scaling):
-        queries[layer] = (q[:, -QUERIES:].clone(), scaling)
-        return attend(self, layer, q, k, v, scaling)
-
-    kvsim.Prefill.attend = keep_queries
-    try:
-        state = kvsim.prefill(model, ids)
-    finally:
-        kvsim.Prefill.attend = attend
+    model, kv, queries, tokens = prefill_wiki(a.model, a.tokens)
     layout = kvsim.layout_of(model, a.block_size, lo_bits=a.bits)
     rows = []
     for layer in sorted(queries):
-        k = state.cache.layers[layer].keys[0].float()      # [H, T, D], after RoPE
-        v = state.cache.layers[layer].values[0].float()
+        k, v = kv[layer]
         h, t, d = k.shape
         t -= t % a.block_size
         pages = k[:, :t].reshape(h, t // a.block_size, a.block_size, d)
         q, scaling = queries[layer]
-        out0, p0 = kvsim._attend(q, k[:, :t], v[:, :t], scaling)
         row = {"layer": layer, "coarser_step_share": coarser_share(pages, a.bits)}
         for name, k_zero_fp16 in (("int8_zero", False), ("fp16_zero", True)):
             lo_k, _ = roundtrip_pages(k[:, :t], v[:, :t], layout, k_zero_fp16=k_zero_fp16)
-            out, p = kvsim._attend(q, lo_k, v[:, :t], scaling)
-            kl = (p0 * (p0.clamp_min(1e-30).log() - p.clamp_min(1e-30).log())).sum(-1).mean()
-            rel = ((out - out0).norm(dim=-1) / out0.norm(dim=-1).clamp_min(1e-12)).mean()
-            row[name] = {"attention_kl": round(float(kl), 5), "output_rel_err": round(float(rel), 5)}
+            row[name] = attention_error(q, scaling, k[:, :t], v[:, :t], lo_k, v[:, :t])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    mean = {name: {m: round(sum(r[name][m] for r in rows) / len(rows), 5)
-                   for m in ("attention_kl", "output_rel_err")}
-            for name in ("int8_zero", "fp16_zero")}
-    result = {"model": a.model, "tokens": len(ids), "bits": a.bits, "block_size": a.block_size,
+    mean = mean_over_layers(rows, ("int8_zero", "fp16_zero"))
+    result = {"model": a.model, "tokens": tokens, "bits": a.bits, "block_size": a.block_size,
               "queries": QUERIES, "mean_over_layers": mean, "layers": rows}
     json.dump(result, open(a.out, "w"), indent=1)
     print(json.dumps(mean))
