@@ -3,16 +3,17 @@ block pool (scheduler side), or by degrees: into 4-bit packs first, and from the
 
 A pack is one ordinary vLLM block holding N lo pages of one tier (N = the tier's
 `pack_factor`). Demoting N pages takes one pack block and gives N hi blocks back: N - 1 blocks
-net. A middle-tier page that moves on leaves a hole in its pack; the pack goes back to the pool
-once all its pages have left, which is why the scheduler moves middle-tier pages pack by pack. The page's entry in
-the request's block list becomes vLLM's null block (as the sliding-window manager does for
-blocks it drops), and the move (source block -> pack slot) is handed to the workers, which
-quantize all of a step's moves in one launch before the step's forward. So no block may be a
-source and a pack of the same step: sources are freed only once the step's demotions are all
-planned (`free_sources`), after every pack of the step was taken (vLLM's pool hands a freed,
-unhashed block out first). A freed source can then only be rewritten by cache writes of a later
-forward, so the order holds under async scheduling too. Packs belong to their request and go
-back to the pool when it finishes, is aborted or preempted."""
+net. The page's entry in the request's block list becomes vLLM's null block (as the
+sliding-window manager does for blocks it drops), and the move (source block -> pack slot) is
+handed to the workers, which quantize all of a step's moves in one launch before the step's
+forward. So no block may be a source and a pack of the same step: sources are freed only once
+the step's demotions are all planned (`free_sources`), after every pack of the step was taken
+(vLLM's pool hands a freed, unhashed block out first). A freed source can then only be
+rewritten by cache writes of a later forward, so the order holds under async scheduling too.
+Packs belong to their request and go back to the pool when it finishes, is aborted or
+preempted. A middle-tier page that moves on leaves a hole in its pack; the pack goes back to
+the pool (with the step's sources) once all its pages have left, which is why middle-tier
+pages move on pack by pack, and a pack that took pages this step waits for the next."""
 from __future__ import annotations
 
 import heapq
@@ -81,6 +82,7 @@ class PageDemoter:
         self._fresh: set[tuple[str, int]] = set()
         self._deferred: list[tuple[float, int, str, int, int]] = []
         self._compact_at = 1024
+        self._versions = 0  # every pack change gets a new number (no stale entry matches it)
 
     def is_lo(self, req_id: str, page: int) -> bool:
         state = self.requests.get(req_id)
@@ -238,7 +240,8 @@ class PageDemoter:
 
     def _rank(self, req_id: str, tier: TierPacks, pack: int) -> None:
         """(Re)enter a changed middle-tier pack in the ranking."""
-        version = tier.version[pack] = tier.version.get(pack, 0) + 1
+        self._versions += 1
+        version = tier.version[pack] = self._versions
         heapq.heappush(self._ranking, (self._cost(tier, pack), min(tier.pages[pack]), req_id,
                                        pack, version))
         if len(self._ranking) > self._compact_at:  # drop the stale entries

@@ -2,11 +2,10 @@
 `SchedulerConfig.scheduler_cls`) that demotes pages before vLLM has to preempt.
 
 Each step, before vLLM's own scheduling: (1) pages over a request's `hi_budget` (or
-`kv_budget`) go lo, (2) if
-the free blocks would not cover the running requests' next pages plus a watermark, the coldest
-demotable pages go lo until they do; (3) with two lo tiers (`lo_bits` [4, 2]) steps 1 and 2
-move hi pages to 4-bit, and if that did not free enough, 4-bit packs move on to 2-bit, least
-attention mass per block freed first. The moves ride to the workers on the step's
+`kv_budget`) go lo, (2) if the free blocks would not cover the running requests' next pages
+plus a watermark, the coldest demotable pages go lo until they do; (3) with two lo tiers
+(`lo_bits` [4, 2]) steps 1 and 2 move hi pages to 4-bit, and if that did not free enough, 4-bit
+packs move on to 2-bit, least attention mass per block freed first. The moves ride to the workers on the step's
 `SchedulerOutput` (mikv_vllm.integration.protocol), minus those of requests vLLM preempted or
 finished in the same step (their packs are already back in the pool).
 
