@@ -5,6 +5,8 @@ accepted values, so a bad `--additional-config` fails before any model or kernel
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -53,6 +55,13 @@ class MikvConfig:
     # FlashAttention 3 (Hopper), where it wins while many pages are hi (README's knob table has
     # the timings); off elsewhere (FA2 on sm80 is untested).
     split_decode: bool | None = None
+
+    @classmethod
+    def of(cls, vllm_config) -> "MikvConfig":
+        """The engine's knobs (validated once at startup into additional_config), parsed once
+        per process whoever asks: the scheduler, the worker, the attention backend."""
+        raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        return _parsed(json.dumps(raw, sort_keys=True))
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "MikvConfig":
@@ -145,3 +154,8 @@ def _check_type(name: str, value: Any, accepted: tuple[type, ...]) -> None:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
         raise MikvConfigError(
             f"mikv: knob {name!r} must be {names}, got {type(value).__name__} {value!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(raw_json: str) -> MikvConfig:
+    return MikvConfig.from_dict(json.loads(raw_json))

@@ -103,8 +103,9 @@ def test_hi_dtype_fp8_becomes_fp8_cache(serve_engine_config):
 def test_two_lo_tiers_are_parsed_and_carried(serve_engine_config):
     _, cfg = serve_engine_config(*mikv_args({"lo_bits": [4, 2]}))
     assert cfg.additional_config["mikv"] == {**DEFAULT_KNOBS, "lo_bits": [4, 2]}
-    parsed = MikvConfig.from_additional_config(cfg.additional_config)
+    parsed = MikvConfig.of(cfg)  # what scheduler, worker and backend read: parsed once
     assert (parsed.mid_bits, parsed.final_bits) == (4, 2)
+    assert MikvConfig.of(cfg) is parsed
 
 
 @pytest.mark.parametrize("knobs", [{"hi_dtype": "fp8", "lo_bits": 4},
@@ -112,6 +113,12 @@ def test_two_lo_tiers_are_parsed_and_carried(serve_engine_config):
 def test_a_4_bit_page_that_does_not_pack_in_an_fp8_block_is_refused(serve_engine_config, knobs):
     with pytest.raises(MikvConfigError, match="4-bit page .* does not fit twice in a fp8 block"):
         serve_engine_config(*mikv_args(knobs))
+
+
+def test_kv_transfer_connectors_are_refused(serve_engine_config):
+    with pytest.raises(MikvConfigError, match=r"KV transfer connectors .* not supported"):
+        serve_engine_config(*mikv_args(None, "--kv-transfer-config", json.dumps(
+            {"kv_connector": "ExampleConnector", "kv_role": "kv_both"})))
 
 
 def test_a_kv_budget_below_all_lo_is_refused(serve_engine_config):

@@ -328,13 +328,13 @@ def test_kv_cache_manager_exposes_per_request_block_lists():
         "KVCacheCoordinator.single_type_managers moved: PageDemoter reads its first group")
 
 
-def test_scheduler_frees_through_kv_cache_manager_free():
+def test_scheduler_frees_requests_in_free_request_blocks():
+    """MikvScheduler returns a request's packs by overriding Scheduler._free_request_blocks
+    (whether the packs really come back on finish, abort and preemption: test_scheduler.py)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    src = inspect.getsource(Scheduler)
-    assert "self.kv_cache_manager.free(" in src, (
-        "Scheduler no longer frees requests through kv_cache_manager.free: MikvScheduler hooks "
-        "it to return packs")
+    assert _param_names(Scheduler._free_request_blocks) == ["self", "request"], (
+        "Scheduler._free_request_blocks changed: MikvScheduler overrides it to return packs")
     assert "preempted_req_ids" in _vllm_file("v1/core/sched/output.py").read_text(), (
         "SchedulerOutput.preempted_req_ids moved: MikvScheduler drops moves of preempted requests")
 

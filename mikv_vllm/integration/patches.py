@@ -139,6 +139,11 @@ def select_scheduler_and_worker(vllm_config) -> None:
         raise MikvConfigError(
             f"mikv: --kv-cache-dtype mikv brings its own GPU worker; remove --worker-cls "
             f"{parallel.worker_cls!r}")
+    if vllm_config.kv_transfer_config is not None:
+        # A connector moves a request's blocks as hi pages, and (as a consumer under async
+        # scheduling) frees them on a path that would skip the request's packs.
+        raise MikvConfigError("mikv: KV transfer connectors (--kv-transfer-config) are not "
+                              "supported with --kv-cache-dtype mikv")
     if parallel.pipeline_parallel_size > 1:
         raise MikvConfigError("mikv: pipeline parallelism is not supported (tensor parallelism "
                               "is); use --pipeline-parallel-size 1")

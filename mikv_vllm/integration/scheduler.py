@@ -39,7 +39,7 @@ class MikvSchedulerMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        cfg = MikvConfig.from_additional_config(self.vllm_config.additional_config)
+        cfg = MikvConfig.of(self.vllm_config)
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"mikv: expected one KV cache group, got {len(groups)}")
@@ -77,20 +77,20 @@ class MikvSchedulerMixin:
                     "" if mid is None else
                     f"; {blocks * bs * mid.pack_factor} with every one {mid.lo_bits}-bit, "
                     f"{mid.pack_factor} per block")
-        free = self.kv_cache_manager.free
 
-        def free_with_packs(request) -> None:
-            held = self.demoter.manager.req_to_blocks.get(request.request_id, ())
-            lo = self.demoter.num_lo_pages(request.request_id)
-            pages = -(-request.num_computed_tokens // self.layout.block_size)
-            self.page_stats.request_left(max(pages, lo), lo,
-                                         self.demoter.num_mid_pages(request.request_id))
-            self._release_mass([b.block_id for b in held if b.ref_cnt == 1])
-            free(request)
-            self.demoter.release(request.request_id)
-            self._nothing_movable.pop(request.request_id, None)
-
-        self.kv_cache_manager.free = free_with_packs
+    def _free_request_blocks(self, request) -> None:
+        """vLLM's one path from a request's finish, abort or preemption to freeing its blocks
+        (with KV connectors refused at startup, see integration/patches.py): its packs go back
+        too, once its stats and page masses are settled."""
+        rid = request.request_id
+        held = self.demoter.manager.req_to_blocks.get(rid, ())
+        lo = self.demoter.num_lo_pages(rid)
+        pages = -(-request.num_computed_tokens // self.layout.block_size)
+        self.page_stats.request_left(max(pages, lo), lo, self.demoter.num_mid_pages(rid))
+        self._release_mass([b.block_id for b in held if b.ref_cnt == 1])
+        super()._free_request_blocks(request)
+        self.demoter.release(rid)
+        self._nothing_movable.pop(rid, None)
 
     def schedule(self, *args, **kwargs):
         moves, pressure_moves = self.plan_demotions()

@@ -29,13 +29,15 @@ class MikvWorker(Worker):
 
     @functools.cached_property
     def mikv_config(self) -> MikvConfig:
-        return MikvConfig.from_additional_config(self.vllm_config.additional_config)
+        return MikvConfig.of(self.vllm_config)
 
     def initialize_from_config(self, kv_cache_config) -> None:
         if not self.use_v2_model_runner:
             raise RuntimeError("mikv: needs vLLM's V2 model runner (unset "
                                "VLLM_USE_V2_MODEL_RUNNER=0)")
         super().initialize_from_config(kv_cache_config)
+        for layer in self.attention_layers:  # the one layout, from the KV cache spec
+            layer.impl.layout = self.layout
         self._attach_mass_meter(kv_cache_config.num_blocks)
         if verify_enabled():
             self.verifier = DemotionVerifier()

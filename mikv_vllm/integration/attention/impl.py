@@ -10,7 +10,7 @@ from mikv_vllm.config import MikvConfig
 from mikv_vllm.importance import PageMassMeter, window_page_mass
 from mikv_vllm.integration.attention import split_decode
 from mikv_vllm.integration.attention.metadata import MikvAttentionMetadata
-from mikv_vllm.layout import PageLayout, cache_layout, split_kv_cache
+from mikv_vllm.layout import PageLayout, split_kv_cache
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -43,7 +43,9 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         self.is_fp8 = kv_cache_dtype.startswith("fp8")
         self.fa_version = get_flash_attn_version(head_size=head_size)
         self.mikv = _mikv_config()
-        self.layout: PageLayout | None = None  # built at the first forward, from the cache
+        # The engine's page layout: set by the mikv worker once the KV cache exists
+        # (MikvWorker.initialize_from_config), the same object its demotions write with.
+        self.layout: PageLayout | None = None
         # Set by the mikv worker on the layers that measure page importance.
         self.mass_meter: PageMassMeter | None = None
         ops.load_kernels()
@@ -64,8 +66,8 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
         md: MikvAttentionMetadata = attn_metadata
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         if self.layout is None:
-            self.layout = cache_layout(key_cache, self.mikv.final_bits,
-                                       self.mikv.value_group_size, self.mikv.mid_bits)
+            raise RuntimeError("mikv: an attention layer without its page layout (the mikv "
+                               "worker sets it when the KV cache is allocated)")
         nd = md.num_decodes
         meter = self.mass_meter
         if nd and md.split is not None:
@@ -167,4 +169,4 @@ def _mikv_config() -> MikvConfig:
     """The engine's mikv knobs (defaults when the backend was chosen without `mikv`)."""
     from vllm.config import get_current_vllm_config
 
-    return MikvConfig.from_additional_config(get_current_vllm_config().additional_config)
+    return MikvConfig.of(get_current_vllm_config())

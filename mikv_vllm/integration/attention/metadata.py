@@ -71,7 +71,7 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
         parallel_config = vllm_config.parallel_config
         self.num_kv_heads = model_config.get_num_kv_heads(parallel_config)
         self.group = model_config.get_num_attention_heads(parallel_config) // self.num_kv_heads
-        mikv = MikvConfig.from_additional_config(vllm_config.additional_config)
+        mikv = MikvConfig.of(vllm_config)
         self.prefill_window = mikv.prefill_window
         on_gpu = torch.device(device).type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
