@@ -1,0 +1,73 @@
+"""Whether rotating keys or values before 2-bit quantization pays at equal bytes (issue 20's
+"a better 2-bit page": vLLM's int4_per_token_head and KVLinC rotate with a Hadamard matrix).
+
+    python benchmarks/quality/lo_rotation.py --model SmolLM2-135M-Instruct --tokens 2048 \
+        --out benchmarks/results/quality_lo_rotation_smollm2.json
+
+A rotation is free in bytes and leaves attention exact (q . k = (qH) . (kH) for orthogonal
+H; values rotate back after P V), so only its effect on quantization error counts. Per layer
+every page is round-tripped as the product stores it (keys: one scale and zero per channel over
+the page's tokens; values: per token and group of 64 channels), with keys and/or values
+multiplied by a normalized Hadamard matrix first and by its transpose after; the prompt's last
+64 queries attend over the result (attention_probe.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from benchmarks.harness import kvsim, models  # noqa: E402
+from benchmarks.quality.attention_probe import (QUERIES, attention_error,  # noqa: E402
+                                                mean_over_layers, prefill_wiki)
+from mikv_vllm.quant import roundtrip_pages  # noqa: E402
+
+VARIANTS = ("product", "keys_rotated", "values_rotated", "both_rotated")
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """The normalized d x d Hadamard matrix (d a power of two): orthogonal and symmetric."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / d ** 0.5
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=models.QWEN15)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    model, kv, queries, tokens = prefill_wiki(a.model, a.tokens)
+    layout = kvsim.layout_of(model, a.block_size, lo_bits=2)
+    rows = []
+    for layer in sorted(queries):
+        k, v = kv[layer]
+        t = k.shape[1] - k.shape[1] % a.block_size
+        k, v = k[:, :t], v[:, :t]
+        q, scaling = queries[layer]
+        h = hadamard(k.shape[-1])
+        row = {"layer": layer}
+        for name in VARIANTS:
+            rot_k = name in ("keys_rotated", "both_rotated")
+            rot_v = name in ("values_rotated", "both_rotated")
+            lk, lv = roundtrip_pages(k @ h if rot_k else k, v @ h if rot_v else v, layout)
+            row[name] = attention_error(q, scaling, k, v, lk @ h.T if rot_k else lk,
+                                        lv @ h.T if rot_v else lv)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    mean = mean_over_layers(rows, VARIANTS)
+    result = {"model": a.model, "tokens": tokens, "block_size": a.block_size, "queries": QUERIES,
+              "mean_over_layers": mean, "layers": rows}
+    json.dump(result, open(a.out, "w"), indent=1)
+    print(json.dumps(mean))
+
+
+if __name__ == "__main__":
+    main()
