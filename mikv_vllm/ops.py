@@ -89,10 +89,10 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
     (any strides but the last; fp8 caches as uint8 or float8_e4m3fn with k/v_scale);
     block_table: [seqs, pages] int32, block ids for hi pages and -(1 + `PageLayout.lo_code`)
-    for lo pages of either tier; seq_lens: [seqs] int32. With `lse` (fp32 [seqs, q_heads]) it also leaves each
-    head's softmax normaliser (log2 domain), and with `slab_lse` (fp32 [num_blocks,
-    slabs_per_block, q_heads]) the same over each slab of every hi page it reads: what
-    `page_mass` turns into page masses. `slab_gate` (CUDA int32 [1]) writes slab_lse only
+    for lo pages of either tier; seq_lens: [seqs] int32. With `lse` (fp32 [seqs, q_heads]) it
+    also leaves each head's softmax normaliser (log2 domain), and with `slab_lse` (fp32
+    [num_blocks, slabs_per_block, q_heads]) the same over each slab of every hi page it reads:
+    what `page_mass` turns into page masses. `slab_gate` (CUDA int32 [1]) writes slab_lse only
     while it holds a nonzero value, so a captured graph pays for it on measured steps only."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "

@@ -6,7 +6,8 @@ dequantizes (torch reference, mikv_vllm.quant) to its source page within the err
 allows each group (`quantization_error_bound`: half a step, where a group far from zero, like a
 biased key channel, gets a coarser step), and (2) on every later step, the block-table entries
 of the demoted pages still name their slots and the slots' bytes are unchanged (the decode path
-reads them with the worker's own layout object, which it hands every attention layer). One log line per step with demotions, one per broken page."""
+reads them with the worker's own layout object, which it hands every attention layer). One log
+line per step with demotions, one per broken page."""
 from __future__ import annotations
 
 import logging

@@ -12,8 +12,6 @@ multiplied by a normalized Hadamard matrix first and by its transpose after; the
 64 queries attend over the result (attention_probe.py)."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -21,9 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from benchmarks.harness import kvsim, models  # noqa: E402
-from benchmarks.quality.attention_probe import (QUERIES, attention_error,  # noqa: E402
-                                                mean_over_layers, prefill_wiki)
+from benchmarks.quality.attention_probe import probe_parser, run_probe  # noqa: E402
 from mikv_vllm.quant import roundtrip_pages  # noqa: E402
 
 VARIANTS = ("product", "keys_rotated", "values_rotated", "both_rotated")
@@ -37,37 +33,16 @@ def hadamard(d: int) -> torch.Tensor:
     return h / d ** 0.5
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=models.QWEN15)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    model, kv, queries, tokens = prefill_wiki(a.model, a.tokens)
-    layout = kvsim.layout_of(model, a.block_size, lo_bits=2)
-    rows = []
-    for layer in sorted(queries):
-        k, v = kv[layer]
-        t = k.shape[1] - k.shape[1] % a.block_size
-        k, v = k[:, :t], v[:, :t]
-        q, scaling = queries[layer]
-        h = hadamard(k.shape[-1])
-        row = {"layer": layer}
-        for name in VARIANTS:
-            rot_k = name in ("keys_rotated", "both_rotated")
-            rot_v = name in ("values_rotated", "both_rotated")
-            lk, lv = roundtrip_pages(k @ h if rot_k else k, v @ h if rot_v else v, layout)
-            row[name] = attention_error(q, scaling, k, v, lk @ h.T if rot_k else lk,
-                                        lv @ h.T if rot_v else lv)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    mean = mean_over_layers(rows, VARIANTS)
-    result = {"model": a.model, "tokens": tokens, "block_size": a.block_size, "queries": QUERIES,
-              "mean_over_layers": mean, "layers": rows}
-    json.dump(result, open(a.out, "w"), indent=1)
-    print(json.dumps(mean))
+def round_trips(layout, k, v):
+    h = hadamard(k.shape[-1])
+    out = {}
+    for name in VARIANTS:
+        rot_k = name in ("keys_rotated", "both_rotated")
+        rot_v = name in ("values_rotated", "both_rotated")
+        lk, lv = roundtrip_pages(k @ h if rot_k else k, v @ h if rot_v else v, layout)
+        out[name] = (lk @ h.T if rot_k else lk, lv @ h.T if rot_v else lv)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    run_probe(probe_parser(__doc__).parse_args(), VARIANTS, round_trips)

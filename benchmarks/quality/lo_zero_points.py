@@ -13,8 +13,6 @@ divergence of their attention from the exact one, the relative error of the atte
 output, and the share of key groups whose step the int8 zero made coarser."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -22,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from benchmarks.harness import kvsim, models  # noqa: E402
-from benchmarks.quality.attention_probe import (QUERIES, attention_error,  # noqa: E402
-                                                mean_over_layers, prefill_wiki)
+from benchmarks.quality.attention_probe import probe_parser, run_probe  # noqa: E402
 from mikv_vllm.quant import roundtrip_pages  # noqa: E402
+
+VARIANTS = ("int8_zero", "fp16_zero")
 
 
 def coarser_share(k: torch.Tensor, bits: int) -> float:
@@ -35,35 +33,20 @@ def coarser_share(k: torch.Tensor, bits: int) -> float:
     return float(grown.float().mean())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=models.QWEN15)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    model, kv, queries, tokens = prefill_wiki(a.model, a.tokens)
-    layout = kvsim.layout_of(model, a.block_size, lo_bits=a.bits)
-    rows = []
-    for layer in sorted(queries):
-        k, v = kv[layer]
-        h, t, d = k.shape
-        t -= t % a.block_size
-        pages = k[:, :t].reshape(h, t // a.block_size, a.block_size, d)
-        q, scaling = queries[layer]
-        row = {"layer": layer, "coarser_step_share": coarser_share(pages, a.bits)}
-        for name, k_zero_fp16 in (("int8_zero", False), ("fp16_zero", True)):
-            lo_k, _ = roundtrip_pages(k[:, :t], v[:, :t], layout, k_zero_fp16=k_zero_fp16)
-            row[name] = attention_error(q, scaling, k[:, :t], v[:, :t], lo_k, v[:, :t])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    mean = mean_over_layers(rows, ("int8_zero", "fp16_zero"))
-    result = {"model": a.model, "tokens": tokens, "bits": a.bits, "block_size": a.block_size,
-              "queries": QUERIES, "mean_over_layers": mean, "layers": rows}
-    json.dump(result, open(a.out, "w"), indent=1)
-    print(json.dumps(mean))
+def round_trips(layout, k, v):
+    """Keys only (values exact): zero points in int8 steps as stored, or fp16."""
+    return {name: (roundtrip_pages(k, v, layout, k_zero_fp16=fp16)[0], v)
+            for name, fp16 in (("int8_zero", False), ("fp16_zero", True))}
+
+
+def key_pages(layout, k):
+    h, t, d = k.shape
+    pages = k.reshape(h, t // layout.block_size, layout.block_size, d)
+    return {"coarser_step_share": coarser_share(pages, layout.lo_bits)}
 
 
 if __name__ == "__main__":
-    main()
+    ap = probe_parser(__doc__)
+    ap.add_argument("--bits", type=int, default=2)
+    a = ap.parse_args()
+    run_probe(a, VARIANTS, round_trips, lo_bits=a.bits, extra=key_pages)

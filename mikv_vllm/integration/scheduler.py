@@ -5,9 +5,10 @@ Each step, before vLLM's own scheduling: (1) pages over a request's `hi_budget` 
 `kv_budget`) go lo, (2) if the free blocks would not cover the running requests' next pages
 plus a watermark, the coldest demotable pages go lo until they do; (3) with two lo tiers
 (`lo_bits` [4, 2]) steps 1 and 2 move hi pages to 4-bit, and if that did not free enough, 4-bit
-packs move on to 2-bit, least attention mass per block freed first. The moves ride to the workers on the step's
-`SchedulerOutput` (mikv_vllm.integration.protocol), minus those of requests vLLM preempted or
-finished in the same step (their packs are already back in the pool).
+packs move on to 2-bit, least attention mass per block freed first. The moves ride to the
+workers on the step's `SchedulerOutput` (mikv_vllm.integration.protocol), minus those of
+requests vLLM preempted or finished in the same step (their packs are already back in the
+pool).
 
 Pages are ranked by the attention mass the workers measure (`mikv_vllm.importance`), which
 arrives on the model runner's output as one number per physical block: the prompt's window
@@ -48,11 +49,11 @@ class MikvSchedulerMixin:
         self.mikv_policy = DemotionPolicy.from_config(cfg)
         # A page's bytes in each tier over a bf16 page's (what kv_budget counts).
         bf16 = self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes
+        mid = self.layout.mid
         self.page_costs = (self.layout.hi_page_bytes / bf16,
-                           None if self.layout.mid is None else self.layout.mid.lo_page_bytes / bf16,
+                           None if mid is None else mid.lo_page_bytes / bf16,
                            self.layout.lo_page_bytes / bf16)
         self.demoter = PageDemoter(self.kv_cache_manager, self.layout)
-        mid = self.layout.mid
         self.page_stats = PageStatsRecorder(
             self.layout.hi_page_bytes, self.layout.lo_page_bytes,
             self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes,
