@@ -115,6 +115,16 @@ def test_byte_ratios():
     assert kz.label == "mikv_kz16" and lo_cost(lay, k_zero16=True) == (2256 + 3 * 64) / 12288
     fk = hi_fraction(kz, lay)
     assert fk < f and math.isclose(fk + (1 - fk) * lo_cost(lay, k_zero16=True), 0.25)
+    rv = parse_method("mikv_kz16_rotv@0.25")  # rotation is free in bytes
+    assert rv.label == "mikv_kz16_rotv" and hi_fraction(rv, lay) == fk
+    with pytest.raises(ValueError, match="_tier does not combine"):
+        parse_method("mikv_rotv_tier@0.25")
+
+
+def test_hadamard_rotation_is_orthogonal():
+    from benchmarks.harness.methods import hadamard
+    h = hadamard(128)
+    assert torch.allclose(h @ h.T, torch.eye(128), atol=1e-6) and torch.equal(h, h.T)
 
 
 def test_fp16_key_zeros_put_the_grid_ends_on_the_extremes():

@@ -21,8 +21,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from mikv_vllm.importance import sampled_layers
-from benchmarks.harness.methods import (PRODUCT, Method, hi_cost, hi_roundtrip, lo_cost,
-                                    make_policy)
+from benchmarks.harness.methods import (PRODUCT, Method, hadamard, hi_cost, hi_roundtrip,
+                                    lo_cost, make_policy)
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.quant import dequantize_page, quantize_page, roundtrip_pages
 from mikv_vllm.reference import page_mass
@@ -217,10 +217,12 @@ class KVSim:
                 continue
             idx = rows.to(l.keys.device)
             k, v = (self.k[i], self.v[i]) if from_mid else (l.keys[0], l.values[0])
-            dk, dv = roundtrip_pages(k[:, idx], v[:, idx], self.mid_layout if to_mid else lay,
+            rot = hadamard(v.shape[-1]).to(v) if self.method.rotate_v else None
+            dk, dv = roundtrip_pages(k[:, idx], v[:, idx] if rot is None else v[:, idx] @ rot,
+                                     self.mid_layout if to_mid else lay,
                                      e4m3_scales=self.method.scale8,
                                      k_zero_fp16=self.method.k_zero16)
-            self.k[i][:, idx], self.v[i][:, idx] = dk, dv
+            self.k[i][:, idx], self.v[i][:, idx] = dk, dv if rot is None else dv @ rot.T
 
     def begin_step(self, n_new: int):
         n_past = self.cache.get_seq_length()

@@ -12,6 +12,8 @@ Every method is a page-level storage rule over the same model:
   mikv_tier  two lo tiers (issue 20's design): the coldest hi pages go to 4-bit first, the
          coldest 4-bit pages to 2-bit (requantized from their 4-bit copy) only where all-4-bit
          would not fit the budget (policy.DemotionPolicy.tier_limits)
+  mikv_kz16 / mikv_rotv  candidate lo formats: keys with fp16 zero points, values rotated by a
+         Hadamard matrix before quantization (free in bytes)
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Method:
     all_lo: bool = False          # KIVI: every full page lo, no policy
     scale8: bool = False          # lo scales as 1-byte float8-e4m3 (zeros stay fp16)
     k_zero16: bool = False        # lo keys with fp16 zero points (quant.roundtrip_fp16_zero)
+    rotate_v: bool = False        # lo values rotated (hadamard) before quantization, back after
 
     @property
     def label(self) -> str:
@@ -45,7 +48,7 @@ class Method:
             return self.name
         return ("mikv" + ("_bal" if self.balance else "") + ("_fp8hi" if self.hi == "fp8" else "")
                 + ("_s8" if self.scale8 else "") + ("_kz16" if self.k_zero16 else "")
-                + ("_tier" if self.mid else ""))
+                + ("_rotv" if self.rotate_v else "") + ("_tier" if self.mid else ""))
 
     @property
     def lo_bits(self) -> int:
@@ -79,16 +82,16 @@ def parse_method(spec: str) -> Method:
         return Method("h2o", budget, lo="evict")
     if name.startswith("mikv"):
         flags = set(name.split("_")[1:])
-        if flags - {"bal", "fp8hi", "s8", "kz16", "tier"}:
+        if flags - {"bal", "fp8hi", "s8", "kz16", "rotv", "tier"}:
             raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, "
-                             "_kz16, _tier)")
-        if "tier" in flags and flags & {"bal", "s8", "kz16"}:
-            raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8 or _kz16")
-        if "kz16" in flags and "bal" in flags:
-            raise ValueError(f"{spec!r}: _kz16 does not combine with _bal")
+                             "_kz16, _rotv, _tier)")
+        if "tier" in flags and flags & {"bal", "s8", "kz16", "rotv"}:
+            raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8, _kz16 or _rotv")
+        if flags & {"kz16", "rotv"} and "bal" in flags:
+            raise ValueError(f"{spec!r}: _kz16 and _rotv do not combine with _bal")
         return Method("mikv", budget, hi="fp8" if "fp8hi" in flags else "bf16", lo="q2",
                       balance="bal" in flags, scale8="s8" in flags, k_zero16="kz16" in flags,
-                      mid="q4" if "tier" in flags else None)
+                      rotate_v="rotv" in flags, mid="q4" if "tier" in flags else None)
     raise ValueError(f"unknown method {spec!r}")
 
 
@@ -153,3 +156,11 @@ def hi_roundtrip(method: Method, x: torch.Tensor) -> torch.Tensor:
     if method.hi == "int4":
         return int4_roundtrip(x)
     return x
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """The normalized d x d Hadamard matrix (d a power of two): orthogonal and symmetric."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / d ** 0.5

@@ -15,22 +15,13 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from benchmarks.harness.methods import hadamard  # noqa: E402
 from benchmarks.quality.attention_probe import probe_parser, run_probe  # noqa: E402
 from mikv_vllm.quant import roundtrip_pages  # noqa: E402
 
 VARIANTS = ("product", "keys_rotated", "values_rotated", "both_rotated")
-
-
-def hadamard(d: int) -> torch.Tensor:
-    """The normalized d x d Hadamard matrix (d a power of two): orthogonal and symmetric."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / d ** 0.5
 
 
 def round_trips(layout, k, v):
