@@ -2,10 +2,10 @@
 //
 // One CTA per (page, KV head). It stages the head's K rows of the page in shared memory as
 // fp32 (a hi page's values, or a lo page's dequantized ones where a middle-tier page moves on
-// to the 2-bit tier), writes one (scale, zero) pair per channel and the packed codes (in the decode kernel's
-// fragment order), then does the same for V with one pair per (token, channel group). The scale
-// is rounded to fp16 before the zero point and the codes are computed, with IEEE division and
-// round-half-even, so the bytes match the torch reference (up to fp32 ties).
+// to the 2-bit tier), writes one (scale, zero) pair per channel and the packed codes (in the
+// decode kernel's fragment order), then does the same for V with one pair per (token, channel
+// group). The scale is rounded to fp16 before the zero point and the codes are computed, with
+// IEEE division and round-half-even, so the bytes match the torch reference (up to fp32 ties).
 #include <torch/all.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
