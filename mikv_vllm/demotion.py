@@ -65,10 +65,10 @@ class PageDemoter:
         self.manager = coordinator.single_type_managers[group]
         self.block_pool = kv_cache_manager.block_pool
         self.layout = layout
-        for tier in filter(None, (layout.mid, layout)):
-            if tier.pack_factor < 2:
-                raise ValueError(f"mikv: a lo page of {tier.lo_page_bytes} B frees nothing in a "
-                                 f"{tier.hi_page_bytes} B block")
+        tier = layout.unpackable()
+        if tier is not None:
+            raise ValueError(f"mikv: a lo page of {tier.lo_page_bytes} B frees nothing in a "
+                             f"{tier.hi_page_bytes} B block")
         self.pack_factor = layout.pack_factor
         self.tiered = layout.mid is not None
         self.requests: dict[str, RequestPacks] = {}

@@ -78,11 +78,10 @@ class PageLayout:
         return self.mid if mid else self.last
 
     def lo_code(self, pack_block: int, slot: int, mid: bool = False) -> int:
-        """The code of slot `slot` of pack `pack_block` of a tier (table entry -(1 + code))."""
-        n = self.tier(mid).pack_factor
-        if not 0 <= slot < n:
-            raise ValueError(f"slot {slot} outside a pack of {n}")
-        return (MID_TIER if mid else 0) + pack_block * n + slot
+        """The code of slot `slot` of pack `pack_block` of a tier (table entry -(1 + code)):
+        `encode_lo`'s, flagged MID_TIER for the middle tier."""
+        return (MID_TIER if mid else 0) - 1 - encode_lo(pack_block, slot,
+                                                         self.tier(mid).pack_factor)
 
     def locate(self, entry: int) -> tuple[int, int, "PageLayout"]:
         """(pack block, slot, the tier's single-tier layout) of a lo page's table entry."""
@@ -90,8 +89,17 @@ class PageLayout:
             raise ValueError(f"table entry {entry} names a hi page")
         code = -entry - 1
         tier = self.tier(bool(code & MID_TIER))
-        code &= ~MID_TIER
-        return code // tier.pack_factor, code % tier.pack_factor, tier
+        return (*decode_entry(-1 - (code & ~MID_TIER), tier.pack_factor), tier)
+
+    @property
+    def bf16_page_bytes(self) -> int:
+        """A page's bytes in bf16: what byte budgets and ratios count against."""
+        return self.hi_page_bytes * 2 // self.hi_elem_bytes
+
+    def unpackable(self) -> "PageLayout | None":
+        """The first lo tier whose page does not fit twice in a block (a pack of one frees
+        nothing), or None."""
+        return next((t for t in filter(None, (self.mid, self.last)) if t.pack_factor < 2), None)
 
     @property
     def hi_page_bytes(self) -> int:
@@ -143,14 +151,6 @@ def split_kv_cache(kv_cache, head_size: int):
     as the attention backend allocates it: [blocks, kv_heads, block_size, 2 * D] stored with
     the tokens outermost, K then V in every row (what vLLM's FlashAttention reads)."""
     return kv_cache.transpose(1, 2).split(head_size, dim=-1)
-
-
-def cache_layout(key_cache, lo_bits: int, value_group_size: int,
-                 mid_bits: int | None = None) -> PageLayout:
-    """The layout of one layer's cache, read off its key view [blocks, block_size, kv_heads, D]."""
-    _, block_size, num_kv_heads, head_size = key_cache.shape
-    return PageLayout(block_size, num_kv_heads, head_size, key_cache.element_size(), lo_bits,
-                      value_group_size, mid_bits)
 
 
 def encode_lo(pack_block: int, slot: int, pack_factor: int) -> int:

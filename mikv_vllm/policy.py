@@ -60,15 +60,18 @@ class DemotionPolicy:
         return (order + pages.start).tolist()
 
     def tier_limits(self, num_tokens: int, block_size: int, byte_budget: float, hi: float,
-                    mid: float, lo: float) -> tuple[int, int]:
+                    mid: float | None, lo: float) -> tuple[int, int]:
         """(hi pages, mid-tier pages) a request may hold so that its bytes stay within
         `byte_budget` (a fraction of bf16's; `hi`, `mid`, `lo`: a page's cost in each tier, the
         same fraction): hi pages go to the middle tier (4-bit) first, and mid pages to lo
         (2-bit) only where all-mid would not fit. The pages that must stay hi count as hi;
-        a budget below what they and all-lo cost leaves every other page lo."""
+        a budget below what they and all-lo cost leaves every other page lo. With `mid` None
+        (one lo tier): (the hi pages that fit beside all-lo, 0)."""
         total = -(-num_tokens // block_size)
         free = len(self.demotable(num_tokens, block_size))
         room = byte_budget * total - (total - free) * hi      # bytes left for the demotable
+        if mid is None:
+            return total - free + max(0, min(free, int((room - free * lo) / (hi - lo)))), 0
         if room >= free * mid:
             extra = min(free, int((room - free * mid) / (hi - mid)))
             return total - free + extra, free - extra
@@ -81,16 +84,10 @@ class DemotionPolicy:
         costs as in `tier_limits` (`mid` None: one lo tier). Counts only: cheap every step."""
         if self.kv_budget is None:
             return 0, 0
-        total = -(-num_tokens // block_size)
-        if mid is None:  # one tier: the hi pages that fit beside all-lo
-            free = len(self.demotable(num_tokens, block_size))
-            room = self.kv_budget * total - (total - free) * hi - free * lo
-            hi_limit = total - free + max(0, min(free, int(room / (hi - lo))))
-            return max(0, total - lo_pages - hi_limit), 0
         hi_limit, mid_limit = self.tier_limits(num_tokens, block_size, self.kv_budget, hi, mid,
                                                lo)
-        hi_excess = max(0, total - lo_pages - hi_limit)
-        return hi_excess, max(0, mid_pages + hi_excess - mid_limit)
+        hi_excess = max(0, -(-num_tokens // block_size) - lo_pages - hi_limit)
+        return hi_excess, max(0, mid_pages + hi_excess - mid_limit) if mid is not None else 0
 
     def budget_excess(self, num_tokens: int, block_size: int, lo_pages: int) -> int:
         """How many hi pages a request with `lo_pages` lo pages holds beyond `hi_budget` (0

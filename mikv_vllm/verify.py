@@ -17,7 +17,7 @@ import torch
 
 from mikv_vllm.layout import PageLayout, split_kv_cache
 from mikv_vllm.quant import dequantize_page, quantization_error_bound
-from mikv_vllm.reference import cache_to_float
+from mikv_vllm.reference import cache_to_float, lo_slot
 
 logger = logging.getLogger("vllm.mikv")  # a child of vLLM's logger: its handlers and format
 ENV = "MIKV_VERIFY_DEMOTIONS"
@@ -34,15 +34,16 @@ class DemotionVerifier:
         self.sources: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
-    def _slot_bytes(layer, layout: PageLayout, dst_code: int) -> torch.Tensor:
+    def _slot(layer, layout: PageLayout, dst_code: int) -> tuple[torch.Tensor, PageLayout]:
+        """A lo slot's bytes in the layer's cache and its tier's layout (reference.lo_slot over
+        the cache's bytes as [blocks, block bytes])."""
         key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
         raw = torch.empty(0, dtype=torch.uint8, device=key_cache.device).set_(
             key_cache.untyped_storage())
-        block_bytes = key_cache.stride(0) * key_cache.element_size()
-        block, slot, tier = layout.locate(-1 - dst_code)
-        start = (key_cache.storage_offset() * key_cache.element_size()
-                 + block * block_bytes + slot * tier.lo_page_bytes)
-        return raw[start:start + tier.lo_page_bytes]
+        blocks, block_bytes = key_cache.shape[0], key_cache.stride(0) * key_cache.element_size()
+        start = key_cache.storage_offset() * key_cache.element_size()
+        return lo_slot(raw[start:start + blocks * block_bytes].view(blocks, block_bytes),
+                       -1 - dst_code, layout)
 
     def check_live(self, layer, layout: PageLayout, table: torch.Tensor, gone) -> None:
         """Step start: the earlier demotions of live requests (not finished or preempted, in
@@ -52,7 +53,7 @@ class DemotionVerifier:
         bad = 0
         for (req_id, page), (row, entry, checksum) in self.live.items():
             now_entry = int(table[row, page])
-            now_sum = int(self._slot_bytes(layer, layout, -entry - 1).sum())
+            now_sum = int(self._slot(layer, layout, -entry - 1)[0].sum())
             if now_entry != entry or now_sum != checksum:
                 bad += 1
                 logger.warning("mikv verify: %s page %d: table entry %d (want %d), slot bytes "
@@ -72,8 +73,7 @@ class DemotionVerifier:
                 ks.append(cache_to_float(key_cache[m.src], layer._k_scale_float))
                 vs.append(cache_to_float(value_cache[m.src], layer._v_scale_float))
             else:
-                k, v = dequantize_page(self._slot_bytes(layer, layout, -1 - m.src),
-                                       layout.locate(m.src)[2])
+                k, v = dequantize_page(*self._slot(layer, layout, -1 - m.src))
                 ks.append(k)
                 vs.append(v)
         self.sources = (torch.stack(ks), torch.stack(vs))
@@ -83,15 +83,15 @@ class DemotionVerifier:
         k_src, v_src = self.sources
         worst_k = worst_v = 0.0
         for i, m in enumerate(moves):
-            tier = layout.locate(-1 - m.dst_code)[2]
-            k, v = dequantize_page(self._slot_bytes(layer, layout, m.dst_code), tier)
+            slot, tier = self._slot(layer, layout, m.dst_code)
+            k, v = dequantize_page(slot, tier)
             worst_k = max(worst_k, _worst_over_bound(k, k_src[i], tier, 0))  # per channel
             v_src_groups = v_src[i].unflatten(-1, (-1, layout.value_group_size))
             worst_v = max(worst_v, _worst_over_bound(  # per token and group of channels
                 v.unflatten(-1, (-1, layout.value_group_size)), v_src_groups, tier, -1))
             if m.req_id in rows:
-                self.live[(m.req_id, m.page)] = (rows[m.req_id], -(1 + m.dst_code), int(
-                    self._slot_bytes(layer, layout, m.dst_code).sum()))
+                self.live[(m.req_id, m.page)] = (rows[m.req_id], -(1 + m.dst_code),
+                                                 int(slot.sum()))
         level = logger.info if max(worst_k, worst_v) <= 1.0 else logger.warning
         level("mikv verify: %d moves, worst error / the format's bound: K %.3f, V %.3f (<= 1 "
               "as the format allows)", len(moves), worst_k, worst_v)

@@ -239,11 +239,15 @@ def test_startup_hint_names_the_smallest_block_size_that_packs_more():
     assert _better_block_size(PageLayout(64, 8, 128, 2)) is None
 
 
-def test_cache_layout_reads_the_backend_view():
+def test_the_backend_view_has_the_layouts_shape():
+    """The kernels read a layer's keys as [blocks, block_size, kv_heads, D] with the spec's
+    element size: the PageLayout the worker derives from the spec describes that view."""
     from mikv_vllm.layout import split_kv_cache
-    from mikv_vllm.layout import cache_layout
 
     for dtype, elem in ((torch.bfloat16, 2), (torch.uint8, 1)):
         kv_cache = torch.zeros(5, 4, 32, 2 * 128, dtype=dtype)  # logical [blocks, H, B, 2D]
         key_cache, _ = split_kv_cache(kv_cache, 128)
-        assert cache_layout(key_cache, 2, 64) == PageLayout(32, 4, 128, elem, 2, 64)
+        layout = PageLayout(32, 4, 128, elem, 2, 64)
+        assert key_cache.shape[1:] == (layout.block_size, layout.num_kv_heads,
+                                       layout.head_size)
+        assert key_cache.element_size() == layout.hi_elem_bytes

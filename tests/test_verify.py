@@ -11,7 +11,7 @@ import torch
 from mikv_vllm.integration.attention.backend import MikvAttentionBackend
 from mikv_vllm.layout import split_kv_cache
 from mikv_vllm.demotion import Demotion
-from mikv_vllm.layout import cache_layout
+from mikv_vllm.layout import PageLayout
 from mikv_vllm import reference
 from mikv_vllm import verify
 from mikv_vllm.verify import DemotionVerifier
@@ -41,6 +41,12 @@ def backend_cache(fp8: bool, num_blocks=12, block=16, heads=3, d=64):
                                  _k_scale_float=1.0, _v_scale_float=1.0)
 
 
+def layout_of(key_cache, mid_bits=None) -> PageLayout:
+    """The layout of a cache, read off its key view [blocks, block_size, kv_heads, D]."""
+    _, block_size, heads, head_size = key_cache.shape
+    return PageLayout(block_size, heads, head_size, key_cache.element_size(), 2, 64, mid_bits)
+
+
 def demote_on_cpu(layer, layout, src: int, dst_code: int) -> None:
     """What quantize_pages does on the GPU, with the torch reference."""
     k, v = split_kv_cache(layer.kv_cache, layer.head_size)
@@ -54,7 +60,7 @@ def test_verifier_accepts_round_trips_and_reports_changes(monkeypatch, fp8):
     monkeypatch.setattr(verify, "logger", log)
     layer = backend_cache(fp8)
     key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
-    layout = cache_layout(key_cache, 2, 64)
+    layout = layout_of(key_cache)
     moves = [Demotion("a", 1, 3, 9 * layout.pack_factor + 1),
              Demotion("a", 2, 4, 9 * layout.pack_factor + 2)]
     table = torch.zeros(2, 8, dtype=torch.int32)
@@ -86,7 +92,7 @@ def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset):
     key_cache.mul_(scale)
     key_cache[..., 0, 5] += offset
     value_cache.mul_(scale)
-    layout = cache_layout(key_cache, 2, 64)
+    layout = layout_of(key_cache)
     moves = [Demotion("a", 1, 3, 9 * layout.pack_factor + 1)]
     v = DemotionVerifier()
     v.save_sources(layer, layout, moves)
@@ -110,7 +116,7 @@ def test_verifier_follows_pages_through_both_tiers(monkeypatch):
     monkeypatch.setattr(verify, "logger", log)
     layer = backend_cache(False, heads=2)
     key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
-    layout = cache_layout(key_cache, 2, 64, mid_bits=4)
+    layout = layout_of(key_cache, mid_bits=4)
     v = DemotionVerifier()
     table = torch.zeros(1, 8, dtype=torch.int32)
     for moves in ([Demotion("a", 1, 3, layout.lo_code(9, 1, mid=True))],

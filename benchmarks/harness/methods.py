@@ -109,12 +109,10 @@ def lo_cost(layout: PageLayout, scale8: bool = False, k_zero16: bool = False) ->
     """Stored bytes of a lo page over the bf16 bytes of the same tokens (PageLayout counts;
     with `scale8`, every fp16 scale counted as one byte; with `k_zero16`, every key zero point
     as two)."""
-    bf16 = PageLayout(layout.block_size, layout.num_kv_heads, layout.head_size, 2,
-                      layout.lo_bits, layout.value_group_size)
     o = layout.lo_offsets
     saved = (o.k_zeros - o.k_scales) // 2 if scale8 else 0  # one byte of each fp16 scale
     extra = o.v_zeros - o.k_zeros if k_zero16 else 0        # one more byte per key zero point
-    return (layout.lo_page_bytes - saved + extra) / bf16.hi_page_bytes
+    return (layout.lo_page_bytes - saved + extra) / layout.bf16_page_bytes
 
 
 def hi_fraction(method: Method, layout: PageLayout) -> float | None:

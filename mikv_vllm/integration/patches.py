@@ -247,13 +247,13 @@ def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
         value_group_size=cfg.value_group_size,
         mid_bits=cfg.mid_bits,
     )
-    for tier in filter(None, (layout.mid, layout)):
-        if tier.pack_factor < 2:  # a pack of one frees nothing
-            raise MikvConfigError(
-                f"mikv: a {tier.lo_bits}-bit page ({tier.lo_page_bytes} B) does not fit twice in "
-                f"a {cfg.hi_dtype} block of {tier.hi_page_bytes} B; use a larger --block-size, "
-                f"or fewer lo_bits")
-    floor = layout.lo_page_bytes / (layout.hi_page_bytes * 2 // layout.hi_elem_bytes)
+    tier = layout.unpackable()
+    if tier is not None:
+        raise MikvConfigError(
+            f"mikv: a {tier.lo_bits}-bit page ({tier.lo_page_bytes} B) does not fit twice in "
+            f"a {cfg.hi_dtype} block of {tier.hi_page_bytes} B; use a larger --block-size, "
+            f"or fewer lo_bits")
+    floor = layout.lo_page_bytes / layout.bf16_page_bytes
     if cfg.kv_budget is not None and cfg.kv_budget <= floor:
         raise MikvConfigError(
             f"mikv: kv_budget {cfg.kv_budget} is not above what a {layout.lo_bits}-bit page "

@@ -48,15 +48,14 @@ class MikvSchedulerMixin:
                                            cfg.value_group_size, cfg.mid_bits)
         self.mikv_policy = DemotionPolicy.from_config(cfg)
         # A page's bytes in each tier over a bf16 page's (what kv_budget counts).
-        bf16 = self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes
+        bf16 = self.layout.bf16_page_bytes
         mid = self.layout.mid
         self.page_costs = (self.layout.hi_page_bytes / bf16,
                            None if mid is None else mid.lo_page_bytes / bf16,
                            self.layout.lo_page_bytes / bf16)
         self.demoter = PageDemoter(self.kv_cache_manager, self.layout)
         self.page_stats = PageStatsRecorder(
-            self.layout.hi_page_bytes, self.layout.lo_page_bytes,
-            self.layout.hi_page_bytes * 2 // self.layout.hi_elem_bytes,
+            self.layout.hi_page_bytes, self.layout.lo_page_bytes, bf16,
             mid.lo_page_bytes if mid is not None else 0)
         # Decayed attention mass per physical block: the ranking of the hi page each block
         # holds. A block's entry is cleared when it leaves its last owner (finish, abort,
