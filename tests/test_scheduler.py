@@ -65,6 +65,19 @@ def step(sched: MikvScheduler):
     return out
 
 
+def steps(sched: MikvScheduler, limit: int):
+    """Steps `sched` while it has requests, at most `limit` times; yields each step's output."""
+    for _ in range(limit):
+        if not sched.has_requests():
+            return
+        yield step(sched)
+
+
+def preemptions(out) -> int:
+    """Requests vLLM preempted in the step of `out`."""
+    return len(getattr(out, "preempted_req_ids", None) or ())
+
+
 def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     rng = random.Random(0)
     sched = make_scheduler(tiny_llama, num_blocks=120, log_stats=True)
@@ -73,12 +86,9 @@ def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     for i in range(4):
         sched.add_request(request(f"r{i}", 400, 300, rng))  # 4 x 44 pages > 119 blocks
     moves, preempted, finished = [], 0, set()
-    for _ in range(800):
-        if not sched.has_requests():
-            break
-        out = step(sched)
+    for out in steps(sched, 800):
         moves += protocol.get_demotions(out)
-        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+        preempted += preemptions(out)
         finished |= set(out.finished_req_ids)
         if sched.demoter.num_lo_pages():
             lo_seen = sched.make_stats().mikv  # what vLLM's stat loggers receive
@@ -110,13 +120,10 @@ def test_tiers_take_4_bit_first_and_2_bit_when_short(tiny_llama):
     assert 2 <= mid < lo
     for i in range(6):  # 6 x 50 pages: 6 x (5 hi + 15) blocks all-4-bit, 6 x (5 + 9) all-2-bit
         sched.add_request(request(f"r{i}", 600, 200, rng))
-    moves, preempted, most_resident, stats = [], 0, 0, []
-    for _ in range(1000):
-        if not sched.has_requests():
-            break
-        out = step(sched)
+    moves, preempted, stats = [], 0, []
+    for out in steps(sched, 1000):
         moves += protocol.get_demotions(out)
-        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+        preempted += preemptions(out)
         stats.append(sched.make_stats().mikv)
     to_mid = [m for m in moves if m.src >= 0 and m.dst_code & MID_TIER]
     on_to_lo = [m for m in moves if m.src < 0]
@@ -172,11 +179,7 @@ def test_kv_budget_is_met_by_the_mix_that_loses_least(tiny_llama, lo_bits, budge
     sched = make_scheduler(tiny_llama, num_blocks=400,
                            knobs={"kv_budget": budget, "lo_bits": lo_bits, "recent_pages": 2})
     sched.add_request(request("a", 1200, 60, rng))
-    moves = []
-    for _ in range(120):
-        if not sched.has_requests():
-            break
-        moves += protocol.get_demotions(step(sched))
+    moves = [m for out in steps(sched, 120) for m in protocol.get_demotions(out)]
     s = sched.page_stats.stats
     assert s.left_requests == 1 and s.left_pages == 79 and moves
     assert budget - 0.05 < s.left_kv_bytes_ratio <= budget + 0.01
@@ -195,11 +198,7 @@ def test_hi_budget_demotes_without_pressure(tiny_llama):
     sched = make_scheduler(tiny_llama, num_blocks=400,
                            knobs={"hi_budget": 0.25, "sink_pages": 1, "recent_pages": 2})
     sched.add_request(request("a", 640, 40, rng))
-    moves = []
-    for _ in range(60):
-        if not sched.has_requests():
-            break
-        moves += protocol.get_demotions(step(sched))
+    moves = [m for out in steps(sched, 60) for m in protocol.get_demotions(out)]
     pages = {m.page for m in moves}
     assert 0 not in pages                      # the sink stays hi
     assert len(pages) >= 40 * 0.75 - 3         # ~75% of 40+ pages went lo
@@ -253,7 +252,7 @@ def random_schedule(sched, rng: random.Random, num_requests: int, prompt_lens: r
             continue
         out = step(sched)
         moves += len(protocol.get_demotions(out))
-        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+        preempted += preemptions(out)
         for rid in out.finished_req_ids:
             if rid not in aborted:
                 finished.add(rid)
@@ -303,9 +302,8 @@ def run_to_completion(sched, reqs) -> int:
     """Steps `sched` until every request in `reqs` finished; returns vLLM's preemptions."""
     for r in reqs:
         sched.add_request(r)
-    preempted = 0
-    while sched.has_requests():
-        preempted += len(getattr(step(sched), "preempted_req_ids", None) or ())
+    preempted = sum(preemptions(out) for out in steps(sched, 100_000))
+    assert not sched.has_requests()
     assert all(r.num_output_tokens == r.max_tokens for r in reqs)
     return preempted
 
@@ -490,12 +488,9 @@ def test_long_prompts_are_admitted_beyond_the_hi_pool(tiny_llama):
     for i in range(6):
         sched.add_request(request(f"r{i}", 1000, 200, rng))  # 63 pages each, 3 fit hi
     most_running, preempted = 0, 0
-    for _ in range(2000):
-        if not sched.has_requests():
-            break
-        out = step(sched)
+    for out in steps(sched, 2000):
         most_running = max(most_running, len(sched.running))
-        preempted += len(getattr(out, "preempted_req_ids", None) or ())
+        preempted += preemptions(out)
     assert not sched.has_requests()
     assert most_running >= 5, most_running
     assert preempted == 0
