@@ -53,25 +53,33 @@ class PageStatsRecorder:
     def observe(self, scheduler, output, demoter=None, new_moves: int = 0,
                 pressure_moves: int = 0) -> None:
         s = self.stats
-        s.resident_tokens = sum(r.num_computed_tokens for r in scheduler.running)
-        s.max_resident_tokens = max(s.max_resident_tokens, s.resident_tokens)
         s.preemptions_total += len(getattr(output, "preempted_req_ids", None) or ())
-        pool = scheduler.kv_cache_manager.block_pool
-        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is the null block
         if demoter is not None:
-            s.lo_pages, s.pack_blocks = demoter.num_lo_pages(), demoter.num_pack_blocks()
-            s.mid_pages, s.mid_pack_blocks = demoter.num_mid_pages(), demoter.num_pack_blocks(True)
             s.demotions_total += new_moves
             s.pressure_demotions_total += pressure_moves
-        s.hi_pages = used - s.pack_blocks
-        s.bytes_saved = self._stored(s.lo_pages, 0, 0) - self._stored(
-            s.lo_pages, s.mid_pages, s.lo_pages)
+        self.count_pages(scheduler, demoter)
+        s.max_resident_tokens = max(s.max_resident_tokens, s.resident_tokens)
         now = time.monotonic()
         went_idle = self._busy and not scheduler.running
         self._busy = bool(scheduler.running)
         if went_idle or now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
             self.log()
+
+    def count_pages(self, scheduler, demoter=None) -> None:
+        """The pool's page and pack counts as they are now. Also called after a step's
+        finished requests were freed, so that once the engine idles every counter reads 0 and a
+        block that leaked shows as a hi page no request holds."""
+        s = self.stats
+        s.resident_tokens = sum(r.num_computed_tokens for r in scheduler.running)
+        pool = scheduler.kv_cache_manager.block_pool
+        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is the null block
+        if demoter is not None:
+            s.lo_pages, s.pack_blocks = demoter.num_lo_pages(), demoter.num_pack_blocks()
+            s.mid_pages, s.mid_pack_blocks = demoter.num_mid_pages(), demoter.num_pack_blocks(True)
+        s.hi_pages = used - s.pack_blocks
+        s.bytes_saved = self._stored(s.lo_pages, 0, 0) - self._stored(
+            s.lo_pages, s.mid_pages, s.lo_pages)
 
     def _stored(self, pages: int, mid_pages: int, lo_pages: int) -> int:
         """Bytes of `pages` pages of which `lo_pages` are lo, `mid_pages` of those 4-bit."""

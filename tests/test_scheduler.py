@@ -26,8 +26,8 @@ HASHER = get_request_block_hasher(BLOCK, sha256)
 
 def make_scheduler(model: str, num_blocks: int, knobs: dict | None = None,
                    log_stats: bool = False, chunk: int = 2048, cls=MikvScheduler,
-                   max_num_seqs: int = 16):
-    args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True,
+                   max_num_seqs: int = 16, **engine):
+    args = EngineArgs(model=model, kv_cache_dtype="mikv", skip_tokenizer_init=True, **engine,
                       worker_cls=GPU_WORKER, block_size=BLOCK, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=chunk, async_scheduling=cls is MikvAsyncScheduler,
                       additional_config={"mikv": knobs or {}}, enable_prefix_caching=True)
@@ -102,8 +102,31 @@ def test_memory_pressure_demotes_instead_of_preempting(tiny_llama):
     assert preempted == 0, f"{preempted} preemptions despite demotion"
     assert sched.demoter.num_pack_blocks() == 0
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 120 - 1
+    # idle, the counters vLLM's loggers get read 0; a block nobody holds would show as hi
+    assert final["hi_pages"] == final["lo_pages"] == final["pack_blocks"] == 0
+    assert final["resident_tokens"] == 0
+    sched.kv_cache_manager.block_pool.get_new_blocks(1)
+    assert sched.make_stats().mikv["hi_pages"] == 1
     # every move names a page that left its request for a pack slot of another block
     assert all(m.src != m.dst_code // n for m in moves)
+
+
+def test_one_sequence_whole_prompts_demotes_its_own_pages(tiny_llama):
+    """--max-num-seqs 1 and chunked prefill off: a lone request that outgrows the pool makes
+    room from its own cold pages, and the next one runs after it."""
+    rng = random.Random(0)
+    sched = make_scheduler(tiny_llama, num_blocks=40, log_stats=True, max_num_seqs=1,
+                           enable_chunked_prefill=False)
+    for i in range(2):
+        sched.add_request(request(f"r{i}", 400, 400, rng))  # 50 pages each > 39 blocks
+    moves, preempted, finished = [], 0, set()
+    for out in steps(sched, 2000):
+        assert len(out.num_scheduled_tokens) <= 1
+        moves += protocol.get_demotions(out)
+        preempted += preemptions(out)
+        finished |= set(out.finished_req_ids)
+    assert finished == {"r0", "r1"} and moves and preempted == 0
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 40 - 1
 
 
 def test_tiers_take_4_bit_first_and_2_bit_when_short(tiny_llama):

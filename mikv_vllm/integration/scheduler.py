@@ -68,7 +68,8 @@ class MikvSchedulerMixin:
         # Two tiers: whether 4-bit packs had to move on to 2-bit last step (memory is short of
         # even all-4-bit; see plan_demotions).
         self._mid_saturated = False
-        self.watermark_blocks = int(self.free_watermark * self.kv_cache_config.num_blocks)
+        # at least one: a demotion opens its pack in a free block before it frees the source
+        self.watermark_blocks = max(1, int(self.free_watermark * self.kv_cache_config.num_blocks))
         blocks, bs, n = self.kv_cache_config.num_blocks, self.layout.block_size, \
             self.layout.pack_factor
         logger.info("mikv: KV capacity %d blocks x %d tokens = %d tokens with every page hi, up "
@@ -104,6 +105,7 @@ class MikvSchedulerMixin:
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
         if stats is not None:  # read by mikv_vllm.integration.metrics (field added by integration/patches.py)
+            self.page_stats.count_pages(self, self.demoter)  # after this step's frees
             stats.mikv = self.page_stats.stats.as_dict()
         return stats
 
