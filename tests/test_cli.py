@@ -121,6 +121,26 @@ def test_kv_transfer_connectors_are_refused(serve_engine_config):
             {"kv_connector": "ExampleConnector", "kv_role": "kv_both"})))
 
 
+@pytest.mark.parametrize("argv,match", [
+    pytest.param(["--speculative-config", json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})],
+        r"speculative decoding \(--speculative-config\) is not supported", id="ngram"),
+    pytest.param(["--enable-sleep-mode"], r"sleep mode \(--enable-sleep-mode\) is not supported",
+                 id="sleep"),
+])
+def test_features_that_would_read_lo_pages_as_hi_are_refused(serve_engine_config, argv, match):
+    with pytest.raises(MikvConfigError, match=match) as excinfo:
+        serve_engine_config(*mikv_args(None, *argv))
+    assert_one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("argv", [["--no-enable-chunked-prefill"], ["--max-num-seqs", "1"],
+                                  ["--max-num-seqs", "1024"]], ids=lambda a: " ".join(a))
+def test_scheduler_extremes_are_accepted(serve_engine_config, argv):
+    _, cfg = serve_engine_config(*mikv_args(None, *argv))
+    assert cfg.scheduler_config.scheduler_cls.__name__.startswith("Mikv")
+
+
 def test_a_kv_budget_below_all_lo_is_refused(serve_engine_config):
     with pytest.raises(MikvConfigError, match=r"kv_budget 0.1 is not above what a 2-bit page "
                                               r"stores \(0.1\d\d of bf16's bytes\)"):

@@ -98,6 +98,7 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
 
     cfg = MikvConfig.from_additional_config(extra)
     _check_backend_choice(engine_args)
+    _check_features(engine_args)
     saved = (engine_args.kv_cache_dtype, engine_args.attention_backend,
              engine_args.additional_config)
     engine_args.kv_cache_dtype = cfg.vllm_kv_cache_dtype
@@ -178,6 +179,19 @@ def _check_backend_choice(engine_args) -> None:
             raise MikvConfigError(
                 f"mikv: --kv-cache-dtype mikv brings its own attention backend; "
                 f"remove the attention backend choice {name!r}")
+
+
+def _check_features(engine_args) -> None:
+    """Engine features that cannot run over lo pages, refused before vLLM builds anything."""
+    if engine_args.speculative_config:
+        # A verification step gives a request several query tokens, which go to FlashAttention's
+        # varlen path: it reads every block-table entry as a hi page, and lo pages are not.
+        raise MikvConfigError("mikv: speculative decoding (--speculative-config) is not "
+                              "supported with --kv-cache-dtype mikv")
+    if engine_args.enable_sleep_mode:
+        # Sleep discards the KV cache under the scheduler's packs and the workers' page state.
+        raise MikvConfigError("mikv: sleep mode (--enable-sleep-mode) is not supported with "
+                              "--kv-cache-dtype mikv")
 
 
 def flash_attn_version(vllm_config, capability) -> int | None:
