@@ -18,6 +18,8 @@
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
+# soak    issue 25's soak through `vllm serve` (benchmarks/soak.py); sanitizer: compute-sanitizer
+#         over the kernel tests; nodebuild: the extension built on this machine, then tested
 # sm80    the A100 route on this GPU (benchmarks/sm80_path.py): the extension of the 8.0+PTX
 #         wheel in .whl_sm80/, vLLM pinned to FlashAttention 2; SM80_MODEL: a real HF model dir
 #
@@ -205,6 +207,76 @@ stage_sm80() {
   fi
   python3 benchmarks/sm80_path.py --wheel .whl_sm80/mikv_vllm-*.whl --model "$SM80_MODEL" \
     --out "$OUT/sm80" ${SM80_ARGS:-} 2>&1 | tail -40
+}
+
+# Issue 25's soak (benchmarks/soak.py): `vllm serve --kv-cache-dtype mikv` with dummy
+# Qwen2.5-Coder-1.5B weights and its tokenizer (SOAK_TOK, a tar of tok/), the KV pool under
+# pressure. SOAK_RUNS: NAME:SECONDS[:verify] runs, one server each; $OUT/soak.json sums them (with
+# $OUT/sanitizer.json's counts when the sanitizer stage ran first).
+stage_soak() {
+  local model=/tmp/models/qwen15-dummy run name secs verify files=()
+  mkdir -p "$model"
+  [ -f "$model/tokenizer.json" ] || tar -xzf "${SOAK_TOK:-.models/qwen15/extra/tok.tar.gz}" \
+    --strip-components=1 -C "$model"
+  cp benchmarks/configs/qwen2.5-coder-1.5b/config.json "$model/"
+  for run in ${SOAK_RUNS:-main:480 verify:300:verify}; do
+    IFS=: read -r name secs verify <<< "$run"
+    python3 benchmarks/soak.py --model "$model" --name "$name" --duration "$secs" \
+      --out-dir "$OUT" ${verify:+--verify} ${SOAK_ARGS:-} 2>&1 | tail -3
+    files+=("$OUT/soak_$name.json")
+  done
+  python3 benchmarks/soak.py --merge "${files[@]}" --out "$OUT/soak.json" \
+    --extra "$(cat "$OUT/sanitizer.json" 2>/dev/null || echo '{}')"
+}
+
+# compute-sanitizer over the kernel tests: memcheck on every kernel test file (torch's caching
+# allocator off, so that an overrun leaves its allocation; graph capture needs that allocator, so
+# the capture test is left out), racecheck and synccheck on the decode and quantize kernels
+# (without the test that runs vLLM's FlashAttention 3 as a reference: cutlass's warp-specialized
+# kernels trip both tools, 2026-12-06-h100-soak-and-sanitizer/). Counts in $OUT/sanitizer.json.
+stage_sanitizer() {
+  local cs f tool files="tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py tests/gpu/test_page_mass.py tests/gpu/test_split_decode.py"
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+  [ -n "$cs" ] || { log "no compute-sanitizer: sanitizer stage skipped"; return; }
+  mkdir -p "$OUT/sanitizer"
+  for f in $files; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SAN_TIMEOUT:-600}" "$cs" --tool memcheck \
+      --print-limit 20 python3 -m pytest -q -p no:cacheprovider "$f" -k "not graph_capture" \
+      > "$OUT/sanitizer/memcheck_$(basename "$f" .py).log" 2>&1
+  done
+  for tool in racecheck synccheck; do
+    for f in tests/gpu/test_decode_kernel.py tests/gpu/test_lo_pages.py; do
+      timeout "${SAN_TIMEOUT:-600}" "$cs" --tool "$tool" --print-limit 20 \
+        python3 -m pytest -q -p no:cacheprovider "$f" \
+        -k "${SAN_K:-not long_context and not flash_attention}" \
+        > "$OUT/sanitizer/${tool}_$(basename "$f" .py).log" 2>&1
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import json, pathlib, re, sys
+out = pathlib.Path(sys.argv[1])
+runs = {}
+for log in sorted((out / "sanitizer").glob("*.log")):
+    text = log.read_text(errors="replace")
+    errors = re.findall(r"(?:ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? "
+                        r"displayed \((\d+) error)", text)
+    errors = [int(a or b) for a, b in errors]
+    tests = re.findall(r"^=* ?(\d+ passed.*?)=*$", text, re.M)
+    runs[log.stem] = {"errors": errors[-1] if errors else None,
+                      "tests": tests[-1].strip() if tests else None}
+done = [r["errors"] for r in runs.values() if r["errors"] is not None]
+summary = {"sanitizer_errors": sum(done), "sanitizer_runs_finished": len(done),
+           "sanitizer_runs": runs}
+(out / "sanitizer.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary))
+PY
+}
+
+# The extension built on this machine as a GPU node (or the docker image) builds it, and its
+# kernels tested in fresh processes (tests/gpu/test_node_build.py).
+stage_nodebuild() {
+  MIKV_NODE_BUILD=1 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_node_build.py 2>&1 \
+    | tee "$OUT/nodebuild.log" | tail -60
 }
 
 for s in ${*:-setup kernels serve e2e}; do
