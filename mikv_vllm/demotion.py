@@ -177,10 +177,16 @@ class PageDemoter:
         return sorted(((self._cost(tier, b), list(v)) for b, v in tier.pages.items()
                        if (req_id, b) not in self._fresh), key=lambda c: (c[0], c[1][0]))
 
-    def cheapest_mid_page_mass(self) -> float | None:
-        """The mean mass of a page of the middle-tier pack that would move on next (None: no
-        pack): a hi page colder than this gains nothing from a stay in the middle tier while
-        packs are moving on."""
+    def cheapest_mid_page_mass(self, req_id: str | None = None) -> float | None:
+        """The mean mass of a page of the middle-tier pack that would move on next, of any
+        request or of `req_id`'s (None: no such pack): a hi page colder than this gains
+        nothing from a stay in the middle tier while packs are moving on."""
+        if req_id is not None:
+            packs = self.mid_packs(req_id)
+            if not packs:
+                return None
+            pages, masses = packs[0][1], self.requests[req_id].mid_mass
+            return sum(masses[p] for p in pages) / len(pages)
         while self._ranking:
             _, _, req_id, pack, version = self._ranking[0]
             state = self.requests.get(req_id)

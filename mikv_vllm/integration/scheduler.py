@@ -204,9 +204,21 @@ class MikvSchedulerMixin:
         moves: list[Demotion] = []
         if hi_excess:
             mass, is_lo, shared = self._ranking(request)
-            moves += self._demote(request, mass, self.mikv_policy.coldest(
-                mass, is_lo, request.num_computed_tokens, bs, hi_excess, shared))
-        for _, pages in self.demoter.mid_packs(rid) if mid_excess else ():
+            pages = self.mikv_policy.coldest(mass, is_lo, request.num_computed_tokens, bs,
+                                             hi_excess, shared)
+            if mid_excess and pages:
+                # Pages the budget wants 2-bit and no warmer than the 4-bit pages that would
+                # move on instead go there directly: one quantization from the original values
+                # rather than two (hi -> 4 -> 2).
+                below = self.demoter.cheapest_mid_page_mass(rid)
+                below = float("inf") if below is None else below
+                cold = [p for p in pages if mass[p] <= below][:mid_excess]
+                done = self._demote(request, mass, cold, to_last=True)
+                mid_excess -= len(done)
+                moves += done
+                pages = [p for p in pages if p not in set(cold)]
+            moves += self._demote(request, mass, pages)
+        for _, pages in self.demoter.mid_packs(rid) if mid_excess > 0 else ():
             if mid_excess <= 0:
                 break
             done = self.demoter.demote_mid(rid, pages)
