@@ -47,7 +47,7 @@ def run_one(kv: str, args, out_dir: str) -> dict:
     if args.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     for flag in ("load_format", "dtype", "tokenizer", "probe_file", "probe_tokens",
-                 "attention_config"):
+                 "attention_config", "kv_cache_memory_bytes", "workload"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.enforce_eager:
@@ -133,6 +133,9 @@ def main() -> None:
     p.add_argument("--gpu-util", type=float, default=None,
                    help="--gpu-memory-utilization of every engine (default e2e_llm's 0.9; lower "
                         "it to put a larger GPU's pool under a smaller one's pressure)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="the same fixed KV pool for every dtype (instead of --gpu-util)")
+    p.add_argument("--workload", default=None, help="the rows' workload name")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of this run's file names")
     p.add_argument("--load-format", default=None, help="e.g. auto for a real model")

@@ -28,6 +28,9 @@ def main() -> None:
     p.add_argument("--probe-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="a fixed KV pool for every dtype (instead of a share of the GPU)")
+    p.add_argument("--workload", default=None, help="the rows' workload name (default NxIN+OUT)")
     p.add_argument("--knobs", default=None, help="mikv knobs as JSON, e.g. '{\"hi_budget\": 0.1}'")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -54,6 +57,8 @@ def main() -> None:
         extra["tokenizer"] = a.tokenizer
     if a.attention_config:
         extra["attention_config"] = json.loads(a.attention_config)
+    if a.kv_cache_memory_bytes:
+        extra["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -90,7 +95,8 @@ def main() -> None:
     wall = time.perf_counter() - t0
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     total = gen + sum(len(o.prompt_token_ids) for o in outs)
-    result.update(workload=f"{a.num_prompts}x({a.input_len}+{a.output_len})", wall_s=wall,
+    result.update(workload=a.workload or f"{a.num_prompts}x({a.input_len}+{a.output_len})",
+                  kv_cache_memory_bytes=a.kv_cache_memory_bytes, wall_s=wall,
                   gen_tok_s=gen / wall, total_tok_s=total / wall)
     json.dump(result, open(a.out, "w"))
 

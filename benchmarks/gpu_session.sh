@@ -14,7 +14,8 @@
 # profile Nsight Compute on the decode kernel at issue 3's row (text in $OUT/ncu/)
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
-#         4's workloads a and b for every kv dtype (e2e_b_tiers: b with lo_bits [4, 2]); demote: demotion forced on (dummy weights);
+#         4's workloads a and b for every kv dtype (e2e_b_tiers: b with lo_bits [4, 2]);
+#         e2e_decode_heavy: issue 21's decode-heavy mix in a fixed pool; demote: demotion forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
@@ -161,6 +162,12 @@ stage_e2e_a() {
 # (b) long prompts: N x (32K + 512); N=64 in the issue, fewer where the call's 10 minutes end.
 stage_e2e_b() {
   E2E_ARGS="--kv ${E2E_B_KV:-$KV_ALL} --tag b --num-prompts ${E2E_B_N:-64} --input-len 32768 --output-len 512 --max-model-len 33344 --probe-prompts 0 --timeout ${E2E_B_TIMEOUT:-280} ${E2E_B_ARGS:-}" stage_e2e
+}
+
+# decode-heavy (issue 21): 128 x (6144 + 1536) in a fixed 24 GiB KV pool, about a fifth of the
+# batch with every page hi (Llama-3.1-8B: 128 KiB a token in bf16), every dtype in that pool.
+stage_e2e_decode_heavy() {
+  E2E_ARGS="--kv ${E2E_DH_KV:-auto fp8 int4_per_token_head mikv} --tag decode_heavy --workload decode-heavy --num-prompts ${E2E_DH_N:-128} --input-len 6144 --output-len 1536 --max-model-len 8192 --kv-cache-memory-bytes ${E2E_DH_BYTES:-25769803776} --probe-prompts 0 --timeout ${E2E_DH_TIMEOUT:-280} ${E2E_DH_ARGS:-}" stage_e2e
 }
 
 # Workload b with two lo tiers (lo_bits [4, 2]), tagged b_tiers: beside e2e_b's one-tier mikv.
