@@ -179,11 +179,17 @@ def test_random_workload_never_leaks(layout):
                    for s in demoter.requests.values()) == len(packs)
         assert held.isdisjoint(packs)
         assert mgr.block_pool.get_num_free_blocks() + len(held) + len(packs) == 300 - 1
+        # the running totals the stats read agree with the requests' own books
+        states = demoter.requests.values()
+        assert demoter.num_pack_blocks() == len(packs)
+        assert demoter.num_pack_blocks(True) == sum(len(s.mid.packs) for s in states)
+        assert demoter.num_lo_pages() == sum(len(s.lo_pages) for s in states)
+        assert demoter.num_mid_pages() == sum(len(s.mid_mass) for s in states)
     assert demoter.total_demoted > 100
     for rid, req in running.items():
         mgr.free(req)
         demoter.release(rid)
-    assert demoter.num_pack_blocks() == 0
+    assert demoter.num_pack_blocks() == demoter.num_lo_pages() == demoter.num_mid_pages() == 0
     assert mgr.block_pool.get_num_free_blocks() == 300 - 1
 
 
