@@ -316,7 +316,10 @@ def server_gpu_mib(root: int) -> float | None:
     return sum(used) if used else None
 
 
-async def monitor(base: str, proc, deadline: float, every: float, samples: list[dict]) -> None:
+async def monitor(base: str, proc, deadline: float, every: float, samples: list[dict],
+                  tally: Tally, partial: Path) -> None:
+    """Samples the server every `every` seconds; also leaves the tally so far in `partial`
+    (what survives a run that is killed before its end)."""
     loop = asyncio.get_running_loop()
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -332,6 +335,10 @@ async def monitor(base: str, proc, deadline: float, every: float, samples: list[
                         "waiting": m.get("vllm:num_requests_waiting"),
                         "kv_usage": m.get("vllm:kv_cache_usage_perc"),
                         "lo_pages": m.get("vllm:mikv_lo_pages")})
+        partial.write_text(json.dumps({"counts": dict(tally.counts),
+                                       "malformed_status": dict(tally.malformed_status),
+                                       "failure_samples": tally.failures,
+                                       "samples": samples}))
         await asyncio.sleep(every)
 
 
@@ -349,8 +356,9 @@ async def drive(base: str, proc, args, tally: Tally, samples: list[dict]) -> flo
             while time.monotonic() < deadline and proc.poll() is None:
                 await one_request(session, base, traffic.next(), tally)
 
-        mon = asyncio.create_task(monitor(base, proc, deadline + 3600, args.sample_every,
-                                          samples))
+        mon = asyncio.create_task(monitor(
+            base, proc, deadline + 3600, args.sample_every, samples, tally,
+            Path(args.out_dir) / f"soak_{args.name}.partial.json"))
         await asyncio.gather(*(client(i) for i in range(args.concurrency)))
         elapsed = time.monotonic() - start
         mon.cancel()
