@@ -19,9 +19,6 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
 from mikv_vllm.layout import PageLayout
 
 
@@ -92,27 +89,6 @@ class PageDemoter:
     def is_lo(self, req_id: str, page: int) -> bool:
         state = self.requests.get(req_id)
         return state is not None and page in state.lo_pages
-
-    def lo_mask(self, req_id: str, num_pages: int) -> torch.Tensor:
-        """[num_pages] bool: which of a request's pages are lo, either tier (the policy's
-        `is_lo`)."""
-        mask = np.zeros(num_pages, dtype=bool)
-        state = self.requests.get(req_id)
-        if state is not None and state.lo_pages:
-            # numpy, not a tensor indexed by a list: 7x faster at thousands of lo pages, and
-            # the pressure loop asks this on the engine's critical path.
-            pages = np.fromiter(state.lo_pages, dtype=np.int64, count=len(state.lo_pages))
-            mask[pages[pages < num_pages]] = True
-        return torch.from_numpy(mask)
-
-    def shared_mask(self, req_id: str, num_pages: int) -> torch.Tensor:
-        """[num_pages] bool: hi pages whose block another request holds too (a prefix-cache
-        hit): demoting one would free nothing, so `demotable` refuses them."""
-        blocks = self.manager.req_to_blocks.get(req_id, [])[:num_pages]
-        refs = np.fromiter((b.ref_cnt for b in blocks), dtype=np.int64, count=len(blocks))
-        mask = np.zeros(num_pages, dtype=bool)
-        mask[:len(blocks)] = refs > 1
-        return torch.from_numpy(mask)
 
     def num_lo_pages(self, req_id: str | None = None) -> int:
         """Lo pages (either tier) of one request, or of all."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mikv_vllm.config import MikvConfig
@@ -49,15 +50,21 @@ class DemotionPolicy:
         pages = self.demotable(num_tokens, block_size)
         if count <= 0 or not pages:
             return []
-        # Vectorised: this runs every step under memory pressure, over thousands of pages.
-        m = mass[pages.start:pages.stop].float().clone()
         out = is_lo[pages.start:pages.stop]
         if pinned is not None:
             out = out | pinned[pages.start:pages.stop]
-        m[out] = float("inf")
-        k = min(count, len(pages) - int(out.sum()))
-        order = torch.sort(m, stable=True).indices[:k]  # stable: ties keep older pages first
-        return (order + pages.start).tolist()
+        candidates = torch.nonzero(~out).flatten()
+        m = mass[pages.start:pages.stop].float()[candidates].numpy()
+        order = torch.from_numpy(self.coldest_of(m, count))
+        return (candidates[order] + pages.start).tolist()
+
+    @staticmethod
+    def coldest_of(mass: np.ndarray, count: int) -> np.ndarray:
+        """Positions of the `count` lowest of `mass` (candidate pages in page order), coldest
+        first; ties go to the older page."""
+        if count <= 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.argsort(mass, kind="stable")[:count]
 
     def tier_limits(self, num_tokens: int, block_size: int, byte_budget: float, hi: float,
                     mid: float | None, lo: float) -> tuple[int, int]:

@@ -367,8 +367,8 @@ def test_pressure_ranks_only_requests_with_hi_demotable_pages(tiny_llama):
     step of the decode tail, ~25 ms of the scheduler's time per step)."""
     sched = make_scheduler(tiny_llama, num_blocks=52, knobs={"sink_pages": 1, "recent_pages": 2})
     ranked = []
-    ranking = sched._ranking
-    sched._ranking = lambda r: ranked.append(r.request_id) or ranking(r)
+    movable = sched._movable
+    sched._movable = lambda r: ranked.append(r.request_id) or movable(r)
     rng = random.Random(1)
     reqs = [request(f"r{i}", 600, 150, rng) for i in range(4)]
     for r in reqs:

@@ -15,6 +15,7 @@ arrives on the model runner's output as one number per physical block: the promp
 scores with the step that ends a prefill, then every few decode steps."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -138,11 +139,10 @@ class MikvSchedulerMixin:
         moves: list[Demotion] = []
         if self.mikv_policy.hi_budget is not None:
             for r in decoding:  # 1. the per-request hi budget (ranked only when exceeded)
-                if self.mikv_policy.budget_excess(r.num_computed_tokens, bs,
-                                                  self.demoter.num_lo_pages(r.request_id)):
-                    mass, is_lo, shared = self._ranking(r)
-                    moves += self._demote(r, mass, self.mikv_policy.over_budget(
-                        mass, is_lo, r.num_computed_tokens, bs, shared))
+                excess = self.mikv_policy.budget_excess(r.num_computed_tokens, bs,
+                                                        self.demoter.num_lo_pages(r.request_id))
+                if excess:
+                    moves += self._demote(r, *self._coldest(r, excess))
         if self.mikv_policy.kv_budget is not None:
             for r in decoding:  # 1'. the per-request byte budget
                 moves += self._fit_kv_budget(r)
@@ -164,20 +164,19 @@ class MikvSchedulerMixin:
                 break
             if not self._has_hi_demotable(r):
                 continue
-            mass, is_lo, shared = self._ranking(r)
             count = n * -(-short // (n - 1))  # whole packs: each frees n - 1 blocks
-            pages = self.mikv_policy.coldest(mass, is_lo, r.num_computed_tokens, bs, count,
-                                             shared)
+            pages, mass = self._coldest(r, count)
             if not pages:  # its hi demotable pages are all shared: skip it until that changes
                 self._nothing_movable[r.request_id] = self._demotable_counts(r)
             if direct_below is not None and pages:
-                cold = (mass[pages] <= direct_below).tolist()
-                done = self._demote(r, mass, [p for p, c in zip(pages, cold) if c], to_last=True)
+                cold = mass <= direct_below
+                done = self._demote(r, [p for p, c in zip(pages, cold) if c], mass[cold],
+                                    to_last=True)
                 short -= len(done) - -(-len(done) // self.layout.pack_factor)
                 direct_moves += len(done)
                 moves += done
-                pages = [p for p, c in zip(pages, cold) if not c]
-            done = self._demote(r, mass, pages)
+                pages, mass = [p for p, c in zip(pages, cold) if not c], mass[~cold]
+            done = self._demote(r, pages, mass)
             short -= len(done) - -(-len(done) // n)
             moves += done
         moved_on = 0
@@ -203,21 +202,20 @@ class MikvSchedulerMixin:
             self.demoter.num_mid_pages(rid), *self.page_costs)
         moves: list[Demotion] = []
         if hi_excess:
-            mass, is_lo, shared = self._ranking(request)
-            pages = self.mikv_policy.coldest(mass, is_lo, request.num_computed_tokens, bs,
-                                             hi_excess, shared)
+            pages, mass = self._coldest(request, hi_excess)
             if mid_excess and pages:
                 # Pages the budget wants 2-bit and no warmer than the 4-bit pages that would
                 # move on instead go there directly: one quantization from the original values
                 # rather than two (hi -> 4 -> 2).
                 below = self.demoter.cheapest_mid_page_mass(rid)
                 below = float("inf") if below is None else below
-                cold = [p for p in pages if mass[p] <= below][:mid_excess]
-                done = self._demote(request, mass, cold, to_last=True)
+                cold = (mass <= below) & (np.cumsum(mass <= below) <= mid_excess)
+                done = self._demote(request, [p for p, c in zip(pages, cold) if c], mass[cold],
+                                    to_last=True)
                 mid_excess -= len(done)
                 moves += done
-                pages = [p for p in pages if p not in set(cold)]
-            moves += self._demote(request, mass, pages)
+                pages, mass = [p for p, c in zip(pages, cold) if not c], mass[~cold]
+            moves += self._demote(request, pages, mass)
         for _, pages in self.demoter.mid_packs(rid) if mid_excess > 0 else ():
             if mid_excess <= 0:
                 break
@@ -228,11 +226,11 @@ class MikvSchedulerMixin:
             moves += done
         return moves
 
-    def _demote(self, request, mass: torch.Tensor, pages: list[int],
+    def _demote(self, request, pages: list[int], mass: np.ndarray,
                 to_last: bool = False) -> list[Demotion]:
         """Demote hi `pages` of `request`, handing the demoter their mass (it ranks them in the
         middle tier, where nothing is measured)."""
-        return self.demoter.demote(request.request_id, pages, mass[pages].tolist(), to_last)
+        return self.demoter.demote(request.request_id, pages, mass.tolist(), to_last)
 
     def _blocks_wanted(self) -> int:
         """Blocks this step may allocate: each decode's next page, each prefill's next chunk,
@@ -276,12 +274,26 @@ class MikvSchedulerMixin:
         counts = self._demotable_counts(request)
         return counts[0] > counts[1] and self._nothing_movable.get(request.request_id) != counts
 
-    def _ranking(self, request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(accumulated mass, lo, shared) per page of the request."""
-        pages = -(-request.num_computed_tokens // self.layout.block_size)
-        rid = request.request_id
-        return (self.page_mass(request), self.demoter.lo_mask(rid, pages),
-                self.demoter.shared_mask(rid, pages))
+    def _movable(self, request) -> tuple[list[int], np.ndarray]:
+        """The request's pages a demotion can take now, in page order, and their accumulated
+        mass: in the policy's demotable range, hi (a lo page's entry is vLLM's null block) and
+        held by this request alone (a prefix-cache block shared with another request would
+        free nothing). Only those are ranked: under lasting pressure most of a long request's
+        pages are lo already, and ranking all of them cost ~0.25 ms a request."""
+        blocks = self.demoter.manager.req_to_blocks.get(request.request_id, ())
+        span = self.mikv_policy.demotable(request.num_computed_tokens, self.layout.block_size)
+        pairs = [(p, b.block_id) for p, b in zip(span, blocks[span.start:span.stop])
+                 if not b.is_null and b.ref_cnt == 1]
+        if not pairs:
+            return [], np.zeros(0, dtype=np.float32)
+        pages, ids = zip(*pairs)
+        return list(pages), request_page_mass(self.block_mass, list(ids)).numpy()
+
+    def _coldest(self, request, count: int) -> tuple[list[int], np.ndarray]:
+        """Up to `count` movable pages of the request, coldest first, and their mass."""
+        pages, mass = self._movable(request)
+        order = self.mikv_policy.coldest_of(mass, count)
+        return [pages[i] for i in order], mass[order]
 
 
 class MikvScheduler(MikvSchedulerMixin, Scheduler):
