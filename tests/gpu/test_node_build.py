@@ -16,14 +16,27 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[2]
-OCCUPANCY_PROBE = """
+# Each call in a process of its own, so that a crash names its call: the first two make the
+# extension throw (a c10::Error unwinding out of the .so: from its argument check, and from the
+# template dispatch), the others ask the CUDA runtime for the kernel's occupancy, which no
+# kernel test does.
+CALLS = {
+    "throws at the argument check": "(128, 0, False, 2)",
+    "throws in the dispatch": "(96, 4, False, 2)",
+    "occupancy, bf16": "(128, 4, False, 2)",
+    "occupancy, fp8 with 4-bit tier": "(128, 4, True, 4)",
+}
+
+
+def probe(args: str) -> str:
+    return f"""
 import faulthandler, torch
 faulthandler.enable()
+torch.zeros(1, device="cuda")
 from mikv_vllm import ops
-for args in [(128, 4, False), (128, 4, True, 4), (128, 8, False), (256, 16, True), (64, 1, False)]:
-    print(args, ops.decode_ctas_per_sm(*args), flush=True)
+ops.load_kernels()
 try:
-    ops.decode_ctas_per_sm(96, 4, False)
+    print("ctas", torch.ops.mikv.decode_ctas_per_sm{args}, flush=True)
 except RuntimeError as e:
     print("refused:", str(e).splitlines()[0], flush=True)
 """
@@ -55,21 +68,34 @@ def run_in(work: Path, *args: str, timeout: float = 600) -> subprocess.Completed
 
 
 def native_backtrace(work: Path, code: str) -> str:
-    """The crashing process's native stack, where a debugger is installed."""
+    """The crashing process's native stack (where a debugger is installed) and what the
+    build's ELF says about its compiler and unwind tables."""
+    lines = []
+    so = next((work / "mikv_vllm").glob("_C*.so"))
+    for cmd in (["readelf", "-p", ".comment", str(so)], ["readelf", "-lW", str(so)],
+                ["nm", "-D", "--defined-only", str(so)]):
+        if shutil.which(cmd[0]):
+            out = subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
+            lines += [f"$ {' '.join(cmd[:2])}"] + [
+                x for x in out if any(k in x for k in ("GCC", "clang", "EH_FRAME", "_Unwind",
+                                                       "__register_frame", "__cxa_throw"))]
     debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
-    if debugger is None:
-        return "(no gdb or cuda-gdb for a native backtrace)"
-    done = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt", "--args",
-                           sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(work)})
-    return "\n".join(done.stdout.splitlines()[-60:])
+    if debugger is not None:
+        done = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt", "--args",
+                               sys.executable, "-c", code], cwd=work, capture_output=True,
+                              text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(work)})
+        lines += done.stdout.splitlines()[-60:]
+    return "\n".join(lines)
 
 
-def test_occupancy_query_of_a_node_build(node_build):
-    done = run_in(node_build, "-c", OCCUPANCY_PROBE)
-    assert done.returncode == 0, (f"rc {done.returncode}:\n{done.stdout}\n{done.stderr[-3000:]}"
-                                  f"\n{native_backtrace(node_build, OCCUPANCY_PROBE)}")
-    assert "refused: " in done.stdout
+@pytest.mark.parametrize("call", list(CALLS))
+def test_occupancy_query_of_a_node_build(node_build, call):
+    code = probe(CALLS[call])
+    done = run_in(node_build, "-c", code)
+    assert done.returncode == 0, (f"{call}: rc {done.returncode}:\n{done.stdout}\n"
+                                  f"{done.stderr[-3000:]}\n{native_backtrace(node_build, code)}")
+    assert ("refused:" if call.startswith("throws") else "ctas") in done.stdout
 
 
 def test_kernel_tests_pass_with_a_node_build(node_build):
