@@ -420,7 +420,10 @@ def run(args) -> dict:
         if proc.poll() is not None:
             crashed = 1
         else:
-            settled = settle(base, args.served_name)
+            try:
+                settled = settle(base, args.served_name)
+            except OSError as e:  # the server stopped answering: no pool check possible
+                settled = {"error": f"{type(e).__name__}: {e}"}
             crashed = int(proc.poll() is not None)
     log = log_path.read_text(errors="replace")
     warnings = [line for line in log.splitlines() if "mikv verify:" in line and "WARNING" in line]
@@ -432,8 +435,9 @@ def run(args) -> dict:
     windows = [demotions[i + per_minute] - demotions[i]
                for i in range(0, max(0, len(demotions) - per_minute), per_minute)]
     c = tally.counts
+    last = samples[-1] if samples else {}
     leak = None
-    if settled:
+    if settled and "error" not in settled:
         leak = int((settled.get("mikv_lo_pages") or 0) + (settled.get("mikv_pack_blocks") or 0)
                    + (settled.get("mikv_hi_pages") or 0) if args.kv_cache_dtype == "mikv" else 0)
         if settled.get("kv_cache_usage_perc"):
@@ -446,10 +450,11 @@ def run(args) -> dict:
         "malformed_4xx": c["malformed_4xx"], "unknown_field_sent": c["sent_unknown_field"],
         "unknown_field_completed": c["completed_unknown_field"],
         "server_crashes": crashed, "block_leak": leak,
-        "demotions": (settled.get("mikv_demotions_total") if settled else None),
-        "pressure_demotions": (settled.get("mikv_preemptions_avoided_total")
-                               if settled else None),
-        "preemptions": settled.get("num_preemptions_total") if settled else None,
+        # from the counters after the drain, else from the last sample of the load
+        "demotions": settled.get("mikv_demotions_total", last.get("demotions")),
+        "pressure_demotions": settled.get("mikv_preemptions_avoided_total",
+                                          last.get("pressure_demotions")),
+        "preemptions": settled.get("num_preemptions_total", last.get("preemptions")),
         "minutes_without_demotion": sum(1 for w in windows if w <= 0),
         "verify_warnings": len(warnings), "verify_warning_samples": warnings[:5],
         "gpu_mib_first": warm[0] if warm else None, "gpu_mib_last": warm[-1] if warm else None,
