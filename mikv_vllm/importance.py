@@ -80,22 +80,26 @@ class PageMassMeter:
         self.observed = False
         if all_reduce is not None:
             all_reduce(self.mass)
-        host = torch.empty(self.mass.shape, dtype=self.mass.dtype, pin_memory=True)
-        host.copy_(self.mass, non_blocking=True)
+        on_gpu = self.mass.is_cuda
+        host = torch.empty(self.mass.shape, dtype=self.mass.dtype, pin_memory=on_gpu)
+        host.copy_(self.mass, non_blocking=on_gpu)
         self.mass.zero_()
-        done = torch.cuda.Event()
-        done.record()
+        done = None
+        if on_gpu:
+            done = torch.cuda.Event()
+            done.record()
         return PendingMass(host, done)
 
 
 class PendingMass:
-    """A block-mass report whose copy may still be in flight."""
+    """A block-mass report whose copy may still be in flight (`done`: its CUDA event)."""
 
-    def __init__(self, host: torch.Tensor, done: torch.cuda.Event) -> None:
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
         self.host, self.done = host, done
 
     def result(self) -> np.ndarray:
-        self.done.synchronize()
+        if self.done is not None:
+            self.done.synchronize()
         return self.host.numpy()
 
 
