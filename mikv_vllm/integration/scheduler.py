@@ -66,6 +66,9 @@ class MikvSchedulerMixin:
         self._released: list[int] = []
         # Requests whose demotable hi pages were all shared, at (demotable, lo) page counts.
         self._nothing_movable: dict[str, tuple[int, int]] = {}
+        # Per request, the first page that may still be hi: a lo page never turns hi again (a
+        # preempted request starts over), so the scan for movable pages starts there.
+        self._first_hi: dict[str, int] = {}
         # Two tiers: whether 4-bit packs had to move on to 2-bit last step (memory is short of
         # even all-4-bit; see plan_demotions).
         self._mid_saturated = False
@@ -93,6 +96,7 @@ class MikvSchedulerMixin:
         super()._free_request_blocks(request)
         self.demoter.release(rid)
         self._nothing_movable.pop(rid, None)
+        self._first_hi.pop(rid, None)
 
     def schedule(self, *args, **kwargs):
         moves, pressure_moves = self.plan_demotions()
@@ -280,9 +284,15 @@ class MikvSchedulerMixin:
         held by this request alone (a prefix-cache block shared with another request would
         free nothing). Only those are ranked: under lasting pressure most of a long request's
         pages are lo already, and ranking all of them cost ~0.25 ms a request."""
-        blocks = self.demoter.manager.req_to_blocks.get(request.request_id, ())
+        rid = request.request_id
+        blocks = self.demoter.manager.req_to_blocks.get(rid, ())
         span = self.mikv_policy.demotable(request.num_computed_tokens, self.layout.block_size)
-        pairs = [(p, b.block_id) for p, b in zip(span, blocks[span.start:span.stop])
+        start = max(span.start, self._first_hi.get(rid, 0))
+        while start < span.stop and start < len(blocks) and blocks[start].is_null:
+            start += 1
+        self._first_hi[rid] = start
+        pairs = [(p, b.block_id) for p, b in zip(range(start, span.stop),
+                                                 blocks[start:span.stop])
                  if not b.is_null and b.ref_cnt == 1]
         if not pairs:
             return [], np.zeros(0, dtype=np.float32)
