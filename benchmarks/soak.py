@@ -350,7 +350,9 @@ async def drive(base: str, proc, args, tally: Tally, samples: list[dict]) -> flo
     start = time.monotonic()
     deadline = start + args.duration
     connector = aiohttp.TCPConnector(limit=args.concurrency + 8)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    # no overall limit (aiohttp's default is 5 minutes): a stream fails only if it goes silent
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async def client(i: int) -> None:
             await asyncio.sleep(i * 0.05)
             while time.monotonic() < deadline and proc.poll() is None:
