@@ -222,12 +222,14 @@ async def one_request(session, base: str, req: dict, tally: Tally) -> None:
             tally.counts[f"completed_{kind}"] += 1
             tally.latencies.append(time.monotonic() - start)
     except asyncio.TimeoutError:
-        if req["abort_after"] is not None:
-            tally.counts["aborted"] += 1
+        if req["abort_after"] is not None and not req["stream"]:
+            tally.counts["aborted"] += 1  # the client's own deadline
         else:
             tally.fail(f"timeout {req['path']}")
     except aiohttp.ClientError as e:
         tally.fail(f"client error {type(e).__name__}: {e}")
+    except Exception as e:  # an answer that is not what the API promises (bad JSON, ...)
+        tally.fail(f"{req['path']}: {type(e).__name__}: {e}")
 
 
 async def _streamed(session, base: str, req: dict, data: str, tally: Tally) -> None:
@@ -255,9 +257,6 @@ async def _streamed(session, base: str, req: dict, data: str, tally: Tally) -> N
                 resp.close()  # the client hangs up mid-stream: the server must abort it
                 tally.counts["aborted"] += 1
                 return
-    if req["abort_after"] is not None and not events:
-        tally.counts["aborted"] += 1  # finished before the client could hang up
-        return
     if not done:
         tally.fail(f"stream {req['path']} ended without [DONE]")
         return
@@ -311,8 +310,14 @@ def server_gpu_mib(root: int) -> float | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     tree = process_tree(root)
-    used = [float(m) for pid, m in (line.split(",") for line in out.splitlines() if "," in line)
-            if int(pid) in tree]
+    used = []
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        try:
+            if int(pid) in tree:
+                used.append(float(mib))
+        except ValueError:  # "[N/A]" and the like
+            continue
     return sum(used) if used else None
 
 
@@ -342,7 +347,9 @@ async def monitor(base: str, proc, deadline: float, every: float, samples: list[
         await asyncio.sleep(every)
 
 
-async def drive(base: str, proc, args, tally: Tally, samples: list[dict]) -> float:
+async def drive(base: str, proc, args, tally: Tally,
+                samples: list[dict]) -> tuple[float, int]:
+    """The load: (its seconds, how many of `samples` were taken during it)."""
     import aiohttp
 
     traffic = Traffic(args.seed, args.max_model_len, args.served_name, args.malformed_share,
@@ -364,7 +371,7 @@ async def drive(base: str, proc, args, tally: Tally, samples: list[dict]) -> flo
         await asyncio.gather(*(client(i) for i in range(args.concurrency)))
         elapsed = time.monotonic() - start
         mon.cancel()
-    return elapsed
+    return elapsed, len(samples)
 
 
 def settle(base: str, served_name: str, timeout: float = 180) -> dict:
@@ -373,12 +380,15 @@ def settle(base: str, served_name: str, timeout: float = 180) -> dict:
     import urllib.request
 
     end = time.time() + timeout
-    m: dict = {}
-    while time.time() < end:
+    drained = False
+    while time.time() < end and not drained:
         m = scrape(base)
-        if not m.get("vllm:num_requests_running") and not m.get("vllm:num_requests_waiting"):
-            break
-        time.sleep(2)
+        drained = not m.get("vllm:num_requests_running") and not m.get(
+            "vllm:num_requests_waiting")
+        if not drained:
+            time.sleep(2)
+    if not drained:
+        return {"error": f"requests still running {timeout:.0f} s after the load"}
     req = urllib.request.Request(base + "/v1/completions", data=json.dumps(
         {"model": served_name, "prompt": "probe", "max_tokens": 2}).encode(),
         headers={"Content-Type": "application/json"})
@@ -414,24 +424,30 @@ def run(args) -> dict:
     if args.verify:
         env["MIKV_VERIFY_DEMOTIONS"] = "1"
     tally, samples = Tally(), []
-    crashed, settled, elapsed = 0, {}, 0.0
+    crashed, settled, elapsed, load_samples, startup_s = 0, {}, 0.0, 0, 0.0
     t0 = time.time()
-    with running_server(cmd, log_path, base, timeout=args.start_timeout, env=env) as proc:
-        startup_s = time.time() - t0
-        elapsed = asyncio.run(drive(base, proc, args, tally, samples))
-        if proc.poll() is not None:
-            crashed = 1
-        else:
-            try:
-                settled = settle(base, args.served_name)
-            except OSError as e:  # the server stopped answering: no pool check possible
-                settled = {"error": f"{type(e).__name__}: {e}"}
-            crashed = int(proc.poll() is not None)
+    try:
+        with running_server(cmd, log_path, base, timeout=args.start_timeout, env=env) as proc:
+            startup_s = time.time() - t0
+            elapsed, load_samples = asyncio.run(drive(base, proc, args, tally, samples))
+            if proc.poll() is not None:
+                crashed = 1
+            else:
+                try:
+                    settled = settle(base, args.served_name)
+                except OSError as e:  # the server stopped answering: no pool check possible
+                    settled = {"error": f"{type(e).__name__}: {e}"}
+                crashed = int(proc.poll() is not None)
+    except RuntimeError as e:  # it never came up (running_server: exited or not healthy)
+        crashed, settled = 1, {"error": str(e)[-2000:]}
     log = log_path.read_text(errors="replace")
     warnings = [line for line in log.splitlines() if "mikv verify:" in line and "WARNING" in line]
     mib = [s["gpu_mib"] for s in samples if s["gpu_mib"] is not None]
     warm = mib[len(mib) // 10:] or mib  # past the first tenth: CUDA graphs and pools settled
-    demotions = [s["demotions"] or 0.0 for s in samples]
+    demotions, seen = [], 0.0
+    for sample in samples[:load_samples]:  # a failed scrape carries the last value forward
+        seen = sample["demotions"] if sample["demotions"] is not None else seen
+        demotions.append(seen)
     # demotion "throughout": every minute of the load saw new demotions
     per_minute = max(1, int(60 / args.sample_every))
     windows = [demotions[i + per_minute] - demotions[i]
@@ -486,9 +502,12 @@ SUMMED = ("duration_s", "requests", "completed", "failed", "aborted", "malformed
 def merge(paths: list[str], out: str, extra: dict) -> dict:
     """soak.json: the runs' totals (issue 25's fields), the runs without their samples, and
     `extra` (sanitizer counts, versions)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [json.loads(Path(p).read_text()) for p in paths if Path(p).exists()]
     total = {k: sum(r.get(k) or 0 for r in runs) for k in SUMMED}
     total["longest_run_s"] = max((r["duration_s"] for r in runs), default=0)
+    # a run whose pool could not be checked after the drain proves no absence of leaks
+    total["block_leak_unchecked_runs"] = sum(r.get("block_leak") is None for r in runs)
+    total["missing_runs"] = [p for p in paths if not Path(p).exists()]
     total.update(extra)
     total["runs"] = [{k: v for k, v in r.items() if k != "samples"} for r in runs]
     Path(out).write_text(json.dumps(total, indent=1))

@@ -59,8 +59,13 @@ def test_runs_are_summed_into_soak_json(tmp_path):
         path = tmp_path / f"soak_r{i}.json"
         path.write_text(json.dumps(row))
         rows.append(str(path))
-    total = soak.merge(rows, str(tmp_path / "soak.json"), {"sanitizer_errors": 0})
-    assert total["duration_s"] == 900.0 and total["longest_run_s"] == 540.0
+    unchecked = tmp_path / "soak_r2.json"  # a run whose pool could not be checked
+    unchecked.write_text(json.dumps({"duration_s": 10.0, "block_leak": None}))
+    missing = str(tmp_path / "soak_r3.json")  # a run that wrote nothing
+    total = soak.merge(rows + [str(unchecked), missing], str(tmp_path / "soak.json"),
+                       {"sanitizer_errors": 0})
+    assert total["duration_s"] == 910.0 and total["longest_run_s"] == 540.0
     assert total["requests"] == 2 and total["sanitizer_errors"] == 0
+    assert total["block_leak_unchecked_runs"] == 1 and total["missing_runs"] == [missing]
     assert all("samples" not in r for r in total["runs"])
     assert json.loads((tmp_path / "soak.json").read_text()) == total
