@@ -155,6 +155,9 @@ class KVSim:
         self.is_mid = torch.zeros(0, dtype=torch.bool)  # of those, in the 4-bit tier (tiered)
         self.mid_layout = layout_of(model, block_size, method, lo_bits=4) if method.mid else None
         self.acc = torch.zeros(0)
+        # Tiered: a 4-bit page's mass when it left hi. The GPU measures hi pages only, so the
+        # product ranks a 4-bit page's move on to 2-bit by that, and so does the simulation.
+        self.frozen = torch.zeros(0)
         if window_scores and pre.window_mass is not None and self.policy is not None:
             self.acc = pre.window_mass / len(self.mass_layers)
         self.step_mass = None
@@ -187,6 +190,7 @@ class KVSim:
         if self.is_lo.numel() < pages:
             grow = torch.zeros(pages - self.is_lo.numel(), dtype=torch.bool)
             self.is_lo, self.is_mid = torch.cat([self.is_lo, grow]), torch.cat([self.is_mid, grow])
+            self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(grow.numel())])
 
     def demote(self, pages: list[int], to_mid: bool = False):
         """Demote pages: each is replaced by its lo page's values (all of a step's pages in
@@ -199,6 +203,8 @@ class KVSim:
         from_mid = bool(self.is_mid[pages].any())
         self.is_lo[pages] = True
         self.is_mid[pages] = to_mid
+        if to_mid:
+            self.frozen[pages] = self.acc[pages]
         rows = (torch.tensor(pages)[:, None] * self.bs + torch.arange(self.bs)).reshape(-1)
         if self.method.lo == "evict":
             self.keep[rows.to(self.keep.device)] = False
@@ -254,9 +260,10 @@ class KVSim:
             self.demote(self.policy.over_budget(self.acc, self.is_lo, n, self.bs))
 
     def _demote_tiers(self, n: int):
-        """The coldest hi pages to 4-bit, then the coldest 4-bit pages to 2-bit, as far as
-        the byte budget needs (DemotionPolicy.tier_limits); a hi page that would pass through
-        4-bit within one step is quantized to 2-bit from its original values."""
+        """The coldest hi pages to 4-bit, then the coldest 4-bit pages (by their mass when
+        they left hi) to 2-bit, as far as the byte budget needs (DemotionPolicy.tier_limits);
+        a hi page that would pass through 4-bit within one step is quantized to 2-bit from its
+        original values."""
         hi_max, mid_max = self.policy.tier_limits(n, self.bs, self.method.budget, self.h,
                                                   self.mc, self.lc)
         pages = -(-n // self.bs)
@@ -264,7 +271,10 @@ class KVSim:
                                      pages - int(self.is_lo[:pages].sum()) - hi_max)
         mid_after = self.is_mid.clone()
         mid_after[to_mid] = True
-        to_lo = self.policy.coldest(self.acc, ~mid_after, n, self.bs,
+        rank = self.acc.clone()  # 4-bit pages by their frozen mass
+        m = min(rank.numel(), self.is_mid.numel())
+        rank[:m] = torch.where(self.is_mid[:m], self.frozen[:m], rank[:m])
+        to_lo = self.policy.coldest(rank, ~mid_after, n, self.bs,
                                     int(mid_after[:pages].sum()) - mid_max)
         direct = sorted(set(to_mid) & set(to_lo))
         self.demote(sorted(set(to_mid) - set(direct)), to_mid=True)
