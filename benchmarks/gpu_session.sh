@@ -15,7 +15,8 @@
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
 #         4's workloads a and b for every kv dtype (e2e_b_tiers: b with lo_bits [4, 2]);
-#         e2e_decode_heavy: issue 21's decode-heavy mix in a fixed pool; demote: demotion forced on (dummy weights);
+#         e2e_decode_heavy: issue 21's decode-heavy mix in a fixed pool; demote: demotion
+#         forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
