@@ -161,14 +161,14 @@ class PageDemoter:
         return sorted(((self._cost(tier, b), list(v)) for b, v in tier.pages.items()
                        if (req_id, b) not in self._fresh), key=lambda c: (c[0], c[1][0]))
 
-    def cheapest_mid_page_mass(self, req_id: str | None = None) -> float | None:
+    def cheapest_mid_page_mass(self, req_id: str | None = None) -> float:
         """The mean mass of a page of the middle-tier pack that would move on next, of any
-        request or of `req_id`'s (None: no such pack): a hi page colder than this gains
+        request or of `req_id`'s (inf: no such pack): a hi page no warmer than this gains
         nothing from a stay in the middle tier while packs are moving on."""
         if req_id is not None:
             packs = self.mid_packs(req_id)
             if not packs:
-                return None
+                return float("inf")
             pages, masses = packs[0][1], self.requests[req_id].mid_mass
             return sum(masses[p] for p in pages) / len(pages)
         while self._ranking:
@@ -177,7 +177,7 @@ class PageDemoter:
             if state is not None and state.mid.version.get(pack) == version:
                 return state.mid.mass[pack] / len(state.mid.pages[pack])
             heapq.heappop(self._ranking)
-        return None
+        return float("inf")
 
     def move_on_cheapest(self) -> list[Demotion]:
         """Move the cheapest middle-tier pack of any request on to the last tier; [] when none

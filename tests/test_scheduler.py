@@ -16,6 +16,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from conftest import GPU_WORKER, one_layer_kv_cache_config
+from mikv_vllm.importance import request_page_mass
 from mikv_vllm.integration import protocol
 from mikv_vllm.integration.scheduler import MikvAsyncScheduler, MikvScheduler
 
@@ -71,6 +72,15 @@ def steps(sched: MikvScheduler, limit: int):
         if not sched.has_requests():
             return
         yield step(sched)
+
+
+def page_mass(sched: MikvScheduler, request) -> torch.Tensor:
+    """The ranking's mass per page of `request` (0 for lo pages, whose entry is the null
+    block)."""
+    pages = -(-request.num_computed_tokens // sched.layout.block_size)
+    blocks = sched.demoter.manager.req_to_blocks.get(request.request_id, [])[:pages]
+    mass = request_page_mass(sched.block_mass, [b.block_id for b in blocks])
+    return torch.cat([mass, mass.new_zeros(pages - mass.numel())])
 
 
 def preemptions(out) -> int:
@@ -403,7 +413,7 @@ def test_importance_reports_rank_pages(tiny_llama):
                                    sampled_token_ids=[[5]])
     protocol.put_block_mass(runner_out, block_mass.numpy())
     sched.update_from_output(out, runner_out)
-    mass = sched.page_mass(sched.requests["a"])
+    mass = page_mass(sched, sched.requests["a"])
     assert mass[sorted(hot)].tolist() == pytest.approx([0.3] * 3)
     assert float(mass.sum()) == pytest.approx(0.9)
     # A budget of 4 hi pages of 21 keeps sink + 2 recent + 1 more: the 15 cold demotable pages
@@ -451,7 +461,7 @@ def test_one_report_reaches_every_running_request(tiny_llama):
     protocol.put_block_mass(runner_out, block_mass.numpy())
     sched.update_from_output(out, runner_out)
     for rid, page in hot.items():
-        mass = sched.page_mass(sched.requests[rid])
+        mass = page_mass(sched, sched.requests[rid])
         assert mass.numel() == len(sched.demoter.manager.req_to_blocks[rid])
         assert mass.nonzero().flatten().tolist() == [page] and float(mass[page]) == 0.5
 
@@ -472,13 +482,13 @@ def test_a_reused_block_starts_cold(tiny_llama):
     report[sorted(old)] = 1.0  # workers report mass only for the blocks decodes read
     protocol.put_block_mass(runner_out, report.numpy())
     sched.update_from_output(out, runner_out)
-    assert sched.page_mass(sched.requests["a"])[:10].tolist() == [1.0] * 10
+    assert page_mass(sched, sched.requests["a"])[:10].tolist() == [1.0] * 10
     sched.finish_requests(["a"], finished_status=RequestStatus.FINISHED_ABORTED)
     sched.add_request(request("b", 30 * BLOCK, 5, rng))
     step(sched)
     new = {b.block_id for b in sched.demoter.manager.req_to_blocks["b"]}
     assert old & new, "the pool did not hand a's blocks to b"
-    assert float(sched.page_mass(sched.requests["b"]).abs().sum()) == 0.0
+    assert float(page_mass(sched, sched.requests["b"]).abs().sum()) == 0.0
 
 
 def test_a_report_late_for_a_demoted_page_is_dropped(tiny_llama):
@@ -501,8 +511,6 @@ def test_a_report_late_for_a_demoted_page_is_dropped(tiny_llama):
 
 
 def test_block_mass_of_lo_and_null_pages_is_zero():
-    from mikv_vllm.importance import request_page_mass
-
     block_mass = torch.arange(10, dtype=torch.float32)
     assert request_page_mass(block_mass, [4, 0, 9]).tolist() == [4.0, 0.0, 9.0]
     assert request_page_mass(block_mass, []).numel() == 0

@@ -158,10 +158,7 @@ class MikvSchedulerMixin:
         # While 4-bit packs are moving on, a hi page no warmer than the next pack's pages (any,
         # once none is left) goes straight to 2-bit: it would follow them soon, and one
         # quantization from the original values is cheaper and more exact than two.
-        direct_below = None
-        if self._mid_saturated:
-            direct_below = self.demoter.cheapest_mid_page_mass()
-            direct_below = float("inf") if direct_below is None else direct_below
+        direct_below = self.demoter.cheapest_mid_page_mass() if self._mid_saturated else None
         direct_moves = 0
         for r in sorted(decoding, key=lambda r: -r.num_computed_tokens):  # longest first
             if short <= 0:
@@ -173,13 +170,10 @@ class MikvSchedulerMixin:
             if not pages:  # its hi demotable pages are all shared: skip it until that changes
                 self._nothing_movable[r.request_id] = self._demotable_counts(r)
             if direct_below is not None and pages:
-                cold = mass <= direct_below
-                done = self._demote(r, [p for p, c in zip(pages, cold) if c], mass[cold],
-                                    to_last=True)
+                done, pages, mass = self._demote_to_last(r, pages, mass, mass <= direct_below)
                 short -= len(done) - -(-len(done) // self.layout.pack_factor)
                 direct_moves += len(done)
                 moves += done
-                pages, mass = [p for p, c in zip(pages, cold) if not c], mass[~cold]
             done = self._demote(r, pages, mass)
             short -= len(done) - -(-len(done) // n)
             moves += done
@@ -211,14 +205,11 @@ class MikvSchedulerMixin:
                 # Pages the budget wants 2-bit and no warmer than the 4-bit pages that would
                 # move on instead go there directly: one quantization from the original values
                 # rather than two (hi -> 4 -> 2).
-                below = self.demoter.cheapest_mid_page_mass(rid)
-                below = float("inf") if below is None else below
-                cold = (mass <= below) & (np.cumsum(mass <= below) <= mid_excess)
-                done = self._demote(request, [p for p, c in zip(pages, cold) if c], mass[cold],
-                                    to_last=True)
+                cold = mass <= self.demoter.cheapest_mid_page_mass(rid)
+                done, pages, mass = self._demote_to_last(
+                    request, pages, mass, cold & (np.cumsum(cold) <= mid_excess))
                 mid_excess -= len(done)
                 moves += done
-                pages, mass = [p for p, c in zip(pages, cold) if not c], mass[~cold]
             moves += self._demote(request, pages, mass)
         for _, pages in self.demoter.mid_packs(rid) if mid_excess > 0 else ():
             if mid_excess <= 0:
@@ -236,6 +227,14 @@ class MikvSchedulerMixin:
         middle tier, where nothing is measured)."""
         return self.demoter.demote(request.request_id, pages, mass.tolist(), to_last)
 
+    def _demote_to_last(self, request, pages: list[int], mass: np.ndarray, chosen: np.ndarray
+                        ) -> tuple[list[Demotion], list[int], np.ndarray]:
+        """Demote the `chosen` (a mask) of hi `pages` straight to the last tier; returns those
+        moves and the pages left, with their mass."""
+        done = self._demote(request, [p for p, c in zip(pages, chosen) if c], mass[chosen],
+                            to_last=True)
+        return done, [p for p, c in zip(pages, chosen) if not c], mass[~chosen]
+
     def _blocks_wanted(self) -> int:
         """Blocks this step may allocate: each decode's next page, each prefill's next chunk,
         and what admitting the next waiting request takes (so that admission does not stall
@@ -252,15 +251,6 @@ class MikvSchedulerMixin:
             tokens = head if self.scheduler_reserve_full_isl else min(head, chunk)
             want += -(-tokens // bs) + self.kv_cache_manager.watermark_blocks
         return want
-
-    def page_mass(self, request) -> torch.Tensor:
-        """The request's accumulated mass per page (0 for lo pages)."""
-        pages = -(-request.num_computed_tokens // self.layout.block_size)
-        blocks = self.demoter.manager.req_to_blocks.get(request.request_id, [])[:pages]
-        mass = request_page_mass(self.block_mass, [b.block_id for b in blocks])
-        if mass.numel() < pages:
-            mass = torch.cat([mass, mass.new_zeros(pages - mass.numel())])
-        return mass
 
     def _demotable_counts(self, request) -> tuple[int, int]:
         """(pages in the policy's demotable range, lo pages): every lo page lies in that
