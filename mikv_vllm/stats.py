@@ -40,7 +40,8 @@ class PageStats:
 
 
 class PageStatsRecorder:
-    """Updates a PageStats after every `schedule()` and logs it at most every LOG_EVERY_S."""
+    """Updates a PageStats after every `schedule()` (its page counts again after every step's
+    frees) and logs it at most every LOG_EVERY_S."""
 
     def __init__(self, hi_page_bytes: int = 0, lo_page_bytes: int = 0,
                  bf16_page_bytes: int = 0, mid_page_bytes: int = 0) -> None:
