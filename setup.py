@@ -3,6 +3,7 @@ kernels in csrc/ (sm80 and sm90 unless TORCH_CUDA_ARCH_LIST says otherwise).
 
 Without them (or with MIKV_SKIP_CUDA_BUILD=1) only the Python parts are installed and
 `mikv_vllm.ops` explains what is missing when a kernel is first needed."""
+import importlib.util
 import os
 import sys
 
@@ -59,9 +60,29 @@ def cuda_extension():
             "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                      "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", *wheel_includes],
         },
+        # The shared C++ runtime, named ahead of the -lstdc++ g++ appends: where that resolves
+        # to libstdc++.a (no libstdc++.so link, or -static-libstdc++), nothing is taken from it.
+        extra_link_args=["-l:libstdc++.so.6"],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": refusing_static_runtime(BuildExtension.with_options(use_ninja=True))}
 
+
+def refusing_static_runtime(build_ext):
+    """`build_ext` that fails a build carrying its own C++ runtime (mikv_vllm/cxx_runtime.py)
+    instead of leaving it to crash at its first error message."""
+    spec = importlib.util.spec_from_file_location(
+        "mikv_cxx_runtime", os.path.join(HERE, "mikv_vllm", "cxx_runtime.py"))
+    cxx_runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cxx_runtime)
+
+    class CheckedBuildExt(build_ext):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            problem = cxx_runtime.static_runtime_problem(self.get_ext_fullpath(ext.name))
+            if problem:
+                raise SystemExit(f"mikv-vllm: {problem}")
+
+    return CheckedBuildExt
 
 
 ext_modules, cmdclass = cuda_extension()

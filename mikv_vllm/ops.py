@@ -5,9 +5,11 @@ present; without it the plugin still imports, and the first kernel call says wha
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
+from mikv_vllm.cxx_runtime import static_runtime_problem
 from mikv_vllm.layout import PageLayout
 
 MAX_SPLITS = 64
@@ -25,6 +27,9 @@ class KernelsUnavailableError(ImportError):
 
 @functools.cache
 def load_kernels() -> None:
+    spec = importlib.util.find_spec("mikv_vllm._C")
+    if spec is not None and spec.origin and (problem := static_runtime_problem(spec.origin)):
+        raise KernelsUnavailableError(problem)
     try:
         import mikv_vllm._C  # noqa: F401  (registers torch.ops.mikv.*)
     except ImportError as e:

@@ -1,8 +1,9 @@
 """The extension built the way a GPU node (and the docker image's build stage) builds it: on
 this machine, with its own host compiler, from a scratch copy of the checkout; then its kernels
-in fresh processes, so that a crash fails a test instead of ending the run. A build made on the
-GPU machine itself has died in `decode_ctas_per_sm` (issue 25) while one made on the CPU machine
-passed. Builds for several minutes: runs only with MIKV_NODE_BUILD=1 (GPU only)."""
+in fresh processes, so that a crash fails a test instead of ending the run. Such a build once
+carried a static libstdc++ and died formatting `decode_ctas_per_sm`'s first error message with a
+number (issue 25, mikv_vllm/cxx_runtime.py). Builds for several minutes: runs only with
+MIKV_NODE_BUILD=1 (GPU only)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mikv_vllm.cxx_runtime import static_runtime_problem
 
 pytestmark = pytest.mark.gpu
 
@@ -96,6 +99,16 @@ def test_occupancy_query_of_a_node_build(node_build, call):
     assert done.returncode == 0, (f"{call}: rc {done.returncode}:\n{done.stdout}\n"
                                   f"{done.stderr[-3000:]}\n{native_backtrace(node_build, code)}")
     assert ("refused:" if call.startswith("throws") else "ctas") in done.stdout
+    if call == "throws in the dispatch":
+        assert "head_dim 96 not in" in done.stdout  # the number a second runtime loses
+
+
+def test_node_build_links_the_shared_cxx_runtime(node_build):
+    so = next((node_build / "mikv_vllm").glob("_C*.so"))
+    toolchain = subprocess.run(["g++", "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True).stdout.strip()
+    assert static_runtime_problem(str(so)) is None, (
+        f"g++ -print-file-name=libstdc++.so: {toolchain}; LDFLAGS={os.environ.get('LDFLAGS')}")
 
 
 def test_kernel_tests_pass_with_a_node_build(node_build):
