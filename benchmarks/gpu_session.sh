@@ -221,7 +221,8 @@ stage_sm80() {
 # Qwen2.5-Coder-1.5B weights and its tokenizer (SOAK_TOK, a tar of tok/), the KV pool under
 # pressure. SOAK_RUNS: NAME:SECONDS[:verify] runs, one server each; $OUT/soak.json sums them (with
 # $OUT/sanitizer.json's counts when the sanitizer stage ran first). A verify run checks every live
-# demoted page on every step (GPU syncs), so it runs with SOAK_VERIFY_CLIENTS (8) clients.
+# demoted page on every step (GPU syncs), so it runs with SOAK_VERIFY_CLIENTS (8) clients, in a
+# pool of SOAK_VERIFY_KV_BYTES (300 MB, ~10K tokens) that they still overfill.
 stage_soak() {
   local model=/tmp/models/qwen15-dummy run name secs verify files=()
   mkdir -p "$model"
@@ -231,7 +232,8 @@ stage_soak() {
   for run in ${SOAK_RUNS:-main:480 verify:300:verify}; do
     IFS=: read -r name secs verify <<< "$run"
     python3 benchmarks/soak.py --model "$model" --name "$name" --duration "$secs" \
-      --out-dir "$OUT" ${verify:+--verify --concurrency ${SOAK_VERIFY_CLIENTS:-8}} \
+      --out-dir "$OUT" ${verify:+--verify --concurrency ${SOAK_VERIFY_CLIENTS:-8} \
+      --kv-cache-memory-bytes ${SOAK_VERIFY_KV_BYTES:-300000000}} \
       ${SOAK_ARGS:-} 2>&1 | tail -3
     files+=("$OUT/soak_$name.json")
   done
