@@ -104,7 +104,9 @@ def load_row(kv: str, args) -> dict:
 
 CAPACITY_KEYS = ("kv", "workload", "kv_tokens", "kv_capacity_tokens", "wall_s", "gen_tok_s",
                  "total_tok_s", "preemptions", "p50_ms", "p99_ms", "knobs", "block_size")
-EXTRA_KEYS = ("demotions", "prefix_cache_hit_rate", "seed")  # kept where a run has them
+# kept where a run has them
+EXTRA_KEYS = ("demotions", "prefix_cache_hit_rate", "seed", "slo", "p99_ttft_ms", "p99_tpot_ms",
+              "goodput_req_s")
 
 
 def append_capacity_rows(rows: list[dict], path: str) -> None:

@@ -4,7 +4,10 @@
 Dummy weights of a real architecture (benchmarks/configs/llama-3.1-8b) with any tokenizer
 whose ids fit its vocabulary (e.g. SmolLM2's, see benchmarks/models/). Writes per-run JSON from
 `vllm bench serve` and a summary with rows {kv, workload, kv_tokens, wall_s, gen_tok_s,
-total_tok_s, preemptions, p50_ms, p99_ms} (latencies: end-to-end per request).
+total_tok_s, preemptions, p50_ms, p99_ms (end-to-end per request), p99_ttft_ms, p99_tpot_ms,
+goodput_req_s}. Goodput is vLLM's: requests per second that met every `--slo` (time to first
+token, time per output token), the number an operator sizes a fleet by;
+`benchmarks/goodput_table.py` tabulates it.
 
 Each rate gets its own prompts (`vllm bench serve --seed`): with one seed for all, a later rate
 replays the earlier rate's prompts and a server whose pool still holds them answers from its
@@ -41,27 +44,34 @@ def counters(url: str) -> dict[str, float]:
         rf"^vllm:{name}_total(?:\{{[^}}]*\}})? ([\d.e+]+)$", text, re.M)) for name in COUNTERS}
 
 
+def bench_args(rate: str, seed: int, name: str, a) -> list[str]:
+    """`vllm bench serve`'s arguments for one run at `rate`, its result saved as `name`."""
+    return ["--backend", "vllm", "--model", a.model, "--tokenizer", a.tokenizer,
+            "--port", str(a.port), "--dataset-name", "random",
+            "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+            "--num-prompts", str(a.num_prompts), "--request-rate", str(rate), "--ignore-eos",
+            "--seed", str(seed),
+            "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
+            "--goodput", *a.slo,
+            "--save-result", "--result-dir", a.out_dir, "--result-filename", name]
+
+
 def bench_one(kv: str, rate: str, seed: int, url: str, server_log: str, a) -> dict:
     """One `vllm bench serve` run at `rate` against the running server -> a capacity row."""
     name = f"bench_{kv}_rate{rate}.json"
     before = counters(url)
     with open(os.path.join(a.out_dir, f"bench_{kv}.log"), "a") as log:
-        subprocess.run(CLI + [
-            "bench", "serve", "--backend", "vllm", "--model", a.model, "--tokenizer",
-            a.tokenizer, "--port", str(a.port), "--dataset-name", "random",
-            "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-            "--num-prompts", str(a.num_prompts), "--request-rate", str(rate), "--ignore-eos",
-            "--seed", str(seed),
-            "--percentile-metrics", "e2el", "--metric-percentiles", "50,99",
-            "--save-result", "--result-dir", a.out_dir, "--result-filename", name],
-            check=True, timeout=a.bench_timeout, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(CLI + ["bench", "serve", *bench_args(rate, seed, name, a)], check=True,
+                       timeout=a.bench_timeout, stdout=log, stderr=subprocess.STDOUT)
     r = json.load(open(os.path.join(a.out_dir, name)))
     time.sleep(2.5)  # one more `mikv stats` line after the run went idle
     after = counters(url)
     delta = {k: after[k] - before[k] for k in COUNTERS}
     return {
         "kv": kv, "workload": f"serve {a.num_prompts}x({a.input_len}+{a.output_len}) "
-                              f"at {rate} req/s, gpu util {a.gpu_util}",
+                              f"at {rate} req/s, " + (
+                                  f"{a.kv_cache_memory_bytes / 2**30:g} GiB KV pool"
+                                  if a.kv_cache_memory_bytes else f"gpu util {a.gpu_util}"),
         "knobs": a.mikv_knobs if kv == "mikv" else None, "block_size": a.block_size,
         **log_counters(open(server_log).read()),  # kv_tokens: most resident so far
         "wall_s": r.get("duration"), "gen_tok_s": r.get("output_throughput"),
@@ -69,7 +79,10 @@ def bench_one(kv: str, rate: str, seed: int, url: str, server_log: str, a) -> di
         "preemptions": delta["num_preemptions"], "seed": seed,
         "prefix_cache_hit_rate": (delta["prefix_cache_hits"] / delta["prefix_cache_queries"]
                                   if delta["prefix_cache_queries"] else None),
-        "p50_ms": r.get("p50_e2el_ms"), "p99_ms": r.get("p99_e2el_ms")}
+        "p50_ms": r.get("p50_e2el_ms"), "p99_ms": r.get("p99_e2el_ms"),
+        "rate": rate, "slo": " ".join(a.slo), "p99_ttft_ms": r.get("p99_ttft_ms"),
+        "p99_tpot_ms": r.get("p99_tpot_ms"), "goodput_req_s": r.get("request_goodput"),
+        "requests_per_s": r.get("request_throughput"), "completed": r.get("completed")}
 
 
 def sweep_one(kv: str, a) -> list[dict]:
@@ -84,6 +97,8 @@ def sweep_one(kv: str, a) -> list[dict]:
                  str(a.input_len + a.output_len + 64), "--gpu-memory-utilization", str(a.gpu_util), *extra]
     if a.block_size:
         cmd += ["--block-size", str(a.block_size)]
+    if a.kv_cache_memory_bytes:
+        cmd += ["--kv-cache-memory-bytes", str(a.kv_cache_memory_bytes)]
     rows = []
     try:
         with running_server(cmd, log_path, url, a.start_timeout, env):
@@ -112,6 +127,11 @@ def main() -> None:
     p.add_argument("--bench-timeout", type=float, default=600)
     p.add_argument("--mikv-knobs", default=None, help="JSON knobs for the mikv server")
     p.add_argument("--block-size", type=int, default=None, help="--block-size of every server")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="the same KV pool for every server (instead of --gpu-util's share)")
+    p.add_argument("--slo", nargs="+", default=["ttft:5000", "tpot:100"],
+                   help="goodput's objectives, vllm bench serve's KEY:MS pairs (default: the "
+                        "first token within 5 s, then at least 10 tokens/s)")
     p.add_argument("--seed", type=int, default=1,
                    help="prompts of the i-th rate: seed + i (the same for every kv dtype)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))

@@ -19,7 +19,8 @@
 #         forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
-#         (e2e_serve_sweep.py); tp2: forced demotion at tensor parallel size 2, with verify
+#         (e2e_serve_sweep.py); sweep_goodput: the decode-heavy mix served at rising rates,
+#         goodput inside latency objectives; tp2: forced demotion at TP 2, with verify
 # soak    issue 25's soak through `vllm serve` (benchmarks/soak.py); sanitizer: compute-sanitizer
 #         over the kernel tests; nodebuild: the extension built on this machine, then tested
 # sm80    the A100 route on this GPU (benchmarks/sm80_path.py): the extension of the 8.0+PTX
@@ -207,6 +208,14 @@ stage_tp2() {
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
 stage_sweep() {
   python3 benchmarks/e2e_serve_sweep.py --tokenizer "$TOK" --out-dir "$OUT" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" | tail -30
+}
+
+# Goodput (issue 21): the decode-heavy mix served at rising arrival rates, every dtype in the
+# same 24 GiB KV pool, requests per second inside e2e_serve_sweep.py's --slo
+# (benchmarks/goodput_table.py turns $OUT/e2e_serve_summary.json into the README's table).
+stage_sweep_goodput() {
+  SWEEP_ARGS="--kv ${GOODPUT_KV:-auto fp8 mikv} --rates ${GOODPUT_RATES:-2 4 8} --num-prompts 128 --input-len 4096 --output-len 1024 --kv-cache-memory-bytes 25769803776 --bench-timeout 300 ${GOODPUT_ARGS:-}" stage_sweep
+  python3 benchmarks/goodput_table.py "$OUT/e2e_serve_summary.json" | tee "$OUT/goodput.md"
 }
 
 stage_sm80() {
