@@ -45,15 +45,42 @@ def e4m3_up(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(bump, (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn), q).float()
 
 
-def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = False
+# A candidate lo quantizer (harness only): a group's range may shrink about its middle by one of
+# these ratios where that round-trips it with less squared error (`_quantize_groups`).
+CLIP_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+
+
+def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = False,
+                     clip_ratios: tuple[float, ...] = ()
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, fp16 scales and int8 zero points of `x` with one group along `dim`:
     x ~ (code - zero) * scale. The zero point is the whole number of steps from 0 to the
     group's minimum, so the grid (shifted by at most half a step) still spans the group; where
-    the offset needs more than ~127 steps the scale grows instead."""
+    the offset needs more than ~127 steps the scale grows instead. `clip_ratios` (a candidate
+    format measured in the harness): each group's range may also shrink about its middle by
+    one of these ratios, whichever round-trips the group with the least squared error."""
+    best = _quantize_range(x, bits, dim, x.amin(dim=dim, keepdim=True),
+                           x.amax(dim=dim, keepdim=True), e4m3_scales)
+    if clip_ratios:
+        def sse(q):
+            return ((q[0].float() - q[2].float()) * q[1].float() - x).square().sum(dim, keepdim=True)
+
+        err = sse(best)
+        mid = (x.amin(dim=dim, keepdim=True) + x.amax(dim=dim, keepdim=True)) / 2
+        half = (x.amax(dim=dim, keepdim=True) - x.amin(dim=dim, keepdim=True)) / 2
+        for ratio in clip_ratios:
+            q = _quantize_range(x, bits, dim, mid - half * ratio, mid + half * ratio, e4m3_scales)
+            e = sse(q)
+            better = e < err
+            err = torch.where(better, e, err)
+            best = tuple(torch.where(better, new, old) for new, old in zip(q, best))
+    return best
+
+
+def _quantize_range(x: torch.Tensor, bits: int, dim: int, lo: torch.Tensor, hi: torch.Tensor,
+                    e4m3_scales: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_quantize_groups` with each group's grid spanning [lo, hi] (values outside clamp)."""
     levels = (1 << bits) - 1
-    lo = x.amin(dim=dim, keepdim=True)
-    hi = x.amax(dim=dim, keepdim=True)
     # Floor at fp16's smallest normal: a constant group must not divide by zero.
     scale = ((hi - lo) / levels).clamp_min(2.0 ** -14)
     # Room for fp16 rounding below the int8 limits.
@@ -231,22 +258,24 @@ def roundtrip_fp16_zero(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
-                    e4m3_scales: bool = False, k_zero_fp16: bool = False
+                    e4m3_scales: bool = False, k_zero_fp16: bool = False,
+                    k_clip: tuple[float, ...] = (), v_clip: tuple[float, ...] = ()
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [kv_heads, pages * block_size, D] of whole pages -> what their lo pages hold
     (fp32, same shape): dequantize_page(quantize_page(...)) without the byte layout, for many
     pages at once (the quality harness demotes hundreds per step). `k_zero_fp16` measures the
-    candidate format of `roundtrip_fp16_zero` for keys."""
+    candidate format of `roundtrip_fp16_zero` for keys; `k_clip` / `v_clip` the clipped ranges
+    of `_quantize_groups`."""
     h, t, d = k.shape
     b, g, bits = layout.block_size, layout.value_group_size, layout.lo_bits
 
-    def roundtrip(x, dim):
-        codes, scale, zero = _quantize_groups(x, bits, dim, e4m3_scales)
+    def roundtrip(x, dim, clip):
+        codes, scale, zero = _quantize_groups(x, bits, dim, e4m3_scales, clip)
         return (codes.float() - zero.float()) * scale.float()
 
     k_pages = k.float().reshape(h, t // b, b, d)
-    dk = roundtrip_fp16_zero(k_pages, bits, 2) if k_zero_fp16 else roundtrip(k_pages, 2)
-    dv = roundtrip(v.float().reshape(h, t // b, b, d // g, g), 4)       # per token, group
+    dk = roundtrip_fp16_zero(k_pages, bits, 2) if k_zero_fp16 else roundtrip(k_pages, 2, k_clip)
+    dv = roundtrip(v.float().reshape(h, t // b, b, d // g, g), 4, v_clip)  # per token, group
     return dk.reshape(h, t, d), dv.reshape(h, t, d)
 
 

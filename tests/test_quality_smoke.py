@@ -119,12 +119,32 @@ def test_byte_ratios():
     assert rv.label == "mikv_kz16_rotv" and hi_fraction(rv, lay) == fk
     with pytest.raises(ValueError, match="_tier does not combine"):
         parse_method("mikv_rotv_tier@0.25")
+    vc = parse_method("mikv_vclip@0.25")  # clipping is free in bytes
+    assert vc.label == "mikv_vclip" and vc.clip_v and hi_fraction(vc, lay) == f
+    assert parse_method("mikv_vclip_tier@0.25").mid == "q4"
 
 
 def test_hadamard_rotation_is_orthogonal():
     from benchmarks.harness.methods import hadamard
     h = hadamard(128)
     assert torch.allclose(h @ h.T, torch.eye(128), atol=1e-6) and torch.equal(h, h.T)
+
+
+def test_clipped_groups_keep_the_format_and_never_round_trip_worse():
+    """The candidate quantizer of quality/lo_clipping.py: the same codes, scales and zeros as the
+    product stores, each group's squared error at most the full range's, and lower where one
+    value sits far out."""
+    from mikv_vllm.quant import CLIP_RATIOS, _quantize_groups
+
+    def sse(q, x):
+        return ((q[0].float() - q[2].float()) * q[1].float() - x).square().sum(-1)
+
+    x = torch.randn(64, 64)
+    x[0, 0] = 12.0  # an outlier: clipping pays for this group
+    full, clipped = _quantize_groups(x, 2, 1), _quantize_groups(x, 2, 1, clip_ratios=CLIP_RATIOS)
+    assert [t.dtype for t in clipped] == [t.dtype for t in full]
+    assert (clipped[0] <= 3).all() and (sse(clipped, x) <= sse(full, x) + 1e-5).all()
+    assert sse(clipped, x)[0] < 0.9 * sse(full, x)[0]
 
 
 def test_fp16_key_zeros_put_the_grid_ends_on_the_extremes():

@@ -24,7 +24,7 @@ from mikv_vllm.importance import sampled_layers
 from benchmarks.harness.methods import (PRODUCT, Method, hadamard, hi_cost, hi_roundtrip,
                                     lo_cost, make_policy)
 from mikv_vllm.layout import PageLayout
-from mikv_vllm.quant import dequantize_page, quantize_page, roundtrip_pages
+from mikv_vllm.quant import CLIP_RATIOS, dequantize_page, quantize_page, roundtrip_pages
 from mikv_vllm.reference import page_mass
 
 ATTN_IMPL = "mikv_sim"
@@ -227,7 +227,8 @@ class KVSim:
             dk, dv = roundtrip_pages(k[:, idx], v[:, idx] if rot is None else v[:, idx] @ rot,
                                      self.mid_layout if to_mid else lay,
                                      e4m3_scales=self.method.scale8,
-                                     k_zero_fp16=self.method.k_zero16)
+                                     k_zero_fp16=self.method.k_zero16,
+                                     v_clip=CLIP_RATIOS if self.method.clip_v else ())
             self.k[i][:, idx], self.v[i][:, idx] = dk, dv if rot is None else dv @ rot.T
 
     def begin_step(self, n_new: int):

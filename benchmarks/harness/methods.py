@@ -12,8 +12,9 @@ Every method is a page-level storage rule over the same model:
   mikv_tier  two lo tiers (issue 20's design): the coldest hi pages go to 4-bit first, the
          coldest 4-bit pages to 2-bit (requantized from their 4-bit copy) only where all-4-bit
          would not fit the budget (policy.DemotionPolicy.tier_limits)
-  mikv_kz16 / mikv_rotv  candidate lo formats: keys with fp16 zero points, values rotated by a
-         Hadamard matrix before quantization (free in bytes)
+  mikv_kz16 / mikv_rotv / mikv_vclip  candidate lo formats: keys with fp16 zero points, values
+         rotated by a Hadamard matrix before quantization, value groups' ranges clipped where
+         that round-trips them better (quant.CLIP_RATIOS; the last two free in bytes)
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Method:
     scale8: bool = False          # lo scales as 1-byte float8-e4m3 (zeros stay fp16)
     k_zero16: bool = False        # lo keys with fp16 zero points (quant.roundtrip_fp16_zero)
     rotate_v: bool = False        # lo values rotated (hadamard) before quantization, back after
+    clip_v: bool = False          # lo value groups' ranges clipped (quant.CLIP_RATIOS)
 
     @property
     def label(self) -> str:
@@ -48,7 +50,8 @@ class Method:
             return self.name
         return ("mikv" + ("_bal" if self.balance else "") + ("_fp8hi" if self.hi == "fp8" else "")
                 + ("_s8" if self.scale8 else "") + ("_kz16" if self.k_zero16 else "")
-                + ("_rotv" if self.rotate_v else "") + ("_tier" if self.mid else ""))
+                + ("_rotv" if self.rotate_v else "") + ("_vclip" if self.clip_v else "")
+                + ("_tier" if self.mid else ""))
 
     @property
     def lo_bits(self) -> int:
@@ -82,16 +85,17 @@ def parse_method(spec: str) -> Method:
         return Method("h2o", budget, lo="evict")
     if name.startswith("mikv"):
         flags = set(name.split("_")[1:])
-        if flags - {"bal", "fp8hi", "s8", "kz16", "rotv", "tier"}:
+        if flags - {"bal", "fp8hi", "s8", "kz16", "rotv", "vclip", "tier"}:
             raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, "
-                             "_kz16, _rotv, _tier)")
+                             "_kz16, _rotv, _vclip, _tier)")
         if "tier" in flags and flags & {"bal", "s8", "kz16", "rotv"}:
             raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8, _kz16 or _rotv")
-        if flags & {"kz16", "rotv"} and "bal" in flags:
-            raise ValueError(f"{spec!r}: _kz16 and _rotv do not combine with _bal")
+        if flags & {"kz16", "rotv", "vclip"} and "bal" in flags:
+            raise ValueError(f"{spec!r}: _kz16, _rotv and _vclip do not combine with _bal")
         return Method("mikv", budget, hi="fp8" if "fp8hi" in flags else "bf16", lo="q2",
                       balance="bal" in flags, scale8="s8" in flags, k_zero16="kz16" in flags,
-                      rotate_v="rotv" in flags, mid="q4" if "tier" in flags else None)
+                      rotate_v="rotv" in flags, clip_v="vclip" in flags,
+                      mid="q4" if "tier" in flags else None)
     raise ValueError(f"unknown method {spec!r}")
 
 
