@@ -64,7 +64,8 @@ def cuda_extension():
         # to libstdc++.a (no libstdc++.so link, or -static-libstdc++), nothing is taken from it.
         extra_link_args=["-l:libstdc++.so.6"],
     )
-    return [ext], {"build_ext": refusing_static_runtime(BuildExtension.with_options(use_ninja=True))}
+    build_ext = refusing_static_runtime(BuildExtension.with_options(use_ninja=True))
+    return [ext], {"build_ext": build_ext}
 
 
 def refusing_static_runtime(build_ext):

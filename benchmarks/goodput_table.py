@@ -15,8 +15,8 @@ def rate_key(rate) -> float:
 
 def met_all(row: dict) -> bool:
     """Every request inside the objectives: goodput equals the completed request rate."""
-    done = row.get("requests_per_s")
-    return bool(row.get("goodput_req_s")) and done is not None and row["goodput_req_s"] >= 0.999 * done
+    done, good = row.get("requests_per_s"), row.get("goodput_req_s")
+    return bool(good) and done is not None and good >= 0.999 * done
 
 
 def table(rows: list[dict]) -> str:

@@ -5,7 +5,7 @@ static libstdc++ (a toolchain whose libstdc++.so link is missing falls back to l
 without a word, as `-static-libstdc++` in LDFLAGS does) brings a second runtime into the
 process, and the two disagree on the locale's facet ids: the first error message that prints a
 number crashes inside the extension (built on the GPU machine with gcc 13.3: a segfault in
-`decode_ctas_per_sm`'s argument check) or loses the number (gcc 12). Such a build exports the
+`decode_ctas_per_sm`'s head_dim check) or loses the number (gcc 12). Such a build exports the
 runtime's own entry points, which is what this looks for. Standard library only: setup.py runs
 it after linking, `ops.load_kernels` before loading."""
 from __future__ import annotations

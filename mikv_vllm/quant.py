@@ -63,7 +63,8 @@ def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = F
                            x.amax(dim=dim, keepdim=True), e4m3_scales)
     if clip_ratios:
         def sse(q):
-            return ((q[0].float() - q[2].float()) * q[1].float() - x).square().sum(dim, keepdim=True)
+            err = (q[0].float() - q[2].float()) * q[1].float() - x
+            return err.square().sum(dim, keepdim=True)
 
         err = sse(best)
         mid = (x.amin(dim=dim, keepdim=True) + x.amax(dim=dim, keepdim=True)) / 2
