@@ -47,7 +47,8 @@ def run_one(kv: str, args, out_dir: str) -> dict:
     if args.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     for flag in ("load_format", "dtype", "tokenizer", "probe_file", "probe_tokens",
-                 "attention_config", "kv_cache_memory_bytes", "workload"):
+                 "attention_config", "kv_cache_memory_bytes", "workload",
+                 "distributed_executor_backend"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.enforce_eager:
@@ -139,6 +140,8 @@ def main() -> None:
                    help="the same fixed KV pool for every dtype (instead of --gpu-util)")
     p.add_argument("--workload", default=None, help="the rows' workload name")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default=None,
+                   help="vLLM's executor for every engine: mp or ray")
     p.add_argument("--tag", default="", help="suffix of this run's file names")
     p.add_argument("--load-format", default=None, help="e.g. auto for a real model")
     p.add_argument("--dtype", default=None)

@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--knobs", default=None, help="mikv knobs as JSON, e.g. '{\"hi_budget\": 0.1}'")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default=None, help="mp or ray")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tokenizer", default=None)
@@ -59,6 +60,8 @@ def main() -> None:
         extra["attention_config"] = json.loads(a.attention_config)
     if a.kv_cache_memory_bytes:
         extra["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
+    if a.distributed_executor_backend:
+        extra["distributed_executor_backend"] = a.distributed_executor_backend
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

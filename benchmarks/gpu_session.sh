@@ -15,12 +15,13 @@
 # serve   `vllm serve --kv-cache-dtype mikv` with SmolLM2 answering OpenAI requests
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
 #         4's workloads a and b for every kv dtype (e2e_b_tiers: b with lo_bits [4, 2]);
-#         e2e_decode_heavy: issue 21's decode-heavy mix in a fixed pool; demote: demotion
-#         forced on (dummy weights);
+#         e2e_decode_heavy: issue 21's decode-heavy mix in a fixed pool; e2e_allhi: a batch
+#         that fits auto's pool, nothing demoted; demote: demotion forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); sweep_goodput: the decode-heavy mix served at rising rates,
-#         goodput inside latency objectives; tp2: forced demotion at TP 2, with verify
+#         goodput inside latency objectives; tp2: forced demotion at TP 2, with verify; tp_ray:
+#         the same through vLLM's Ray executor at TP_SIZE (1 on one GPU)
 # soak    issue 25's soak through `vllm serve` (benchmarks/soak.py); sanitizer: compute-sanitizer
 #         over the kernel tests; nodebuild: the extension built on this machine, then tested
 # sm80    the A100 route on this GPU (benchmarks/sm80_path.py): the extension of the 8.0+PTX
@@ -172,6 +173,12 @@ stage_e2e_decode_heavy() {
   E2E_ARGS="--kv ${E2E_DH_KV:-auto fp8 int4_per_token_head mikv} --tag decode_heavy --workload decode-heavy --num-prompts ${E2E_DH_N:-128} --input-len 6144 --output-len 1536 --max-model-len 8192 --kv-cache-memory-bytes ${E2E_DH_BYTES:-25769803776} --probe-prompts 0 --timeout ${E2E_DH_TIMEOUT:-280} ${E2E_DH_ARGS:-}" stage_e2e
 }
 
+# Nothing demoted (issue 21's "no cost while nothing is demoted"): 128 x (2048 + 256) fits
+# auto's pool at the default gpu util, so mikv keeps every page hi; greedy tokens against auto.
+stage_e2e_allhi() {
+  E2E_ARGS="--kv ${E2E_ALLHI_KV:-auto mikv} --tag allhi --num-prompts 128 --input-len 2048 --output-len 256 --timeout ${E2E_ALLHI_TIMEOUT:-240} ${E2E_ALLHI_ARGS:-}" stage_e2e
+}
+
 # Workload b with two lo tiers (lo_bits [4, 2]), tagged b_tiers: beside e2e_b's one-tier mikv.
 stage_e2e_b_tiers() {
   E2E_B_KV=mikv E2E_B_ARGS="${E2E_B_ARGS:-} --tag b_tiers --mikv-knobs {\"lo_bits\":[4,2]}" stage_e2e_b
@@ -203,6 +210,15 @@ stage_verify() {
 stage_tp2() {
   MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag tp2_forced --tensor-parallel-size 2 --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
   grep -h "mikv verify" "$OUT"/e2e_mikv_tp2_forced.log | head -20 | tee "$OUT/verify_tp2.log"
+}
+
+# The same through vLLM's Ray executor (issue 23) at TP_SIZE (1 where one GPU is lent: the Ray
+# worker path, its collective RPCs and the plugin's registration in Ray's processes). Needs ray
+# in the vLLM runtime (build_vllm_bundle.sh with EXTRA_PKGS, results/CARRYING.md).
+stage_tp_ray() {
+  local tp=${TP_SIZE:-1}
+  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag tp${tp}_ray_forced --tensor-parallel-size $tp --distributed-executor-backend ray --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
+  grep -h "mikv verify" "$OUT"/e2e_mikv_tp"${tp}"_ray_forced.log | head -20 | tee "$OUT/verify_tp${tp}_ray.log"
 }
 
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
