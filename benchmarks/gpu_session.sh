@@ -205,21 +205,20 @@ stage_verify() {
   grep -h "mikv verify" "$OUT"/e2e_mikv_smollm2_verify.log | head -40 | tee "$OUT/verify.log"
 }
 
-# Tensor parallelism (2 GPUs, e.g. nvidia-h200-x2): demotion forced on, every rank checking its
-# own packs (MIKV_VERIFY_DEMOTIONS=1), greedy tokens vs auto at the same TP size.
-stage_tp2() {
-  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag tp2_forced --tensor-parallel-size 2 --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
-  grep -h "mikv verify" "$OUT"/e2e_mikv_tp2_forced.log | head -20 | tee "$OUT/verify_tp2.log"
+# Tensor parallelism at TP size $1 through executor $2 (vLLM's default where empty): demotion
+# forced on, every rank checking its own packs (MIKV_VERIFY_DEMOTIONS=1), greedy tokens vs auto
+# at the same TP size.
+forced_tp() {
+  local name="tp$1${2:+_$2}"
+  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag ${name}_forced --tensor-parallel-size $1 ${2:+--distributed-executor-backend $2} --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
+  grep -h "mikv verify" "$OUT/e2e_mikv_${name}_forced.log" | head -20 | tee "$OUT/verify_$name.log"
 }
-
-# The same through vLLM's Ray executor (issue 23) at TP_SIZE (1 where one GPU is lent: the Ray
-# worker path, its collective RPCs and the plugin's registration in Ray's processes). Needs ray
-# in the vLLM runtime (build_vllm_bundle.sh with EXTRA_PKGS, results/CARRYING.md).
-stage_tp_ray() {
-  local tp=${TP_SIZE:-1}
-  MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag tp${tp}_ray_forced --tensor-parallel-size $tp --distributed-executor-backend ray --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
-  grep -h "mikv verify" "$OUT"/e2e_mikv_tp"${tp}"_ray_forced.log | head -20 | tee "$OUT/verify_tp${tp}_ray.log"
-}
+# 2 GPUs, e.g. nvidia-h200-x2.
+stage_tp2() { forced_tp 2; }
+# vLLM's Ray executor (issue 23) at TP_SIZE (1 where one GPU is lent: the Ray worker path, its
+# collective RPCs and the plugin's registration in Ray's processes). Needs ray in the vLLM
+# runtime (build_vllm_bundle.sh with EXTRA_PKGS, results/CARRYING.md).
+stage_tp_ray() { forced_tp "${TP_SIZE:-1}" ray; }
 
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
 stage_sweep() {
