@@ -258,15 +258,53 @@ def roundtrip_fp16_zero(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return torch.round((x - zero) / scale).clamp(0, (1 << bits) - 1) * scale + zero
 
 
+# A candidate lo format (harness only, KVQuant's dense-and-sparse split): this share of a
+# page's keys (per KV head) kept exact, at OUTLIER_BYTES each (fp16 value, 16-bit position).
+OUTLIER_SHARE = 0.01
+OUTLIER_BYTES = 4
+
+
+def outliers_per_page_head(elements: int, share: float = OUTLIER_SHARE) -> int:
+    return max(1, round(share * elements))
+
+
+def roundtrip_with_outliers(x: torch.Tensor, bits: int, dim: int,
+                            share: float = OUTLIER_SHARE) -> torch.Tensor:
+    """x [H, P, ...] with groups along `dim`: per (head, page), the `share` of elements whose
+    removal shrinks their group's squared range most (taken one at a time) kept exact in fp16;
+    the rest on the usual grid over the range that remains."""
+    h, p = x.shape[:2]
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    inf = torch.tensor(float("inf"), device=x.device)
+    for _ in range(outliers_per_page_head(x[0, 0].numel(), share)):
+        top = torch.where(keep, -inf, x).topk(2, dim=dim)
+        bottom = torch.where(keep, inf, x).topk(2, dim=dim, largest=False)
+        t0, t1 = top.values.select(dim, 0), top.values.select(dim, 1)
+        b0, b1 = bottom.values.select(dim, 0), bottom.values.select(dim, 1)
+        gain_hi = (t0 - b0).square() - (t1 - b0).square()  # the maximum taken out
+        gain_lo = (t0 - b0).square() - (t0 - b1).square()  # the minimum taken out
+        use_hi = gain_hi >= gain_lo
+        gain = torch.where(use_hi, gain_hi, gain_lo)       # [H, P, groups...]
+        at = torch.where(use_hi, top.indices.select(dim, 0), bottom.indices.select(dim, 0))
+        chosen = torch.zeros(h, p, gain[0, 0].numel(), dtype=torch.bool, device=x.device)
+        chosen.scatter_(-1, gain.reshape(h, p, -1).argmax(-1, keepdim=True), True)
+        hit = torch.zeros_like(keep).scatter_(dim, at.unsqueeze(dim), True)
+        keep |= hit & chosen.reshape(gain.shape).unsqueeze(dim)
+    lo = torch.where(keep, inf, x).amin(dim, keepdim=True)
+    hi = torch.where(keep, -inf, x).amax(dim, keepdim=True)
+    codes, scale, zero = _quantize_range(torch.where(keep, lo, x), bits, dim, lo, hi, False)
+    return torch.where(keep, x.half().float(), (codes.float() - zero.float()) * scale.float())
+
+
 def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
                     e4m3_scales: bool = False, k_zero_fp16: bool = False,
-                    k_clip: tuple[float, ...] = (), v_clip: tuple[float, ...] = ()
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    k_clip: tuple[float, ...] = (), v_clip: tuple[float, ...] = (),
+                    k_outliers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [kv_heads, pages * block_size, D] of whole pages -> what their lo pages hold
     (fp32, same shape): dequantize_page(quantize_page(...)) without the byte layout, for many
     pages at once (the quality harness demotes hundreds per step). `k_zero_fp16` measures the
     candidate format of `roundtrip_fp16_zero` for keys; `k_clip` / `v_clip` the clipped ranges
-    of `_quantize_groups`."""
+    of `_quantize_groups`; `k_outliers` that of `roundtrip_with_outliers`."""
     h, t, d = k.shape
     b, g, bits = layout.block_size, layout.value_group_size, layout.lo_bits
 
@@ -275,7 +313,10 @@ def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
         return (codes.float() - zero.float()) * scale.float()
 
     k_pages = k.float().reshape(h, t // b, b, d)
-    dk = roundtrip_fp16_zero(k_pages, bits, 2) if k_zero_fp16 else roundtrip(k_pages, 2, k_clip)
+    if k_outliers:
+        dk = roundtrip_with_outliers(k_pages, bits, 2)
+    else:
+        dk = roundtrip_fp16_zero(k_pages, bits, 2) if k_zero_fp16 else roundtrip(k_pages, 2, k_clip)
     dv = roundtrip(v.float().reshape(h, t // b, b, d // g, g), 4, v_clip)  # per token, group
     return dk.reshape(h, t, d), dv.reshape(h, t, d)
 

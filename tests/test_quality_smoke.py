@@ -122,6 +122,13 @@ def test_byte_ratios():
     vc = parse_method("mikv_vclip@0.25")  # clipping is free in bytes
     assert vc.label == "mikv_vclip" and vc.clip_v and hi_fraction(vc, lay) == f
     assert parse_method("mikv_vclip_tier@0.25").mid == "q4"
+    ko = parse_method("mikv_kout@0.25")  # 10 exact keys per head and page, 4 bytes each
+    assert ko.label == "mikv_kout" and lo_cost(lay, k_outliers=True) == (2256 + 3 * 10 * 4) / 12288
+    fo = hi_fraction(ko, lay)
+    assert fo < f and math.isclose(fo + (1 - fo) * lo_cost(lay, k_outliers=True), 0.25)
+    for bad in ("mikv_kout_tier@0.25", "mikv_bal_kout@0.25", "mikv_kz16_kout@0.25"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
 
 
 def test_hadamard_rotation_is_orthogonal():
@@ -145,6 +152,28 @@ def test_clipped_groups_keep_the_format_and_never_round_trip_worse():
     assert [t.dtype for t in clipped] == [t.dtype for t in full]
     assert (clipped[0] <= 3).all() and (sse(clipped, x) <= sse(full, x) + 1e-5).all()
     assert sse(clipped, x)[0] < 0.95 * sse(full, x)[0]
+
+
+def test_key_outliers_kept_exact_are_the_ones_that_stretch_a_range():
+    """The candidate format of quality/lo_codebooks_outliers.py (quant.roundtrip_with_outliers):
+    per head and page exactly the counted share comes back exact, a planted outlier among them;
+    its group then round-trips far better, and the pages as a whole too."""
+    from mikv_vllm.layout import PageLayout
+    from mikv_vllm.quant import outliers_per_page_head, roundtrip_pages, roundtrip_with_outliers
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 4 * 16, 64, generator=g)
+    k[1, 20, 5] = 40.0  # head 1, page 1, channel 5
+    lay = PageLayout(16, 3, 64, 2)
+    product, _ = roundtrip_pages(k, k, lay)
+    out, _ = roundtrip_pages(k, k, lay, k_outliers=True)
+    pages = (out == k.half().float()).reshape(3, 4, 16, 64)
+    assert (pages.sum((2, 3)) >= outliers_per_page_head(16 * 64)).all()
+    assert out[1, 20, 5] == 40.0
+    err = (out - k).square().reshape(3, 4, 16, 64).sum(2)  # per group: a page's channel
+    err0 = (product - k).square().reshape(3, 4, 16, 64).sum(2)
+    assert err.sum() < err0.sum() and err[1, 1, 5] < 0.1 * err0[1, 1, 5]
+    direct = roundtrip_with_outliers(k.reshape(3, 4, 16, 64), 2, 2)
+    assert torch.equal(direct.reshape(3, 64, 64), out)
 
 
 def test_fp16_key_zeros_put_the_grid_ends_on_the_extremes():

@@ -163,7 +163,7 @@ class KVSim:
         self.step_mass = None
         self.ratios: list[float] = []                    # bytes vs bf16, per step
         self.h = hi_cost(method, self.layout.head_size)
-        self.lc = lo_cost(self.layout, method.scale8, method.k_zero16)
+        self.lc = lo_cost(self.layout, method.scale8, method.k_zero16, method.k_outliers)
         self.mc = lo_cost(self.mid_layout) if method.mid else None
 
     # -- inside the model forward --
@@ -228,7 +228,8 @@ class KVSim:
                                      self.mid_layout if to_mid else lay,
                                      e4m3_scales=self.method.scale8,
                                      k_zero_fp16=self.method.k_zero16,
-                                     v_clip=CLIP_RATIOS if self.method.clip_v else ())
+                                     v_clip=CLIP_RATIOS if self.method.clip_v else (),
+                                     k_outliers=self.method.k_outliers)
             self.k[i][:, idx], self.v[i][:, idx] = dk, dv if rot is None else dv @ rot.T
 
     def begin_step(self, n_new: int):

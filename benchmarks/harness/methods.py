@@ -12,9 +12,10 @@ Every method is a page-level storage rule over the same model:
   mikv_tier  two lo tiers (issue 20's design): the coldest hi pages go to 4-bit first, the
          coldest 4-bit pages to 2-bit (requantized from their 4-bit copy) only where all-4-bit
          would not fit the budget (policy.DemotionPolicy.tier_limits)
-  mikv_kz16 / mikv_rotv / mikv_vclip  candidate lo formats: keys with fp16 zero points, values
-         rotated by a Hadamard matrix before quantization, value groups' ranges clipped where
-         that round-trips them better (quant.CLIP_RATIOS; the last two free in bytes)
+  mikv_kz16 / mikv_rotv / mikv_vclip / mikv_kout  candidate lo formats: keys with fp16 zero
+         points, values rotated by a Hadamard matrix before quantization, value groups' ranges
+         clipped where that round-trips them better (quant.CLIP_RATIOS; these two free in
+         bytes), 1% of each page's keys kept exact (quant.roundtrip_with_outliers)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.policy import DemotionPolicy
+from mikv_vllm.quant import OUTLIER_BYTES, outliers_per_page_head
 
 FP8_MAX = 448.0
 PRODUCT = MikvConfig()  # the harness's policy defaults are the plugin's
@@ -43,6 +45,7 @@ class Method:
     k_zero16: bool = False        # lo keys with fp16 zero points (quant.roundtrip_fp16_zero)
     rotate_v: bool = False        # lo values rotated (hadamard) before quantization, back after
     clip_v: bool = False          # lo value groups' ranges clipped (quant.CLIP_RATIOS)
+    k_outliers: bool = False      # lo keys with quant.OUTLIER_SHARE of them kept exact
 
     @property
     def label(self) -> str:
@@ -51,7 +54,7 @@ class Method:
         return ("mikv" + ("_bal" if self.balance else "") + ("_fp8hi" if self.hi == "fp8" else "")
                 + ("_s8" if self.scale8 else "") + ("_kz16" if self.k_zero16 else "")
                 + ("_rotv" if self.rotate_v else "") + ("_vclip" if self.clip_v else "")
-                + ("_tier" if self.mid else ""))
+                + ("_kout" if self.k_outliers else "") + ("_tier" if self.mid else ""))
 
     @property
     def lo_bits(self) -> int:
@@ -85,16 +88,20 @@ def parse_method(spec: str) -> Method:
         return Method("h2o", budget, lo="evict")
     if name.startswith("mikv"):
         flags = set(name.split("_")[1:])
-        if flags - {"bal", "fp8hi", "s8", "kz16", "rotv", "vclip", "tier"}:
+        if flags - {"bal", "fp8hi", "s8", "kz16", "rotv", "vclip", "kout", "tier"}:
             raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, "
-                             "_kz16, _rotv, _vclip, _tier)")
-        if "tier" in flags and flags & {"bal", "s8", "kz16", "rotv"}:
-            raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8, _kz16 or _rotv")
-        if flags & {"kz16", "rotv", "vclip"} and "bal" in flags:
-            raise ValueError(f"{spec!r}: _kz16, _rotv and _vclip do not combine with _bal")
+                             "_kz16, _rotv, _vclip, _kout, _tier)")
+        if "tier" in flags and flags & {"bal", "s8", "kz16", "rotv", "kout"}:
+            raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8, _kz16, _rotv "
+                             "or _kout")
+        if flags & {"kz16", "rotv", "vclip", "kout"} and "bal" in flags:
+            raise ValueError(f"{spec!r}: _kz16, _rotv, _vclip and _kout do not combine with _bal")
+        if {"kz16", "kout"} <= flags:
+            raise ValueError(f"{spec!r}: _kz16 and _kout are two key formats")
         return Method("mikv", budget, hi="fp8" if "fp8hi" in flags else "bf16", lo="q2",
                       balance="bal" in flags, scale8="s8" in flags, k_zero16="kz16" in flags,
                       rotate_v="rotv" in flags, clip_v="vclip" in flags,
+                      k_outliers="kout" in flags,
                       mid="q4" if "tier" in flags else None)
     raise ValueError(f"unknown method {spec!r}")
 
@@ -109,13 +116,17 @@ def hi_cost(method: Method, head_dim: int) -> float:
     return 1.0
 
 
-def lo_cost(layout: PageLayout, scale8: bool = False, k_zero16: bool = False) -> float:
+def lo_cost(layout: PageLayout, scale8: bool = False, k_zero16: bool = False,
+            k_outliers: bool = False) -> float:
     """Stored bytes of a lo page over the bf16 bytes of the same tokens (PageLayout counts;
     with `scale8`, every fp16 scale counted as one byte; with `k_zero16`, every key zero point
-    as two)."""
+    as two; with `k_outliers`, quant.OUTLIER_BYTES per exact key)."""
     o = layout.lo_offsets
     saved = (o.k_zeros - o.k_scales) // 2 if scale8 else 0  # one byte of each fp16 scale
     extra = o.v_zeros - o.k_zeros if k_zero16 else 0        # one more byte per key zero point
+    if k_outliers:
+        extra += (outliers_per_page_head(layout.block_size * layout.head_size)
+                  * layout.num_kv_heads * OUTLIER_BYTES)
     return (layout.lo_page_bytes - saved + extra) / layout.bf16_page_bytes
 
 
@@ -124,7 +135,8 @@ def hi_fraction(method: Method, layout: PageLayout) -> float | None:
     if method.budget is None or method.lo is None or method.all_lo or method.mid:
         return None
     h = hi_cost(method, layout.head_size)
-    lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8, method.k_zero16)
+    lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8, method.k_zero16,
+                                                    method.k_outliers)
     return min(1.0, max(0.0, (method.budget - lo) / (h - lo)))
 
 
