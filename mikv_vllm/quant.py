@@ -59,16 +59,15 @@ def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = F
     the offset needs more than ~127 steps the scale grows instead. `clip_ratios` (a candidate
     format measured in the harness): each group's range may also shrink about its middle by
     one of these ratios, whichever round-trips the group with the least squared error."""
-    best = _quantize_range(x, bits, dim, x.amin(dim=dim, keepdim=True),
-                           x.amax(dim=dim, keepdim=True), e4m3_scales)
+    lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    best = _quantize_range(x, bits, dim, lo, hi, e4m3_scales)
     if clip_ratios:
         def sse(q):
             err = (q[0].float() - q[2].float()) * q[1].float() - x
             return err.square().sum(dim, keepdim=True)
 
         err = sse(best)
-        mid = (x.amin(dim=dim, keepdim=True) + x.amax(dim=dim, keepdim=True)) / 2
-        half = (x.amax(dim=dim, keepdim=True) - x.amin(dim=dim, keepdim=True)) / 2
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
         for ratio in clip_ratios:
             q = _quantize_range(x, bits, dim, mid - half * ratio, mid + half * ratio, e4m3_scales)
             e = sse(q)
@@ -315,8 +314,10 @@ def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
     k_pages = k.float().reshape(h, t // b, b, d)
     if k_outliers:
         dk = roundtrip_with_outliers(k_pages, bits, 2)
+    elif k_zero_fp16:
+        dk = roundtrip_fp16_zero(k_pages, bits, 2)
     else:
-        dk = roundtrip_fp16_zero(k_pages, bits, 2) if k_zero_fp16 else roundtrip(k_pages, 2, k_clip)
+        dk = roundtrip(k_pages, 2, k_clip)
     dv = roundtrip(v.float().reshape(h, t // b, b, d // g, g), 4, v_clip)  # per token, group
     return dk.reshape(h, t, d), dv.reshape(h, t, d)
 

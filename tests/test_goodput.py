@@ -19,26 +19,29 @@ def sweep_args(**over) -> argparse.Namespace:
     return argparse.Namespace(**{**a, **over})
 
 
-def test_objectives_parse_with_vllms_bench_serve_parser():
-    from vllm.benchmarks.serve import add_cli_args, check_goodput_args
+def parsed_by_vllm(**over) -> argparse.Namespace:
+    """Our `vllm bench serve` arguments at 4 req/s, seed 2, through vLLM's own parser."""
+    from vllm.benchmarks.serve import add_cli_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    args = parser.parse_args(e2e_serve_sweep.bench_args("4", 2, "r.json", sweep_args()))
+    return parser.parse_args(e2e_serve_sweep.bench_args("4", 2, "r.json", sweep_args(**over)))
+
+
+def test_objectives_parse_with_vllms_bench_serve_parser():
+    from vllm.benchmarks.serve import check_goodput_args
+
+    args = parsed_by_vllm()
     assert check_goodput_args(args) == {"ttft": 3000.0, "tpot": 50.0}
     assert {"ttft", "tpot", "e2el"} <= set(args.percentile_metrics.split(","))
     assert args.request_rate == 4.0 and args.seed == 2 and args.ignore_eos
 
 
 def test_a_bad_objective_is_refused_by_vllm():
-    from vllm.benchmarks.serve import add_cli_args, check_goodput_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.benchmarks.serve import check_goodput_args
 
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
-    args = parser.parse_args(e2e_serve_sweep.bench_args(
-        "4", 2, "r.json", sweep_args(slo=["ttfb:3000"])))
+    args = parsed_by_vllm(slo=["ttfb:3000"])
     with pytest.raises(ValueError, match="ttfb"):
         check_goodput_args(args)
 

@@ -22,7 +22,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from mikv_vllm.importance import sampled_layers
 from benchmarks.harness.methods import (PRODUCT, Method, hadamard, hi_cost, hi_roundtrip,
-                                    lo_cost, make_policy)
+                                    lo_cost, make_policy, method_lo_cost)
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.quant import CLIP_RATIOS, dequantize_page, quantize_page, roundtrip_pages
 from mikv_vllm.reference import page_mass
@@ -163,7 +163,7 @@ class KVSim:
         self.step_mass = None
         self.ratios: list[float] = []                    # bytes vs bf16, per step
         self.h = hi_cost(method, self.layout.head_size)
-        self.lc = lo_cost(self.layout, method.scale8, method.k_zero16, method.k_outliers)
+        self.lc = method_lo_cost(method, self.layout)
         self.mc = lo_cost(self.mid_layout) if method.mid else None
 
     # -- inside the model forward --

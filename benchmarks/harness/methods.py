@@ -130,13 +130,17 @@ def lo_cost(layout: PageLayout, scale8: bool = False, k_zero16: bool = False,
     return (layout.lo_page_bytes - saved + extra) / layout.bf16_page_bytes
 
 
+def method_lo_cost(method: Method, layout: PageLayout) -> float:
+    """lo_cost of the lo format `method` stores."""
+    return lo_cost(layout, method.scale8, method.k_zero16, method.k_outliers)
+
+
 def hi_fraction(method: Method, layout: PageLayout) -> float | None:
     """f with f * hi + (1 - f) * lo = budget (lo = 0 for eviction), clipped to [0, 1]."""
     if method.budget is None or method.lo is None or method.all_lo or method.mid:
         return None
     h = hi_cost(method, layout.head_size)
-    lo = 0.0 if method.lo == "evict" else lo_cost(layout, method.scale8, method.k_zero16,
-                                                    method.k_outliers)
+    lo = 0.0 if method.lo == "evict" else method_lo_cost(method, layout)
     return min(1.0, max(0.0, (method.budget - lo) / (h - lo)))
 
 
