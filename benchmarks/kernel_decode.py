@@ -1,5 +1,6 @@
 """Decode-attention kernel benchmark: mikv's paged decode over mixed hi/2-bit pages (and, with
---mid-shares, hi/4-bit/2-bit pages: that share of the lo pages in the 4-bit tier) vs vLLM's
+--mid-shares, hi/4-bit/2-bit pages: that share of the lo pages in the 4-bit tier; with
+--key-outliers, lo pages that keep exact keys, kernel mikv_bf16hi_kout) vs vLLM's
 FlashAttention decode on bf16 and fp8 caches of the same shapes (one layer, H100).
 
 Times are CUDA-event medians (triton.testing.do_bench); bytes_read counts what each kernel must
@@ -19,6 +20,8 @@ import os
 import torch
 
 from mikv_vllm import ops
+from dataclasses import replace
+
 from mikv_vllm.layout import PageLayout
 
 KV_HEADS = 8
@@ -198,8 +201,32 @@ def run(args) -> list[dict]:
                                      gqa=gqa, us=us, bytes_read=b, gbps=b / us / 1e3,
                                      hbm_gbps=hbm, frac_of_hbm=b / us / 1e3 / hbm))
             print(json.dumps(rows[-1]))
+            if args.key_outliers and not fp8_hi:
+                rows += outlier_rows(args, batch, ctx, head_dim, gqa, layout, num_sms, hbm)
         # after every shape, so a run cut short by the device's time limit still leaves rows
         json.dump(rows, open(os.path.join(args.out_dir, "kernel_decode.json"), "w"), indent=1)
+    return rows
+
+
+def outlier_rows(args, batch, ctx, head_dim, gqa, layout, num_sms, hbm) -> list[dict]:
+    """The bf16-hi rows again with lo pages that keep exact keys (PageLayout.key_outliers)."""
+    kout = replace(layout, key_outliers=True)
+    splits = args.splits or ops.decode_num_splits(
+        batch, KV_HEADS, gqa, num_sms,
+        ops.decode_ctas_per_sm(head_dim, gqa, False, 2, kout.outlier_slots))
+    rows = []
+    for hi in [h for h in args.hi_fractions if h < 1.0]:
+        q, k, v, table, lens, lo_pages, pages = make_case(batch, ctx, head_dim, gqa, hi, False,
+                                                          kout, 0.0)
+        out = torch.empty_like(q)
+        us = bench(lambda: ops.paged_decode(out, q, k, v, table, lens, 1 / math.sqrt(head_dim),
+                                            1.0, 1.0, splits, kout))
+        b = bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, 2, kout)
+        rows.append(dict(kernel="mikv_bf16hi_kout", batch=batch, ctx=ctx, hi_fraction=hi,
+                         mid_share=0.0, head_dim=head_dim, gqa=gqa, us=us, bytes_read=b,
+                         gbps=b / us / 1e3, hbm_gbps=hbm, frac_of_hbm=b / us / 1e3 / hbm,
+                         splits=splits))
+        print(json.dumps(rows[-1]))
     return rows
 
 
@@ -235,6 +262,8 @@ def main() -> None:
     p.add_argument("--gqa", type=int, nargs="+", default=[4, 8])
     p.add_argument("--mid-shares", type=float, nargs="*", default=[],
                    help="also time tables whose lo pages are this share 4-bit, the rest 2-bit")
+    p.add_argument("--key-outliers", action="store_true",
+                   help="also time lo pages that keep exact keys (the key_outliers knob)")
     p.add_argument("--no-mass", dest="mass", action="store_false",
                    help="skip timing the page-mass output")
     p.add_argument("--no-split", dest="split", action="store_false",

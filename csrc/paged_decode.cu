@@ -17,6 +17,8 @@
 //   a lane turns 2 codes into an fp16x2 operand of code - zero with a mask-or and an fma;
 //   the scales multiply the other operand (Q per key channel, P per value token), once per
 //   16-channel chunk or value group.
+//   Pages that keep exact keys add their corrections to S^T with one more mma per 16 of them
+//   (fix_pair / query_pair).
 // With several splits the CTAs write unnormalised partials and decode_reduce_kernel combines
 // them; it also leaves each head's log-sum-exp when asked, and the hi pass each slab's (the
 // importance signal, csrc/page_mass.cu).
@@ -107,6 +109,25 @@ __device__ __forceinline__ void shifted_words(const uint32_t (&w)[LW], uint32_t 
   for (int i = 0; i < LW; ++i) w8[i] = w[i] >> 8;
 }
 
+// Exact key outliers (mikv_vllm/quant.py): a page's words (position t * D + c, fp16 correction
+// above it) enter S^T as one more product E Wq per 16 of them, E[token][slot] the slot's
+// correction at its token, Wq[slot][head] the head's (scaled) query at its channel. For the A
+// operand: the corrections of a slot pair (words w.x, w.y) whose keys sit at token `row`.
+template <int D>
+__device__ __forceinline__ uint32_t fix_pair(uint2 w, int row) {
+  const uint32_t lo = (w.x & 0xFFFFu) / D == static_cast<uint32_t>(row) ? w.x >> 16 : 0u;
+  const uint32_t hi = (w.y & 0xFFFFu) / D == static_cast<uint32_t>(row) ? w.y & 0xFFFF0000u : 0u;
+  return lo | hi;
+}
+// Row stride (halves) of the kernel's fp16 copy of the query heads: 2 more than D puts the 8
+// heads' copies of a channel in 8 different banks (a B operand reads one channel per head).
+template <int D> constexpr int kQRow = D + 2;
+// For the B operand: one head's query (`q_row`, fp16, scaled) at the channels of a slot pair.
+template <int D>
+__device__ __forceinline__ uint32_t query_pair(const __half* q_row, uint2 w) {
+  return h2_bits(__halves2half2(q_row[(w.x & 0xFFFFu) % D], q_row[(w.y & 0xFFFFu) % D]));
+}
+
 // A B-operand register times a pair of fp16 scales.
 __device__ __forceinline__ uint32_t scaled(uint32_t b, uint32_t scales) {
   return h2_bits(__hmul2(bits_h2(b), bits_h2(scales)));
@@ -125,11 +146,13 @@ constexpr int kLoStages = 4;  // ring slots: one pair computed while the next is
 constexpr int kPStride = 24;
 
 // Bytes of one staged (KV head, 16-token tile): K and V codes, then the page's K scales and
-// zeros of this head, then the tile's V scales and zeros (sized for the smallest group, 16).
+// zeros of this head, then the tile's V scales and zeros (sized for the smallest group, 16);
+// then, where pages keep exact keys, the page's outlier words of this head (4 B a slot).
 template <int D, int BITS> constexpr int lo_tile_bytes() { return D * (4 * BITS + 6); }
 // One warp's ring of staged tiles.
-template <int D, int BITS> constexpr int lo_ring_bytes() {
-  return kLoStages * lo_tile_bytes<D, BITS>();
+template <int D, int BITS>
+__host__ __device__ __forceinline__ int lo_ring_bytes(int outlier_slots) {
+  return kLoStages * (lo_tile_bytes<D, BITS>() + 4 * outlier_slots);
 }
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -235,11 +258,14 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
                                         float (&sm_ml)[MAX_G][2], float (&sm_acc)[MAX_G][D],
                                         __half (&sm_p)[kLoPair][8][kPStride],
                                         uint8_t* __restrict__ ring,
-                                        int (&sm_tok)[kLoStages]) {
+                                        int (&sm_tok)[kLoStages],
+                                        const __half* __restrict__ sm_q) {
   constexpr int KC = D / 16;             // 16-channel chunks: k-steps of S, m-tiles of O
   constexpr int LW = D * BITS / 64;      // code words per lane per tile (K and V each)
   constexpr int kCodeBytes = 32 * LW * 4;  // one tile's K (or V) codes of one head
   constexpr int kTileBytes = lo_tile_bytes<D, BITS>();
+  const int slots = lo.outlier_slots, tile_stride = kTileBytes + 4 * slots;
+  const bool pow2_block = (block_size & (block_size - 1)) == 0;
   // Sections of a staged tile: K codes, V codes, K scales (4 runs of KC x 8 B, interleaved 16 B
   // at a time), K zeros (4 runs of KC x 4 B), V scales (groups x 4 x 8 B), V zeros (groups x 4 x 4 B).
   constexpr int kKs = 2 * kCodeBytes, kKz = kKs + 32 * KC, kVs = kKz + 16 * KC;
@@ -284,7 +310,8 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
   const int dst_ks = kKs + (lane % (KC / 2)) * 64 + (lane / (KC / 2)) * 16;
   // groups <= KC: lo groups are multiples of 16 channels.
   const bool ks_on = lane < 2 * KC, kz_on = lane < KC, vs_on = lane < 2 * groups,
-             vz_on = lane < groups;
+             vz_on = lane < groups, out_on = lane < slots / 4;
+  const int src_out = lo.k_outliers + kvh * slots * 4 + lane * 16;
   uint8_t* const ring_lane = ring + lane * 16;
 
   // Stage the next lo tile (if any) into ring slot `stage`; sm_tok says which tokens it holds
@@ -306,7 +333,7 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
                             static_cast<uint32_t>(code - blk * lo.pack_factor) *
                                 static_cast<uint32_t>(lo.page_bytes);
       const int t_codes = tile * kCodeBytes, t_vs = tile * groups * 32;
-      uint8_t* dst = ring_lane + stage * kTileBytes;
+      uint8_t* dst = ring_lane + stage * tile_stride;
       const uint8_t* codes = page + (src_codes + t_codes);
 #pragma unroll
       for (int k = 0; k < kCodeRounds; ++k) {
@@ -315,10 +342,11 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
           cp_async16(dst + kCodeBytes + k * 512, codes + lo.v_codes + k * 512);
         }
       }
-      if (ks_on) cp_async16(ring + stage * kTileBytes + dst_ks, page + src_ks);
+      if (ks_on) cp_async16(ring + stage * tile_stride + dst_ks, page + src_ks);
       if (kz_on) cp_async16(dst + kKz, page + src_kz);
       if (vs_on) cp_async16(dst + kVs, page + (src_vs + t_vs));
       if (vz_on) cp_async16(dst + kVz, page + (src_vz + t_vs / 2));
+      if (out_on) cp_async16(dst + kTileBytes, page + src_out);
     }
     if (lane == 0) sm_tok[stage] = tok0;
     cp_async_commit();
@@ -350,7 +378,7 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
     float s[kLoPair][4];
 #pragma unroll
     for (int t = 0; t < kLoPair; ++t) {
-      const uint8_t* tile_smem = ring + (cur_slot + t) * kTileBytes;
+      const uint8_t* tile_smem = ring + (cur_slot + t) * tile_stride;
       uint32_t kw[LW], kw8[LW];
       load_words<LW>(tile_smem + lane * LW * 4, kw);
       shifted_words<LW>(kw, kw8);
@@ -365,6 +393,21 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
         const uint32_t kz = k_zeros[c];
         a_fragment<BITS>(kw, kw8, c, zero_pair_bits(kz, 0), zero_pair_bits(kz, 1), a);
         mma_16816(s[t], a, scaled(qb[c][0], ks.x), scaled(qb[c][1], ks.y));
+      }
+      // Exact keys: 16 of the page's outliers per mma (those at other tokens add zeros). A
+      // missing second tile's row is garbage, but its scores are masked below.
+      if (slots > 0) {
+        const uint32_t* fixes = reinterpret_cast<const uint32_t*>(tile_smem + kTileBytes);
+        const int tile_row = pow2_block ? tok0[t] & (block_size - 1) : tok0[t] % block_size;
+        const int row = tile_row + g;
+        const __half* q_row = sm_q + g * kQRow<D>;
+        for (int k = 0; k < slots; k += 16) {
+          const uint2 w0 = *reinterpret_cast<const uint2*>(fixes + k + 2 * j);
+          const uint2 w1 = *reinterpret_cast<const uint2*>(fixes + k + 2 * j + 8);
+          const uint32_t a[4] = {fix_pair<D>(w0, row), fix_pair<D>(w0, row + 8),
+                                 fix_pair<D>(w1, row), fix_pair<D>(w1, row + 8)};
+          mma_16816(s[t], a, query_pair<D>(q_row, w0), query_pair<D>(q_row, w1));
+        }
       }
     }
 
@@ -430,7 +473,7 @@ __device__ __forceinline__ void lo_pass(const q_t* __restrict__ q_heads, int64_t
 #pragma unroll
       for (int t = 0; t < kLoPair; ++t) {
         if ((n & ((1 << gshift) - 1)) == 0) {  // the first m-tile of a value group
-          const uint8_t* tile_smem = ring + (cur_slot + t) * kTileBytes;
+          const uint8_t* tile_smem = ring + (cur_slot + t) * tile_stride;
           const uint2 vs = reinterpret_cast<const uint2*>(tile_smem + kVs)[j + (n >> gshift) * 4];
           const uint32_t vz =
               reinterpret_cast<const uint32_t*>(tile_smem + kVz)[j + (n >> gshift) * 4];
@@ -544,6 +587,20 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   const bool write_slabs = slab_lse != nullptr && (slab_gate == nullptr || *slab_gate != 0);
   const int h0 = kvh * group + chunk * MAX_G;                 // first query head of this CTA
   const int ng = min(MAX_G, group - chunk * MAX_G);           // query heads of this CTA
+
+  // Where lo pages keep exact keys, every warp's lo pass reads the query heads (scaled, fp16, as
+  // the lo pass's own operands) at the outliers' channels: rows of heads past ng are zeros.
+  const int outlier_slots = max(two.outlier_slots, four.outlier_slots);
+  __shared__ __half sm_q[8][kQRow<D>];
+  if (outlier_slots > 0) {
+    for (int i = threadIdx.x; i < 8 * D; i += kThreads) {
+      const int g = i / D, d = i % D;
+      sm_q[g][d] = __float2half_rn(
+          g < ng ? to_float(q[seq * q_stride_tok + (h0 + g) * q_stride_head + d]) * scale_log2
+                 : 0.f);
+    }
+    __syncthreads();
+  }
 
   // Lo pages hold real values; the hi path's results are in cache units (times v_scale later).
   const float inv_v_scale = 1.f / v_scale;
@@ -699,16 +756,16 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   const q_t* q_heads = q + seq * q_stride_tok + h0 * q_stride_head;
   // One pass per tier present (`two`: 2-bit pages, `four`: 4-bit ones, bits 0 where absent),
   // each merged into the warp's slot.
-  uint8_t* const ring = lo_ring + warp * (four.bits == 4 ? lo_ring_bytes<D, 4>()
-                                                         : lo_ring_bytes<D, 2>());
+  uint8_t* const ring = lo_ring + warp * (four.bits == 4 ? lo_ring_bytes<D, 4>(outlier_slots)
+                                                         : lo_ring_bytes<D, 2>(outlier_slots));
   if (two.bits == 2)
     lo_pass<2, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, pages, seq_len, block_size,
                               kvh, scale_log2, inv_v_scale, two, sm_ml[warp], sm_acc[warp],
-                              sm_p[warp], ring, sm_tok[warp]);
+                              sm_p[warp], ring, sm_tok[warp], &sm_q[0][0]);
   if (four.bits == 4)
     lo_pass<4, q_t, D, MAX_G>(q_heads, q_stride_head, ng, bt, pages, seq_len, block_size,
                               kvh, scale_log2, inv_v_scale, four, sm_ml[warp], sm_acc[warp],
-                              sm_p[warp], ring, sm_tok[warp]);
+                              sm_p[warp], ring, sm_tok[warp], &sm_q[0][0]);
   __syncthreads();
 
   for (int i = threadIdx.x; i < ng * D; i += kThreads) {
@@ -773,7 +830,8 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
   const LoLayout& four = a.lo.bits == 4 ? a.lo : a.mid;
   // Warps' rings at the 4-bit stride whenever 4-bit tiles may be staged (a 2-bit-only table
   // needs less shared memory, which can fit one more CTA per SM).
-  const int ring_bytes = kWarps * (four.bits == 4 ? lo_ring_bytes<D, 4>() : lo_ring_bytes<D, 2>());
+  const int ring_bytes = kWarps * (four.bits == 4 ? lo_ring_bytes<D, 4>(a.lo.outlier_slots)
+                                                  : lo_ring_bytes<D, 2>(a.lo.outlier_slots));
   auto* kernel = paged_decode_kernel<q_t, kv_t, D, MAX_G>;
   // The default dynamic limit is 48 KB less the kernel's static shared memory, which D 256 or
   // 8 heads per CTA exceed with the ring: raise it once per instantiation and device (a
@@ -829,14 +887,21 @@ void dispatch_dim(const DecodeArgs& a, cudaStream_t s) {
 }  // namespace detail
 
 LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
-                        int64_t pack_factor, int64_t bits, int64_t group) {
+                        int64_t pack_factor, int64_t bits, int64_t group, int64_t outlier_slots) {
   TORCH_CHECK(bits == 2 || bits == 4, "lo_bits must be 2 or 4");
+  // The decode kernel stages a page's outlier words with one 16-byte copy per lane (<= 128
+  // words) and adds them in k-steps of 16; positions t * D + c fit 16 bits.
+  TORCH_CHECK(outlier_slots >= 0 && outlier_slots % 16 == 0 && outlier_slots <= 128 &&
+                  static_cast<int64_t>(a.block_size) * a.head_dim <= 65536,
+              "outlier_slots must be a multiple of 16 in [0, 128] (got ", outlier_slots,
+              ") and block_size * head_dim <= 65536");
   TORCH_CHECK(pack_factor >= 1, "lo_pack_factor must be >= 1");
   TORCH_CHECK(group >= 8 && a.head_dim % group == 0, "lo_group must be >= 8 and divide head_dim");
   // Lo pages come in 16 x 16 tensor-core tiles (pack_factor 1: the table names hi pages only).
   TORCH_CHECK(pack_factor == 1 || (a.block_size % 16 == 0 && group % 16 == 0),
               "lo pages need block_size and lo_group to be multiples of 16");
-  // Sections in the order of mikv_vllm/layout.py: K, V codes; K, V scales; K, V zeros.
+  // Sections in the order of mikv_vllm/layout.py: K, V codes; K, V scales; K, V zeros; K
+  // outliers.
   const int64_t codes = static_cast<int64_t>(a.num_kv_heads) * a.block_size * a.head_dim * bits / 8;
   LoLayout lo;
   lo.base = static_cast<const uint8_t*>(key_cache.data_ptr());
@@ -858,7 +923,9 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
   lo.v_scales = lo.k_scales + 2 * k_groups;
   lo.k_zeros = lo.v_scales + 2 * v_groups;
   lo.v_zeros = lo.k_zeros + k_groups;
-  lo.page_bytes = lo.v_zeros + v_groups;
+  lo.k_outliers = lo.v_zeros + v_groups;
+  lo.outlier_slots = static_cast<int>(outlier_slots);
+  lo.page_bytes = lo.k_outliers + 4 * a.num_kv_heads * lo.outlier_slots;
   TORCH_CHECK(lo.block_bytes < (int64_t{1} << 32), "mikv paged_decode: a KV cache block of ",
               lo.block_bytes, " B (>= 4 GiB) is not supported");
   TORCH_CHECK(lo.page_bytes * pack_factor <= lo.block_bytes, "lo pages (", lo.page_bytes, " B x ",
@@ -873,7 +940,7 @@ LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
 
 LoLayout make_mid_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
                          int64_t lo_pack_factor, int64_t lo_bits, int64_t group,
-                         int64_t mid_pack_factor, int64_t mid_bits) {
+                         int64_t mid_pack_factor, int64_t mid_bits, int64_t outlier_slots) {
   if (mid_pack_factor == 0) return LoLayout{nullptr, 0, 0, 0, 0, 0};  // bits 0: no middle tier
   TORCH_CHECK(lo_bits == 2 && mid_bits == 4 && lo_pack_factor > 1 && mid_pack_factor > 1,
               "a middle tier must be 4-bit pages in front of 2-bit ones, both packed (got ",
@@ -881,18 +948,22 @@ LoLayout make_mid_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
               lo_pack_factor, ")");
   TORCH_CHECK(key_cache.size(0) * std::max(lo_pack_factor, mid_pack_factor) < kMidTier,
               "lo pages: too many blocks (", key_cache.size(0), ") for two tiers");
-  LoLayout mid = make_lo_layout(a, key_cache, mid_pack_factor, mid_bits, group);
+  LoLayout mid = make_lo_layout(a, key_cache, mid_pack_factor, mid_bits, group, outlier_slots);
   mid.tier_flag = kMidTier;
   return mid;
 }
 
-int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits) {
-  TORCH_CHECK(group >= 1 && (lo_bits == 2 || lo_bits == 4),
-              "decode_ctas_per_sm: group must be >= 1 and lo_bits 2 or 4");
+int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits,
+                           int64_t outlier_slots) {
+  TORCH_CHECK(group >= 1 && (lo_bits == 2 || lo_bits == 4) && outlier_slots >= 0 &&
+                  outlier_slots % 16 == 0 && outlier_slots <= 128,
+              "decode_ctas_per_sm: group must be >= 1, lo_bits 2 or 4, outlier_slots a multiple "
+              "of 16 in [0, 128]");
   DecodeArgs a;
   a.head_dim = static_cast<int>(head_dim);
   a.group = static_cast<int>(group);
   a.lo.bits = static_cast<int>(lo_bits);
+  a.lo.outlier_slots = static_cast<int>(outlier_slots);
   int ctas = 0;
   a.ctas_per_sm = &ctas;
   // The query's dtype (bf16 or fp16) does not change the kernel's resources.
@@ -906,7 +977,7 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
                   int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
-                  const std::optional<torch::Tensor>& lse,
+                  int64_t outlier_slots, const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
                   const std::optional<torch::Tensor>& slab_gate) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
@@ -963,9 +1034,9 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   a.scale_log2 = static_cast<float>(scale * M_LOG2E);
   a.k_scale = static_cast<float>(k_scale);
   a.v_scale = static_cast<float>(v_scale);
-  a.lo = make_lo_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group);
+  a.lo = make_lo_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group, outlier_slots);
   a.mid = make_mid_layout(a, key_cache, lo_pack_factor, lo_bits, lo_group, mid_pack_factor,
-                          mid_bits);
+                          mid_bits, outlier_slots);
   if (lse.has_value()) {
     TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
                     lse->numel() >= a.num_seqs * a.num_q_heads,

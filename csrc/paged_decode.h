@@ -24,8 +24,10 @@ struct LoLayout {
   int bits = 2;                   // 0: no such tier
   int32_t tier_flag = 0;          // the codes of this tier carry this flag (0 or kMidTier)
   int group = 64;                 // value channels per (scale, zero) group
-  // section offsets within a lo page (mikv_vllm/layout.py): codes, fp16 scales, int8 zeros
-  int v_codes = 0, k_scales = 0, v_scales = 0, k_zeros = 0, v_zeros = 0;
+  // section offsets within a lo page (mikv_vllm/layout.py): codes, fp16 scales, int8 zeros,
+  // exact key outliers (one 32-bit word each: position t * D + c, fp16 correction above it)
+  int v_codes = 0, k_scales = 0, v_scales = 0, k_zeros = 0, v_zeros = 0, k_outliers = 0;
+  int outlier_slots = 0;          // exact keys per page and KV head (a multiple of 16; 0: none)
 };
 
 struct DecodeArgs {
@@ -52,25 +54,27 @@ struct DecodeArgs {
 
 // The lo-page layout of a layer whose keys are `key_cache` ([blocks, block, heads, D] view).
 LoLayout make_lo_layout(const DecodeArgs& shape, const torch::Tensor& key_cache,
-                        int64_t pack_factor, int64_t bits, int64_t group);
+                        int64_t pack_factor, int64_t bits, int64_t group, int64_t outlier_slots);
 
 // The middle tier's layout (bits 0 where `mid_pack_factor` is 0: none), checked against the
 // lo tier's.
 LoLayout make_mid_layout(const DecodeArgs& shape, const torch::Tensor& key_cache,
                          int64_t lo_pack_factor, int64_t lo_bits, int64_t group,
-                         int64_t mid_pack_factor, int64_t mid_bits);
+                         int64_t mid_pack_factor, int64_t mid_bits, int64_t outlier_slots);
 
 // CTAs of the decode kernel for these shapes that one SM holds at once (its registers and
 // shared memory decide): ops.decode_num_splits sizes the grid in whole waves of them.
-// `lo_bits`: the widest lo tier a table may name (4 where a 4-bit middle tier exists).
-int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits);
+// `lo_bits`: the widest lo tier a table may name (4 where a 4-bit middle tier exists);
+// `outlier_slots`: the lo pages' exact keys per head (staged with each tile).
+int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits,
+                           int64_t outlier_slots);
 
 void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
                   const torch::Tensor& value_cache, const torch::Tensor& block_table,
                   const torch::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                   int64_t num_splits, int64_t lo_pack_factor, int64_t lo_bits,
                   int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
-                  const std::optional<torch::Tensor>& lse,
+                  int64_t outlier_slots, const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
                   const std::optional<torch::Tensor>& slab_gate);
 
@@ -85,7 +89,8 @@ void page_mass(torch::Tensor& mass, const torch::Tensor& slab_lse, const torch::
 void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,
                     const torch::Tensor& src_entries, const torch::Tensor& dst_codes,
                     double k_scale, double v_scale, int64_t lo_pack_factor, int64_t lo_bits,
-                    int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits);
+                    int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
+                    int64_t outlier_slots);
 
 }  // namespace mikv
 

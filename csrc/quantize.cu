@@ -6,6 +6,9 @@
 // decode kernel's fragment order), then does the same for V with one pair per (token, channel
 // group). The scale is rounded to fp16 before the zero point and the codes are computed, with
 // IEEE division and round-half-even, so the bytes match the torch reference (up to fp32 ties).
+// With exact key outliers, the keys' channels are first stripped of the page's outliers one at
+// a time (pick_outliers), their grids span what remains, and each outlier stores its fp16
+// correction in order of position.
 #include <torch/all.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -146,6 +149,89 @@ __device__ void stage_source(float* tile, bool keys, const kv_t* __restrict__ ca
     const int c = fragment_code(words, t, d, D, st->bits, keys);
     tile[i] = __fmul_rn(static_cast<float>(c - zeros[slot]), __half2float(scales[slot]));
   }
+  if (keys && st->outlier_slots > 0) {  // the source's exact keys: their corrections
+    __syncthreads();
+    const uint32_t* fixes = reinterpret_cast<const uint32_t*>(src_page + st->k_outliers) +
+                            h * st->outlier_slots;
+    if (threadIdx.x == 0)
+      for (int r = 0; r < st->outlier_slots; ++r) {
+        const uint32_t w = fixes[r];
+        const __half_raw fix{static_cast<unsigned short>(w >> 16)};
+        tile[w & 0xFFFFu] += __half2float(__half(fix));
+      }
+  }
+}
+
+// ---- exact key outliers (mikv_vllm/quant.py select_outliers, quantize_with_outliers) ----------
+constexpr int kMaxDim = 256;
+constexpr int kMaxOutliers = 128;
+
+// What taking channel d's maximum or minimum out of its grid (skipping `keep`) saves in squared
+// range, and which token that is: the reference's fp32 operations, unfused, with its ties (the
+// first token of an extreme).
+__device__ void outlier_gain(const float* tile, const uint8_t* keep, int block_size, int D, int d,
+                             float* gain, int16_t* at) {
+  float t0 = -INFINITY, t1 = -INFINITY, b0 = INFINITY, b1 = INFINITY;
+  int i_hi = 0, i_lo = 0;
+  for (int t = 0; t < block_size; ++t) {
+    if (keep[t * D + d]) continue;
+    const float x = tile[t * D + d];
+    if (x > t0) { t1 = t0; t0 = x; i_hi = t; } else if (x > t1) { t1 = x; }
+    if (x < b0) { b1 = b0; b0 = x; i_lo = t; } else if (x < b1) { b1 = x; }
+  }
+  const float span = __fsub_rn(t0, b0), span_hi = __fsub_rn(t1, b0), span_lo = __fsub_rn(t0, b1);
+  const float whole = __fmul_rn(span, span);
+  const float gain_hi = __fsub_rn(whole, __fmul_rn(span_hi, span_hi));
+  const float gain_lo = __fsub_rn(whole, __fmul_rn(span_lo, span_lo));
+  const bool use_hi = gain_hi >= gain_lo;
+  gain[d] = use_hi ? gain_hi : gain_lo;
+  at[d] = static_cast<int16_t>(use_hi ? i_hi : i_lo);
+}
+
+// (gain, channel) a beats b: more gain, or as much at a lower channel (argmax's first).
+__device__ __forceinline__ bool beats(float ga, int ca, float gb, int cb) {
+  return ga > gb || (ga == gb && ca < cb);
+}
+
+// Picks `slots` keys of one head's staged K tile, one at a time (the greedy of
+// quant.select_outliers): flags them in `keep` and lists their positions t * D + c in `picks`.
+__device__ void pick_outliers(const float* tile, uint8_t* keep, int block_size, int D, int slots,
+                              uint16_t* picks) {
+  __shared__ float gain[kMaxDim];
+  __shared__ int16_t at[kMaxDim];
+  __shared__ float warp_gain[kQuantThreads / 32];
+  __shared__ int warp_ch[kQuantThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int i = threadIdx.x; i < block_size * D; i += blockDim.x) keep[i] = 0;
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) outlier_gain(tile, keep, block_size, D, d, gain, at);
+  __syncthreads();
+  for (int r = 0; r < slots; ++r) {
+    float g = -INFINITY;
+    int ch = D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+      if (ch == D || gain[d] > g) { g = gain[d]; ch = d; }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      const float go = __shfl_xor_sync(0xffffffffu, g, o);
+      const int co = __shfl_xor_sync(0xffffffffu, ch, o);
+      if (co < D && (ch == D || beats(go, co, g, ch))) { g = go; ch = co; }
+    }
+    if (lane == 0) { warp_gain[warp] = g; warp_ch[warp] = ch; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kQuantThreads / 32; ++w)
+        if (warp_ch[w] < D && (ch == D || beats(warp_gain[w], warp_ch[w], g, ch))) {
+          g = warp_gain[w];
+          ch = warp_ch[w];
+        }
+      const int pos = at[ch] * D + ch;
+      keep[pos] = 1;
+      picks[r] = static_cast<uint16_t>(pos);
+      outlier_gain(tile, keep, block_size, D, ch, gain, at);
+    }
+    __syncthreads();
+  }
 }
 
 template <typename kv_t>
@@ -168,25 +254,45 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
   const int levels = (1 << lo.bits) - 1;
   const int64_t section = static_cast<int64_t>(block_size) * D * lo.bits / 8;  // one head's codes
 
-  // Keys: one (scale, zero) per channel over the page's tokens.
+  // Keys: one (scale, zero) per channel over the page's tokens; with exact outliers, over the
+  // tokens not picked (`codes` holds the picks' flags until a channel's codes replace them).
   stage_source(tile, true, k_cache, src, src_page, st, stride_block, stride_tok, stride_head,
                block_size, h, D, k_scale);
   __syncthreads();
+  __shared__ uint16_t picks[kMaxOutliers];
+  __shared__ float k_step[kMaxDim];  // each channel's scale and zero point, for the corrections
+  __shared__ int k_zero[kMaxDim];
+  const int slots = lo.outlier_slots;
+  if (slots > 0) pick_outliers(tile, codes, block_size, D, slots, picks);
   __half* k_scales = reinterpret_cast<__half*>(dst + lo.k_scales) + h * D;
   int8_t* k_zeros = reinterpret_cast<int8_t*>(dst + lo.k_zeros) + h * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float mn = tile[d], mx = tile[d];
-    for (int t = 1; t < block_size; ++t) {
+    float mn = INFINITY, mx = -INFINITY;
+    for (int t = 0; t < block_size; ++t) {
+      if (slots > 0 && codes[t * D + d]) continue;
       mn = fminf(mn, tile[t * D + d]);
       mx = fmaxf(mx, tile[t * D + d]);
     }
     const GroupParams p = group_params(mn, mx, levels);
+    k_step[d] = __half2float(p.scale);
+    k_zero[d] = p.zero;
     const int slot = param_index((d % 16 % 8 / 2) * (D / 16) + d / 16, d);  // run [j][chunk]
     k_scales[slot] = p.scale;
     k_zeros[slot] = static_cast<int8_t>(p.zero);
     for (int t = 0; t < block_size; ++t) codes[t * D + d] = quant_code(tile[t * D + d], p, levels);
   }
   __syncthreads();
+  // Each pick's fp16 correction from its grid point, written in order of position.
+  uint32_t* fixes = reinterpret_cast<uint32_t*>(dst + lo.k_outliers) + h * slots;
+  for (int r = threadIdx.x; r < slots; r += blockDim.x) {
+    const int pos = picks[r], d = pos % D;
+    const float grid = __fmul_rn(static_cast<float>(static_cast<int>(codes[pos]) - k_zero[d]),
+                                 k_step[d]);
+    const __half_raw fix = __float2half_rn(__fsub_rn(tile[pos], grid));
+    int rank = 0;
+    for (int i = 0; i < slots; ++i) rank += picks[i] < pos;
+    fixes[rank] = static_cast<uint32_t>(pos) | (static_cast<uint32_t>(fix.x) << 16);
+  }
   pack_fragment_codes(codes, reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(h) * section),
                       block_size, D, lo.bits, true);
   __syncthreads();
@@ -223,7 +329,8 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
 void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,
                     const torch::Tensor& src_entries, const torch::Tensor& dst_codes,
                     double k_scale, double v_scale, int64_t lo_pack_factor, int64_t lo_bits,
-                    int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits) {
+                    int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
+                    int64_t outlier_slots) {
   TORCH_CHECK(key_cache.is_cuda() && key_cache.dim() == 4, "caches must be CUDA [blocks, block, heads, D]");
   TORCH_CHECK(key_cache.strides() == value_cache.strides() && key_cache.sizes() == value_cache.sizes(),
               "key and value caches must share shape and strides");
@@ -231,6 +338,9 @@ void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_c
                   src_entries.numel() == dst_codes.numel(),
               "src_entries and dst_codes must be int32 of equal length");
   const int block_size = key_cache.size(1), heads = key_cache.size(2), D = key_cache.size(3);
+  TORCH_CHECK(D <= detail::kMaxDim && outlier_slots <= detail::kMaxOutliers,
+              "quantize_pages: head_dim must be <= ", detail::kMaxDim, " and outlier_slots <= ",
+              detail::kMaxOutliers);
   TORCH_CHECK(block_size * D <= detail::kMaxTileFloats, "block_size * head_dim must be <= ",
               detail::kMaxTileFloats);
   const int64_t pages = src_entries.numel();
@@ -239,9 +349,10 @@ void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_c
   shape.num_kv_heads = heads;
   shape.block_size = block_size;
   shape.head_dim = D;
-  LoLayout lo = make_lo_layout(shape, key_cache, lo_pack_factor, lo_bits, lo_group);
+  LoLayout lo = make_lo_layout(shape, key_cache, lo_pack_factor, lo_bits, lo_group,
+                               outlier_slots);
   LoLayout mid = make_mid_layout(shape, key_cache, lo_pack_factor, lo_bits, lo_group,
-                                 mid_pack_factor, mid_bits);
+                                 mid_pack_factor, mid_bits, outlier_slots);
 
   const at::cuda::OptionalCUDAGuard guard(device_of(key_cache));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();

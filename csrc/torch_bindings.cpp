@@ -10,18 +10,19 @@ TORCH_LIBRARY(mikv, m) {
       "paged_decode(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, float scale, float k_scale, float v_scale, "
       "int num_splits, int lo_pack_factor, int lo_bits, int lo_group, int mid_pack_factor, "
-      "int mid_bits, Tensor(b!)? lse=None, "
+      "int mid_bits, int outlier_slots, Tensor(b!)? lse=None, "
       "Tensor(c!)? slab_lse=None, Tensor? slab_gate=None) -> ()");
   m.def(
       "page_mass(Tensor(a!) mass, Tensor slab_lse, Tensor block_table, Tensor seq_lens, "
       "Tensor lse, int block_size, int num_kv_heads, float weight) -> ()");
   // No tensor arguments: one kernel for every dispatch key.
-  m.def("decode_ctas_per_sm(int head_dim, int group, bool fp8_kv, int lo_bits) -> int",
+  m.def("decode_ctas_per_sm(int head_dim, int group, bool fp8_kv, int lo_bits, "
+        "int outlier_slots) -> int",
         &mikv::decode_ctas_per_sm);
   m.def(
       "quantize_pages(Tensor(a!) key_cache, Tensor value_cache, Tensor src_entries, "
       "Tensor dst_codes, float k_scale, float v_scale, int lo_pack_factor, int lo_bits, "
-      "int lo_group, int mid_pack_factor, int mid_bits) -> ()");
+      "int lo_group, int mid_pack_factor, int mid_bits, int outlier_slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mikv, CUDA, m) {

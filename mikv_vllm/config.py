@@ -50,6 +50,11 @@ class MikvConfig:
     prefill_window: int = 32
     # Channels per value quantization group (keys are grouped per channel over a page).
     value_group_size: int = 64
+    # Lo pages keep ~1% of their keys exact (per page and KV head, the ones that stretch a key
+    # channel's range most, as fp16 corrections): at equal bytes half the perplexity loss of
+    # plain 2-bit pages (QUALITY.md "Code books and exact outliers"); at block 16 a lo page
+    # still packs as many to a block. Costs decode time on lo pages (README's knob table).
+    key_outliers: bool = False
     # Decode hi pages with vLLM's FlashAttention and only lo pages with the mikv kernel, merged
     # by log-sum-exp (mikv_vllm/integration/attention/split_decode.py). None: on where vLLM runs
     # FlashAttention 3 (Hopper), where it wins while many pages are hi (README's knob table has
@@ -144,6 +149,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "kv_budget": (float, int, type(None)),
     "prefill_window": (int,),
     "value_group_size": (int,),
+    "key_outliers": (bool,),
     "split_decode": (bool, type(None)),
 }
 

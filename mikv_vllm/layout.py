@@ -13,6 +13,20 @@ from functools import cached_property
 SCALE_BYTES = 2  # fp16 scale per quantization group
 ZERO_BYTES = 1   # int8 zero point (a whole number of steps) per quantization group
 MID_TIER = 1 << 30  # flag of a lo code naming a middle-tier slot (csrc/paged_decode.h kMidTier)
+# Exact key outliers (KVQuant's dense-and-sparse split): about this share of a page's keys per KV
+# head, stored as fp16 corrections with their positions (one 32-bit word each), in whole
+# tensor-core k-steps of 16 (the decode kernel adds them with one mma per step, which costs its
+# lo pass more than the bytes do: the nearest 16, not the next).
+KEY_OUTLIER_SHARE = 0.01
+OUTLIER_WORD_BYTES = 4
+# Keys of a page per KV head that csrc/quantize.cu stages at once (kMaxTileFloats).
+MAX_PAGE_HEAD_ELEMS = 8192
+
+
+def key_outlier_slots(block_size: int, head_size: int) -> int:
+    """Key outliers per page and KV head: KEY_OUTLIER_SHARE of its keys to the nearest 16 (at
+    least 16): 16 at block 16 and head size 64 or 128, 48 at head size 256."""
+    return 16 * max(1, round(KEY_OUTLIER_SHARE * block_size * head_size / 16))
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,7 @@ class LoPageOffsets:
     v_scales: int
     k_zeros: int
     v_zeros: int
+    k_outliers: int  # the exact key outliers' words (== end where the format has none)
     end: int
 
 
@@ -36,6 +51,7 @@ class PageLayout:
     lo_bits: int = 2
     value_group_size: int = 64
     mid_bits: int | None = None  # the middle tier's bits (4, before 2-bit lo pages), or none
+    key_outliers: bool = False  # lo pages keep their worst keys exact (`key_outlier_slots`)
 
     def __post_init__(self):
         if self.mid_bits is not None and (self.mid_bits, self.lo_bits) != (4, 2):
@@ -51,12 +67,18 @@ class PageLayout:
 
     @classmethod
     def from_spec(cls, spec, lo_bits: int, value_group_size: int,
-                  mid_bits: int | None = None) -> "PageLayout":
+                  mid_bits: int | None = None, key_outliers: bool = False) -> "PageLayout":
         """The layout of vLLM's KV cache spec (block size, KV heads per rank, head size, dtype):
         what the scheduler and every worker derive independently, from the same spec."""
         return cls(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
                    head_size=spec.head_size, hi_elem_bytes=spec.dtype.itemsize,
-                   lo_bits=lo_bits, value_group_size=value_group_size, mid_bits=mid_bits)
+                   lo_bits=lo_bits, value_group_size=value_group_size, mid_bits=mid_bits,
+                   key_outliers=key_outliers)
+
+    @property
+    def outlier_slots(self) -> int:
+        """Exact key outliers per lo page and KV head (0 without them)."""
+        return key_outlier_slots(self.block_size, self.head_size) if self.key_outliers else 0
 
     # Cached: the scheduler asks these for every page it moves (a frozen dataclass keeps them).
     @cached_property
@@ -115,8 +137,9 @@ class PageLayout:
         v_scales = k_scales + k_groups * SCALE_BYTES
         k_zeros = v_scales + v_groups * SCALE_BYTES
         v_zeros = k_zeros + k_groups * ZERO_BYTES
-        return LoPageOffsets(0, codes, k_scales, v_scales, k_zeros, v_zeros,
-                             v_zeros + v_groups * ZERO_BYTES)
+        k_outliers = v_zeros + v_groups * ZERO_BYTES
+        return LoPageOffsets(0, codes, k_scales, v_scales, k_zeros, v_zeros, k_outliers,
+                             k_outliers + h * self.outlier_slots * OUTLIER_WORD_BYTES)
 
     @property
     def lo_page_bytes(self) -> int:
@@ -136,11 +159,14 @@ class PageLayout:
         fp8 = bf16 / 2
         lo = self.bytes_per_token(lo=True)
         mid = self.mid
+        outliers = (f" with {self.outlier_slots} exact keys per head" if self.key_outliers
+                    else "")
         mid_text = "" if mid is None else (
             f", {mid.lo_bits}-bit mid page {mid.lo_page_bytes} B ({mid.pack_factor} per block, "
             f"{mid.bytes_per_token(lo=True):.0f} B per token per layer)")
         return (
-            f"hi page {self.hi_page_bytes} B, {self.lo_bits}-bit lo page {self.lo_page_bytes} B, "
+            f"hi page {self.hi_page_bytes} B, {self.lo_bits}-bit lo page{outliers} "
+            f"{self.lo_page_bytes} B, "
             f"{self.pack_factor} lo pages per block{mid_text}; per token per layer: hi "
             f"{self.bytes_per_token(lo=False):.0f} B, lo {lo:.0f} B "
             f"({bf16 / lo:.2f}x fewer than bf16, {fp8 / lo:.2f}x fewer than fp8)")

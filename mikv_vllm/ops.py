@@ -60,11 +60,14 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int
 
 
 @functools.cache
-def decode_ctas_per_sm(head_dim: int, group: int, fp8_kv: bool, lo_bits: int = 2) -> int:
+def decode_ctas_per_sm(head_dim: int, group: int, fp8_kv: bool, lo_bits: int = 2,
+                       outlier_slots: int = 0) -> int:
     """CTAs of paged_decode (for these shapes) that one SM of the current GPU holds at once;
-    `lo_bits`: the widest lo tier the tables name (`widest_lo_bits`)."""
+    `lo_bits`: the widest lo tier the tables name (`widest_lo_bits`); `outlier_slots`: the lo
+    pages' exact keys per head (`PageLayout.outlier_slots`), staged beside their codes."""
     load_kernels()
-    return max(1, int(torch.ops.mikv.decode_ctas_per_sm(head_dim, group, fp8_kv, lo_bits)))
+    return max(1, int(torch.ops.mikv.decode_ctas_per_sm(head_dim, group, fp8_kv, lo_bits,
+                                                        outlier_slots)))
 
 
 def widest_lo_bits(layout: PageLayout) -> int:
@@ -72,14 +75,15 @@ def widest_lo_bits(layout: PageLayout) -> int:
     return max(layout.lo_bits, layout.mid_bits or 0)
 
 
-def _lo_args(layout: PageLayout | None, head_dim: int) -> tuple[int, int, int, int, int]:
-    """(pack factor, bits, value group, middle tier's pack factor and bits; 0, 0 for none) of
-    the lo pages a block table may name."""
+def _lo_args(layout: PageLayout | None, head_dim: int) -> tuple[int, ...]:
+    """(pack factor, bits, value group, middle tier's pack factor and bits (0, 0 for none),
+    exact key outliers per page and head) of the lo pages a block table may name."""
     if layout is None:
-        return 1, 2, head_dim, 0, 0  # the table holds hi pages only
+        return 1, 2, head_dim, 0, 0, 0  # the table holds hi pages only
     mid = layout.mid
     return (layout.pack_factor, layout.lo_bits, layout.value_group_size,
-            0 if mid is None else mid.pack_factor, 0 if mid is None else mid.lo_bits)
+            0 if mid is None else mid.pack_factor, 0 if mid is None else mid.lo_bits,
+            layout.outlier_slots)
 
 
 def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,

@@ -25,7 +25,13 @@ Byte layout of a lo page (offsets: `PageLayout.lo_offsets`), all little-endian:
     K scales [H, 4 (j), D / 16 (c), 2 (+0 | +8 channels), 2] fp16, channel 16c + 2j + {0, 8} + {0, 1}
     V scales [H, B / 16, D / g, 4 (j), 2 (+0 | +8 tokens), 2] fp16, token 16T + 2j + {0, 8} + {0, 1}
     K zeros, V zeros: the same shapes in int8
-    value = (code - zero) * scale
+    K outliers [H, slots] int32, with `PageLayout.key_outliers` only: position t * D + c in the
+             low 16 bits, an fp16 correction in the high 16, in order of position
+    value = (code - zero) * scale (+ the correction of an outlier key)
+With key outliers, each page and KV head keeps `PageLayout.outlier_slots` keys exact
+(`select_outliers`; KVQuant's dense-and-sparse split): a key channel's grid then spans its
+page's other keys, which halves the perplexity loss of 2-bit pages at equal bytes
+(benchmarks/results/QUALITY.md).
 With MiKV outlier balancing, K is multiplied per (head, channel) by `balance` before
 quantization, and dequantized K is divided by it again (the kernel divides Q instead)."""
 from __future__ import annotations
@@ -194,7 +200,16 @@ def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
     vf = v.float().permute(1, 0, 2)
     if balance is not None:
         kf = kf * balance.float().reshape(h, 1, d)
-    k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales)    # over tokens
+    outliers = []
+    if layout.key_outliers:
+        if e4m3_scales:
+            raise ValueError("quantize_page: e4m3_scales and key outliers do not combine")
+        k_codes, k_scale, k_zero, keep, fix = (
+            t.squeeze(1) for t in quantize_with_outliers(kf.unsqueeze(1), bits, 2,
+                                                         layout.outlier_slots))
+        outliers = [_outlier_words(keep, fix).view(torch.uint8).reshape(-1)]
+    else:
+        k_codes, k_scale, k_zero = _quantize_groups(kf, bits, 1, e4m3_scales)  # over tokens
     vg = vf.reshape(h, b, d // g, g)
     v_codes, v_scale, v_zero = _quantize_groups(vg, bits, 3, e4m3_scales)    # over channels
     k_slots, v_slots = _k_param_channels(d), _v_param_tokens(b)
@@ -212,9 +227,27 @@ def quantize_page(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
         v_runs(v_scale).contiguous().view(torch.uint8).reshape(-1),
         k_runs(k_zero).contiguous().view(torch.uint8).reshape(-1),
         v_runs(v_zero).contiguous().view(torch.uint8).reshape(-1),
+        *outliers,
     ])
     assert out.numel() == layout.lo_page_bytes
     return out
+
+
+def _outlier_words(keep: torch.Tensor, fix: torch.Tensor) -> torch.Tensor:
+    """[H, B, D] mask and fp16 corrections -> [H, slots] int32 words, each head's in order of
+    position t * D + c (low 16 bits), the correction's fp16 bits above it."""
+    h = keep.shape[0]
+    pos = keep.reshape(h, -1).nonzero()[:, 1].reshape(h, -1)  # ascending per head
+    bits = fix.reshape(h, -1).gather(1, pos).view(torch.int16).to(torch.int32)
+    return pos.to(torch.int32) | (bits << 16)
+
+
+def _add_outliers(k: torch.Tensor, page: torch.Tensor, layout: PageLayout) -> torch.Tensor:
+    """k [H, B, D] fp32 from the grid plus the page's exact key corrections."""
+    o, h = layout.lo_offsets, layout.num_kv_heads
+    words = page[o.k_outliers:o.end].contiguous().view(torch.int32).reshape(h, -1)
+    fix = (words >> 16).to(torch.int16).view(torch.float16).float()
+    return k.reshape(h, -1).scatter_add(1, (words & 0xFFFF).long(), fix).reshape(k.shape)
 
 
 def dequantize_page(page: torch.Tensor, layout: PageLayout,
@@ -241,7 +274,9 @@ def dequantize_page(page: torch.Tensor, layout: PageLayout,
 
     k = (k_codes - k_params(o.k_zeros, o.v_zeros, torch.int8)) * k_params(
         o.k_scales, o.v_scales, torch.float16)
-    v = ((v_codes.reshape(h, b, d // g, g) - v_params(o.v_zeros, o.end, torch.int8))
+    if layout.key_outliers:
+        k = _add_outliers(k, page, layout)
+    v = ((v_codes.reshape(h, b, d // g, g) - v_params(o.v_zeros, o.k_outliers, torch.int8))
          * v_params(o.v_scales, o.k_zeros, torch.float16)).reshape(h, b, d)
     if balance is not None:
         k = k / balance.float().reshape(h, 1, d)
@@ -257,53 +292,67 @@ def roundtrip_fp16_zero(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return torch.round((x - zero) / scale).clamp(0, (1 << bits) - 1) * scale + zero
 
 
-# A candidate lo format (harness only, KVQuant's dense-and-sparse split): this share of a
-# page's keys (per KV head) kept exact, at OUTLIER_BYTES each (fp16 value, 16-bit position).
-OUTLIER_SHARE = 0.01
-OUTLIER_BYTES = 4
-
-
-def outliers_per_page_head(elements: int, share: float = OUTLIER_SHARE) -> int:
-    return max(1, round(share * elements))
-
-
-def roundtrip_with_outliers(x: torch.Tensor, bits: int, dim: int,
-                            share: float = OUTLIER_SHARE) -> torch.Tensor:
-    """x [H, P, ...] with groups along `dim`: per (head, page), the `share` of elements whose
-    removal shrinks their group's squared range most (taken one at a time) kept exact in fp16;
-    the rest on the usual grid over the range that remains."""
-    h, p = x.shape[:2]
-    keep = torch.zeros_like(x, dtype=torch.bool)
-    inf = torch.tensor(float("inf"), device=x.device)
-    for _ in range(outliers_per_page_head(x[0, 0].numel(), share)):
-        top = torch.where(keep, -inf, x).topk(2, dim=dim)
-        bottom = torch.where(keep, inf, x).topk(2, dim=dim, largest=False)
-        t0, t1 = top.values.select(dim, 0), top.values.select(dim, 1)
-        b0, b1 = bottom.values.select(dim, 0), bottom.values.select(dim, 1)
-        gain_hi = (t0 - b0).square() - (t1 - b0).square()  # the maximum taken out
-        gain_lo = (t0 - b0).square() - (t0 - b1).square()  # the minimum taken out
+def select_outliers(x: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+    """x [H, P, ...] with quantization groups along `dim` -> a bool mask of the `count` elements
+    per (head, page) that are kept exact: one at a time, a group's maximum or minimum, whichever
+    shrinks its group's squared range most. Ties go to the first group, then the first element
+    (argmax's), and the gains are plain fp32 products and differences: csrc/quantize.cu makes
+    the same picks."""
+    xs = x.float().movedim(dim, -1)
+    shape = xs.shape
+    xs = xs.reshape(shape[0], shape[1], -1, shape[-1])  # [H, P, groups, n]
+    keep = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device)
+    inf = float("inf")
+    for _ in range(count):
+        top = torch.where(keep, -inf, xs)
+        bottom = torch.where(keep, inf, xs)
+        i_hi, i_lo = top.argmax(-1, keepdim=True), bottom.argmin(-1, keepdim=True)
+        t0, b0 = top.gather(-1, i_hi), bottom.gather(-1, i_lo)
+        t1 = top.scatter(-1, i_hi, -inf).amax(-1, keepdim=True)
+        b1 = bottom.scatter(-1, i_lo, inf).amin(-1, keepdim=True)
+        span, span_hi, span_lo = t0 - b0, t1 - b0, t0 - b1
+        gain_hi = span * span - span_hi * span_hi  # the maximum taken out
+        gain_lo = span * span - span_lo * span_lo  # the minimum taken out
         use_hi = gain_hi >= gain_lo
-        gain = torch.where(use_hi, gain_hi, gain_lo)       # [H, P, groups...]
-        at = torch.where(use_hi, top.indices.select(dim, 0), bottom.indices.select(dim, 0))
-        chosen = torch.zeros(h, p, gain[0, 0].numel(), dtype=torch.bool, device=x.device)
-        chosen.scatter_(-1, gain.reshape(h, p, -1).argmax(-1, keepdim=True), True)
-        hit = torch.zeros_like(keep).scatter_(dim, at.unsqueeze(dim), True)
-        keep |= hit & chosen.reshape(gain.shape).unsqueeze(dim)
+        gain = torch.where(use_hi, gain_hi, gain_lo).squeeze(-1)  # [H, P, groups]
+        at = torch.where(use_hi, i_hi, i_lo).squeeze(-1)
+        group = gain.argmax(-1, keepdim=True)
+        flat = group * shape[-1] + at.gather(-1, group)
+        keep.view(shape[0], shape[1], -1).scatter_(-1, flat, True)
+    return keep.reshape(shape).movedim(-1, dim)
+
+
+def quantize_with_outliers(x: torch.Tensor, bits: int, dim: int, count: int
+                           ) -> tuple[torch.Tensor, ...]:
+    """`_quantize_groups` of x [H, P, ...] with `count` elements per (head, page) kept exact
+    (`select_outliers`): each group's grid spans what remains, and a kept element stores its
+    fp16 correction from the grid (its code clamps to the grid's end). Returns codes, scales,
+    zeros, the mask and the corrections (fp16, 0 elsewhere)."""
+    keep = select_outliers(x, dim, count)
+    inf = torch.tensor(float("inf"), device=x.device)
     lo = torch.where(keep, inf, x).amin(dim, keepdim=True)
     hi = torch.where(keep, -inf, x).amax(dim, keepdim=True)
-    codes, scale, zero = _quantize_range(torch.where(keep, lo, x), bits, dim, lo, hi, False)
-    return torch.where(keep, x.half().float(), (codes.float() - zero.float()) * scale.float())
+    codes, scale, zero = _quantize_range(x, bits, dim, lo, hi, False)
+    grid = (codes.float() - zero.float()) * scale.float()
+    fix = torch.where(keep, x - grid, torch.zeros_like(grid)).half()
+    return codes, scale, zero, keep, fix
+
+
+def roundtrip_with_outliers(x: torch.Tensor, bits: int, dim: int, count: int) -> torch.Tensor:
+    """What `quantize_with_outliers` stores of x, dequantized (fp32)."""
+    codes, scale, zero, _, fix = quantize_with_outliers(x, bits, dim, count)
+    return (codes.float() - zero.float()) * scale.float() + fix.float()
 
 
 def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
                     e4m3_scales: bool = False, k_zero_fp16: bool = False,
-                    k_clip: tuple[float, ...] = (), v_clip: tuple[float, ...] = (),
-                    k_outliers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    k_clip: tuple[float, ...] = (), v_clip: tuple[float, ...] = ()
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [kv_heads, pages * block_size, D] of whole pages -> what their lo pages hold
     (fp32, same shape): dequantize_page(quantize_page(...)) without the byte layout, for many
     pages at once (the quality harness demotes hundreds per step). `k_zero_fp16` measures the
     candidate format of `roundtrip_fp16_zero` for keys; `k_clip` / `v_clip` the clipped ranges
-    of `_quantize_groups`; `k_outliers` that of `roundtrip_with_outliers`."""
+    of `_quantize_groups`. Exact key outliers where `layout.key_outliers` says so."""
     h, t, d = k.shape
     b, g, bits = layout.block_size, layout.value_group_size, layout.lo_bits
 
@@ -312,8 +361,8 @@ def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
         return (codes.float() - zero.float()) * scale.float()
 
     k_pages = k.float().reshape(h, t // b, b, d)
-    if k_outliers:
-        dk = roundtrip_with_outliers(k_pages, bits, 2)
+    if layout.key_outliers:
+        dk = roundtrip_with_outliers(k_pages, bits, 2, layout.outlier_slots)
     elif k_zero_fp16:
         dk = roundtrip_fp16_zero(k_pages, bits, 2)
     else:

@@ -242,6 +242,8 @@ BAD_KNOBS = [
                  id="int-for-bool"),
     pytest.param({"outlier_balancing": True}, r"unknown knob 'outlier_balancing'",
                  id="harness-only-knob"),
+    pytest.param({"key_outliers": "yes"}, r"knob 'key_outliers' must be bool, got str",
+                 id="str-for-bool"),
     pytest.param({"split_decode": "auto"}, r"knob 'split_decode' must be bool or null, got str",
                  id="str-for-optional-bool"),
     pytest.param({"hi_dtype": "fp16"}, r"hi_dtype must be 'bf16' or 'fp8', got 'fp16'",

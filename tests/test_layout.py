@@ -231,6 +231,26 @@ def test_layout_from_engine_config(serve_engine_config):
     assert layout.hi_page_bytes == spec.page_size_bytes == 16384
 
 
+def test_key_outliers_reach_the_layout_and_oversized_pages_stop_at_startup(serve_engine_config):
+    """`key_outliers` makes the engine's lo pages keep exact keys (at block 32, head size 64:
+    16 per head, 64 more bytes each, which costs a slot: 5 per block instead of 6; at block
+    16 and head size 128 it costs none); a page per head larger than the quantize kernel
+    stages is refused with the block size that fits."""
+    from mikv_vllm.integration import patches
+    from mikv_vllm.config import MikvConfig, MikvConfigError
+
+    _, cfg = serve_engine_config("--kv-cache-dtype", "mikv", "--block-size", "32")
+    plain = patches.check_model_and_device(cfg, MikvConfig())
+    layout = patches.check_model_and_device(cfg, MikvConfig(key_outliers=True))
+    assert layout.outlier_slots == 16 and plain.outlier_slots == 0
+    assert layout.lo_page_bytes == plain.lo_page_bytes + 2 * 16 * 4
+    assert (layout.pack_factor, plain.pack_factor) == (5, 6)
+    assert (PageLayout(16, 8, 128, 2, key_outliers=True).pack_factor
+            == PageLayout(16, 8, 128, 2).pack_factor == 5)
+    with pytest.raises(MikvConfigError, match="use --block-size 128 or less"):
+        serve_engine_config("--kv-cache-dtype", "mikv", "--block-size", "256")
+
+
 def test_startup_hint_names_the_smallest_block_size_that_packs_more():
     from mikv_vllm.integration.patches import _better_block_size
 

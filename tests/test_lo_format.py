@@ -238,3 +238,53 @@ def test_roundtrip_pages_is_the_stored_pages_arithmetic(head_size, group, bits, 
         ek, ev = dequantize_page(page, lay)
         assert torch.equal(ek.permute(1, 0, 2), dk[:, r])
         assert torch.equal(ev.permute(1, 0, 2), dv[:, r])
+
+
+@pytest.mark.parametrize("bits,block_size,head_dim", [(2, 16, 128), (4, 16, 64), (2, 32, 128),
+                                                      (2, 16, 256)])
+def test_exact_key_outliers_are_stored_after_the_zeros_in_position_order(bits, block_size,
+                                                                         head_dim):
+    """With key_outliers a page ends in one 32-bit word per exact key and head (position
+    t * D + c, its fp16 correction above), positions ascending and distinct; the picked keys
+    come back to the correction's fp16 rounding, the rest within the bound of what remains of
+    their channel, and never worse than without outliers."""
+    lay = PageLayout(block_size, 2, head_dim, 2, bits, 64, key_outliers=True)
+    plain = PageLayout(block_size, 2, head_dim, 2, bits, 64)
+    slots = lay.outlier_slots
+    assert slots % 16 == 0 and abs(slots - 0.01 * block_size * head_dim) <= 8
+    assert lay.lo_offsets.k_outliers == plain.lo_page_bytes
+    assert lay.lo_page_bytes == plain.lo_page_bytes + 2 * slots * 4
+    gen = torch.Generator().manual_seed(bits + block_size + head_dim)
+    k = torch.randn(block_size, 2, head_dim, generator=gen) * torch.rand(head_dim, generator=gen) * 4
+    k[3, 1, 7] = 60.0
+    v = torch.randn(block_size, 2, head_dim, generator=gen)
+    page = quantize_page(k, v, lay)
+    words = page[lay.lo_offsets.k_outliers:].view(torch.int32).reshape(2, slots)
+    pos = words & 0xFFFF
+    assert (pos[:, 1:] > pos[:, :-1]).all(), "positions ascend, each once"
+    assert 3 * head_dim + 7 in pos[1].tolist()
+    k2, v2 = dequantize_page(page, lay)
+    _, v_plain = dequantize_page(quantize_page(k, v, plain), plain)
+    assert torch.equal(v2, v_plain), "values are untouched"
+    kept = torch.zeros(2, block_size * head_dim, dtype=torch.bool).scatter_(1, pos.long(), True)
+    kept = kept.reshape(2, block_size, head_dim).transpose(0, 1)
+    err = (k2 - k).abs()
+    assert (err[kept] <= k[kept].abs() * 2.0 ** -10 + 1e-3).all()
+    rest = torch.where(kept, float("nan"), k)
+    lo, hi = rest.nan_to_num(float("inf")).amin(0), rest.nan_to_num(float("-inf")).amax(0)
+    assert (err[~kept] <= quantization_error_bound(hi - lo, bits, lo).expand_as(err)[~kept]).all()
+    k_plain, _ = dequantize_page(quantize_page(k, v, plain), plain)
+    assert err.square().sum() < (k_plain - k).square().sum()
+
+
+def test_outlier_picks_take_the_first_of_ties():
+    """The greedy's ties (what csrc/quantize.cu reproduces): between equal gains the first
+    channel, within a channel the first token of an extreme."""
+    x = torch.zeros(1, 1, 16, 4)
+    x[0, 0, 5, 1] = 3.0  # channels 1 and 3: one spike each, equal gains
+    x[0, 0, 2, 3] = 3.0
+    picks = [quant.select_outliers(x, 2, n).nonzero()[:, 2:].tolist() for n in (1, 2, 3, 4)]
+    assert picks[0] == [[5, 1]]
+    assert picks[1] == [[2, 3], [5, 1]]
+    assert picks[2] == [[0, 0], [2, 3], [5, 1]]  # all gains 0: channel 0, its first token
+    assert picks[3] == [[0, 0], [1, 0], [2, 3], [5, 1]]

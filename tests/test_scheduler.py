@@ -176,6 +176,17 @@ def test_tiers_take_4_bit_first_and_2_bit_when_short(tiny_llama):
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == blocks - 1
 
 
+def test_key_outliers_size_the_schedulers_lo_pages(tiny_llama):
+    """The key_outliers knob reaches the scheduler's layout (the bytes kv_budget counts and the
+    pack factor the demoter fills) the way the worker derives it from the same spec."""
+    plain = make_scheduler(tiny_llama, num_blocks=60)
+    sched = make_scheduler(tiny_llama, num_blocks=60, knobs={"key_outliers": True})
+    lay = sched.layout
+    assert lay.key_outliers and lay.outlier_slots == 16 and not plain.layout.key_outliers
+    assert lay.lo_page_bytes == plain.layout.lo_page_bytes + lay.num_kv_heads * 16 * 4
+    assert sched.page_costs[-1] == lay.lo_page_bytes / lay.bf16_page_bytes
+
+
 def test_moves_survive_the_trip_to_the_workers(tiny_llama):
     """The multiprocessing and Ray executors pickle the SchedulerOutput to every rank: the
     step's moves must arrive whole (and a step without moves carries an empty list)."""

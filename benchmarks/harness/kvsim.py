@@ -127,7 +127,8 @@ def layout_of(model, block_size: int, method: Method | None = None, lo_bits: int
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hi_bytes = 1 if method is not None and method.hi == "fp8" else 2
     return PageLayout(block_size, c.num_key_value_heads, d, hi_bytes, lo_bits,
-                      min(value_group_size, d))
+                      min(value_group_size, d),
+                      key_outliers=method is not None and method.k_outliers)
 
 
 class KVSim:
@@ -228,8 +229,7 @@ class KVSim:
                                      self.mid_layout if to_mid else lay,
                                      e4m3_scales=self.method.scale8,
                                      k_zero_fp16=self.method.k_zero16,
-                                     v_clip=CLIP_RATIOS if self.method.clip_v else (),
-                                     k_outliers=self.method.k_outliers)
+                                     v_clip=CLIP_RATIOS if self.method.clip_v else ())
             self.k[i][:, idx], self.v[i][:, idx] = dk, dv if rot is None else dv @ rot.T
 
     def begin_step(self, n_new: int):

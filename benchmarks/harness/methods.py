@@ -19,14 +19,13 @@ Every method is a page-level storage rule over the same model:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.policy import DemotionPolicy
-from mikv_vllm.quant import OUTLIER_BYTES, outliers_per_page_head
 
 FP8_MAX = 448.0
 PRODUCT = MikvConfig()  # the harness's policy defaults are the plugin's
@@ -45,7 +44,7 @@ class Method:
     k_zero16: bool = False        # lo keys with fp16 zero points (quant.roundtrip_fp16_zero)
     rotate_v: bool = False        # lo values rotated (hadamard) before quantization, back after
     clip_v: bool = False          # lo value groups' ranges clipped (quant.CLIP_RATIOS)
-    k_outliers: bool = False      # lo keys with quant.OUTLIER_SHARE of them kept exact
+    k_outliers: bool = False      # lo pages with exact key outliers (PageLayout.key_outliers)
 
     @property
     def label(self) -> str:
@@ -116,23 +115,20 @@ def hi_cost(method: Method, head_dim: int) -> float:
     return 1.0
 
 
-def lo_cost(layout: PageLayout, scale8: bool = False, k_zero16: bool = False,
-            k_outliers: bool = False) -> float:
+def lo_cost(layout: PageLayout, scale8: bool = False, k_zero16: bool = False) -> float:
     """Stored bytes of a lo page over the bf16 bytes of the same tokens (PageLayout counts;
     with `scale8`, every fp16 scale counted as one byte; with `k_zero16`, every key zero point
-    as two; with `k_outliers`, quant.OUTLIER_BYTES per exact key)."""
+    as two)."""
     o = layout.lo_offsets
     saved = (o.k_zeros - o.k_scales) // 2 if scale8 else 0  # one byte of each fp16 scale
     extra = o.v_zeros - o.k_zeros if k_zero16 else 0        # one more byte per key zero point
-    if k_outliers:
-        extra += (outliers_per_page_head(layout.block_size * layout.head_size)
-                  * layout.num_kv_heads * OUTLIER_BYTES)
     return (layout.lo_page_bytes - saved + extra) / layout.bf16_page_bytes
 
 
 def method_lo_cost(method: Method, layout: PageLayout) -> float:
-    """lo_cost of the lo format `method` stores."""
-    return lo_cost(layout, method.scale8, method.k_zero16, method.k_outliers)
+    """lo_cost of the lo format `method` stores (its key outliers' words counted)."""
+    return lo_cost(replace(layout, key_outliers=method.k_outliers), method.scale8,
+                   method.k_zero16)
 
 
 def hi_fraction(method: Method, layout: PageLayout) -> float | None:

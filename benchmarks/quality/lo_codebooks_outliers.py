@@ -5,9 +5,11 @@ few outliers kept exact (KVQuant's dense-and-sparse split).
   group), only the four levels move: {0, a, 1 - a, 1} of the group's span instead of thirds
   (`cb<a>`), or per group whichever of the two round-trips it with less squared error
   (`cbpick`: one bit per group, which the fp16 scale's unused sign bit could carry).
-- Outliers: per page and KV head, the 1% of elements whose removal shrinks their group's range
-  most stay fp16 (4 more bytes each: value and position), the rest quantize over what is left.
-  This costs bytes; `--out` records how many, relative to the product's lo page.
+- Outliers: per page and KV head, about 1% of elements (`layout.key_outlier_slots`: 1%, in
+  whole 16s) whose removal shrinks their group's range most keep an fp16 correction (4 more
+  bytes each: correction and position), the rest quantize over what is left
+  (`quant.roundtrip_with_outliers`, the product's `key_outliers` format for keys). This costs
+  bytes; `--out` records how many, relative to the product's lo page.
 
     python benchmarks/quality/lo_codebooks_outliers.py --model SmolLM2-135M-Instruct \
         --out benchmarks/results/quality_lo_codebooks_outliers_smollm2.json
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -25,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.harness.methods import lo_cost  # noqa: E402
 from benchmarks.quality.attention_probe import probe_parser, run_probe  # noqa: E402
+from mikv_vllm.layout import key_outlier_slots  # noqa: E402
 from mikv_vllm.quant import _quantize_range, roundtrip_pages, roundtrip_with_outliers  # noqa: E402
 
 
@@ -67,7 +71,8 @@ def round_trips(layout, k, v):
     for name, a, pick in (("cb0.36", 0.36, False), ("cb0.4", 0.4, False),
                           ("cbpick0.38", 0.38, True)):
         out[name] = back(codebook_roundtrip(kp, 2, a, pick), codebook_roundtrip(vp, 4, a, pick))
-    ko, vo = roundtrip_with_outliers(kp, 2, 2), roundtrip_with_outliers(vp, 2, 4)
+    count = key_outlier_slots(b, d)  # the product's count, for values as for keys
+    ko, vo = roundtrip_with_outliers(kp, 2, 2, count), roundtrip_with_outliers(vp, 2, 4, count)
     out["keys_outliers"] = back(ko, product[1].reshape(vp.shape))
     out["values_outliers"] = back(product[0].reshape(kp.shape), vo)
     out["both_outliers"] = back(ko, vo)
@@ -77,7 +82,7 @@ def round_trips(layout, k, v):
 def outlier_bytes(layout, k):
     """What the key outliers add to a lo page, over the product's lo page bytes (values' would
     add the same)."""
-    extra = lo_cost(layout, k_outliers=True) / lo_cost(layout) - 1
+    extra = lo_cost(replace(layout, key_outliers=True)) / lo_cost(layout) - 1
     return {"outlier_bytes_over_lo_page": round(extra, 4),
             "lo_page_over_bf16": round(lo_cost(layout), 4)}
 

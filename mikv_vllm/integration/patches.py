@@ -15,7 +15,7 @@ from vllm.logger import init_logger
 
 from mikv_vllm.integration.attention.backend import SUPPORTED_HEAD_SIZES
 from mikv_vllm.config import ADDITIONAL_CONFIG_KEY, KV_CACHE_DTYPE, MikvConfig, MikvConfigError
-from mikv_vllm.layout import PageLayout
+from mikv_vllm.layout import MAX_PAGE_HEAD_ELEMS, PageLayout
 
 logger = init_logger("vllm.mikv")
 
@@ -252,6 +252,11 @@ def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
     block_size = vllm_config.cache_config.block_size or 16
     if block_size % 16:
         raise MikvConfigError(f"mikv: block size must be a multiple of 16, got {block_size}")
+    if block_size * head_size > MAX_PAGE_HEAD_ELEMS:
+        raise MikvConfigError(
+            f"mikv: block size {block_size} x head size {head_size} is more key elements per "
+            f"page and KV head than the {MAX_PAGE_HEAD_ELEMS} the quantize kernel stages; use "
+            f"--block-size {MAX_PAGE_HEAD_ELEMS // head_size} or less")
     layout = PageLayout(
         block_size=block_size,
         num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
@@ -260,6 +265,7 @@ def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
         lo_bits=cfg.final_bits,
         value_group_size=cfg.value_group_size,
         mid_bits=cfg.mid_bits,
+        key_outliers=cfg.key_outliers,
     )
     tier = layout.unpackable()
     if tier is not None:

@@ -25,18 +25,32 @@ def make_cache(gen, num_blocks, block_size, heads, head_dim, fp8):
     return kv, k, v
 
 
-def layout_of(block_size, heads, head_dim, fp8, bits, group, mid_bits=None):
+def layout_of(block_size, heads, head_dim, fp8, bits, group, mid_bits=None, key_outliers=False):
     return PageLayout(block_size=block_size, num_kv_heads=heads, head_size=head_dim,
                       hi_elem_bytes=1 if fp8 else 2, lo_bits=bits, value_group_size=group,
-                      mid_bits=mid_bits)
+                      mid_bits=mid_bits, key_outliers=key_outliers)
 
 
 @pytest.mark.parametrize("fp8,bits,head_dim,block_size", list(itertools.product(
     [False, True], [2, 4], [64, 128, 256], [16, 32])))
 def test_quantize_kernel_matches_reference(fp8, bits, head_dim, block_size):
-    gen = torch.Generator().manual_seed(head_dim * 10 + block_size + bits + fp8)
+    check_quantize(fp8, bits, head_dim, block_size)
+
+
+@pytest.mark.parametrize("fp8,bits,head_dim,block_size", [
+    (False, 2, 128, 16), (True, 2, 128, 16), (False, 4, 64, 16), (False, 2, 64, 32),
+    (False, 2, 256, 16), (False, 2, 128, 64), (True, 4, 256, 32)])
+def test_quantize_kernel_keeps_the_references_exact_keys(fp8, bits, head_dim, block_size):
+    """The kernel's greedy picks the reference's outlier keys (same ties, same fp32 gains) and
+    writes their corrections in position order: the page's bytes match."""
+    check_quantize(fp8, bits, head_dim, block_size, key_outliers=True)
+
+
+def check_quantize(fp8, bits, head_dim, block_size, key_outliers=False):
+    gen = torch.Generator().manual_seed(head_dim * 10 + block_size + bits + fp8 + key_outliers)
     heads = 4
-    layout = layout_of(block_size, heads, head_dim, fp8, bits, min(64, head_dim))
+    layout = layout_of(block_size, heads, head_dim, fp8, bits, min(64, head_dim),
+                       key_outliers=key_outliers)
     n = layout.pack_factor
     kv, k, v = make_cache(gen, 12, block_size, heads, head_dim, fp8)
     k_scale, v_scale = (0.5, 0.25) if fp8 else (1.0, 1.0)
@@ -71,16 +85,18 @@ def test_quantize_kernel_matches_reference(fp8, bits, head_dim, block_size):
         assert (v_err <= v_bound).all()
 
 
-@pytest.mark.parametrize("fp8,head_dim,block_size", [
-    (False, 128, 16), (False, 64, 32), (False, 256, 16), (False, 128, 64)])
-def test_quantize_kernel_moves_pages_between_tiers(fp8, head_dim, block_size):
+@pytest.mark.parametrize("fp8,head_dim,block_size,key_outliers", [
+    (False, 128, 16, False), (False, 64, 32, False), (False, 256, 16, False),
+    (False, 128, 64, False), (False, 128, 16, True), (False, 64, 32, True)])
+def test_quantize_kernel_moves_pages_between_tiers(fp8, head_dim, block_size, key_outliers):
     """(A 4-bit page never packs twice into an fp8 block: tiers go with bf16 hi pages.)
     Hi pages into 4-bit slots, then those on into 2-bit slots (requantized from the 4-bit
     codes) with more hi pages into 4-bit in the same launch: the bytes the reference writes,
     and nothing outside the packs touched."""
     gen = torch.Generator().manual_seed(head_dim + block_size + fp8)
     heads, blocks = 2, 16
-    layout = layout_of(block_size, heads, head_dim, fp8, 2, min(64, head_dim), mid_bits=4)
+    layout = layout_of(block_size, heads, head_dim, fp8, 2, min(64, head_dim), mid_bits=4,
+                       key_outliers=key_outliers)
     mid = layout.mid
     kv, k, v = make_cache(gen, blocks, block_size, heads, head_dim, fp8)
     k_scale, v_scale = (0.5, 0.25) if fp8 else (1.0, 1.0)
@@ -144,11 +160,25 @@ def test_decode_over_two_lo_tiers(hi_fraction, gqa_dim, block_size):
     check_mixed_decode(False, 2, hi_fraction, *gqa_dim, block_size=block_size, mid_bits=4)
 
 
-def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size, mid_bits=None):
+@pytest.mark.parametrize("fp8,bits,hi_fraction,gqa_dim,block_size,mid_bits", [
+    (False, 2, 0.0, (4, 128), 16, None), (True, 2, 0.25, (8, 128), 16, None),
+    (False, 4, 0.1, (1, 64), 16, None), (False, 2, 0.25, (6, 256), 16, None),
+    (False, 2, 0.0, (16, 128), 32, None), (False, 2, 0.1, (2, 64), 64, None),
+    (False, 2, 0.25, (4, 128), 16, 4), (False, 2, 0.0, (8, 128), 32, 4)])
+def test_mixed_decode_with_exact_key_outliers(fp8, bits, hi_fraction, gqa_dim, block_size,
+                                              mid_bits):
+    """Lo pages that keep exact keys: the kernel's extra mma per 16 of them adds each
+    correction to its token's scores for every head, in one tier or two, any block size."""
+    check_mixed_decode(fp8, bits, hi_fraction, *gqa_dim, block_size=block_size,
+                       mid_bits=mid_bits, key_outliers=True)
+
+
+def check_mixed_decode(fp8, bits, hi_fraction, group, head_dim, block_size, mid_bits=None,
+                       key_outliers=False):
     heads, num_seqs = 2, 4
     gen = torch.Generator().manual_seed(int(hi_fraction * 100) + bits + group + fp8)
     layout = layout_of(block_size, heads, head_dim, fp8, bits, 64 if head_dim >= 64 else 32,
-                       mid_bits)
+                       mid_bits, key_outliers)
     lens = torch.randint(1, 600, (num_seqs,), generator=gen)
     lens[0] = 600
     pages = ((lens + block_size - 1) // block_size).tolist()

@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # template dispatch), the others ask the CUDA runtime for the kernel's occupancy, which no
 # kernel test does.
 CALLS = {
-    "throws at the argument check": "(128, 0, False, 2)",
-    "throws in the dispatch": "(96, 4, False, 2)",
-    "occupancy, bf16": "(128, 4, False, 2)",
-    "occupancy, fp8 with 4-bit tier": "(128, 4, True, 4)",
+    "throws at the argument check": "(128, 0, False, 2, 0)",
+    "throws in the dispatch": "(96, 4, False, 2, 0)",
+    "occupancy, bf16": "(128, 4, False, 2, 0)",
+    "occupancy, fp8 with 4-bit tier": "(128, 4, True, 4, 0)",
+    "occupancy, exact key outliers": "(128, 4, False, 2, 16)",
 }
 
 
