@@ -128,7 +128,8 @@ def test_byte_ratios():
     assert ko.label == "mikv_kout" and kout_cost == (2256 + 3 * 16 * 4) / 12288
     fo = hi_fraction(ko, lay)
     assert fo < f and math.isclose(fo + (1 - fo) * kout_cost, 0.25)
-    for bad in ("mikv_kout_tier@0.25", "mikv_bal_kout@0.25", "mikv_kz16_kout@0.25"):
+    assert parse_method("mikv_kout_tier@0.25").mid == "q4"  # the product has both
+    for bad in ("mikv_bal_kout@0.25", "mikv_kz16_kout@0.25"):
         with pytest.raises(ValueError):
             parse_method(bad)
 

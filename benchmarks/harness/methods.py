@@ -15,7 +15,7 @@ Every method is a page-level storage rule over the same model:
   mikv_kz16 / mikv_rotv / mikv_vclip / mikv_kout  candidate lo formats: keys with fp16 zero
          points, values rotated by a Hadamard matrix before quantization, value groups' ranges
          clipped where that round-trips them better (quant.CLIP_RATIOS; these two free in
-         bytes), 1% of each page's keys kept exact (quant.roundtrip_with_outliers)
+         bytes), the product's exact key outliers (the key_outliers knob; with _tier too)
 """
 from __future__ import annotations
 
@@ -90,9 +90,8 @@ def parse_method(spec: str) -> Method:
         if flags - {"bal", "fp8hi", "s8", "kz16", "rotv", "vclip", "kout", "tier"}:
             raise ValueError(f"unknown mikv flags in {spec!r} (known: _bal, _fp8hi, _s8, "
                              "_kz16, _rotv, _vclip, _kout, _tier)")
-        if "tier" in flags and flags & {"bal", "s8", "kz16", "rotv", "kout"}:
-            raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8, _kz16, _rotv "
-                             "or _kout")
+        if "tier" in flags and flags & {"bal", "s8", "kz16", "rotv"}:
+            raise ValueError(f"{spec!r}: _tier does not combine with _bal, _s8, _kz16 or _rotv")
         if flags & {"kz16", "rotv", "vclip", "kout"} and "bal" in flags:
             raise ValueError(f"{spec!r}: _kz16, _rotv, _vclip and _kout do not combine with _bal")
         if {"kz16", "kout"} <= flags:
