@@ -133,6 +133,12 @@ class MikvConfig:
         """Bits of the middle tier hi pages visit first, or None (one lo tier)."""
         return self.lo_bits[0] if isinstance(self.lo_bits, tuple) else None
 
+    def lo_format(self) -> dict:
+        """The lo page format's fields of `PageLayout` that these knobs set (the scheduler, every
+        worker and the startup check build their layouts from the same ones)."""
+        return dict(lo_bits=self.final_bits, value_group_size=self.value_group_size,
+                    mid_bits=self.mid_bits, key_outliers=self.key_outliers)
+
     @property
     def vllm_kv_cache_dtype(self) -> str:
         """The legal vLLM kv-cache dtype that stores this config's hi pages."""

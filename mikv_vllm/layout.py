@@ -66,14 +66,12 @@ class PageLayout:
                 f"value_group_size {self.value_group_size} must divide head_size {self.head_size}")
 
     @classmethod
-    def from_spec(cls, spec, lo_bits: int, value_group_size: int,
-                  mid_bits: int | None = None, key_outliers: bool = False) -> "PageLayout":
-        """The layout of vLLM's KV cache spec (block size, KV heads per rank, head size, dtype):
-        what the scheduler and every worker derive independently, from the same spec."""
+    def from_spec(cls, spec, **lo_format) -> "PageLayout":
+        """The layout of vLLM's KV cache spec (block size, KV heads per rank, head size, dtype)
+        with the lo format's fields (`MikvConfig.lo_format`): what the scheduler and every
+        worker derive independently, from the same spec."""
         return cls(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
-                   head_size=spec.head_size, hi_elem_bytes=spec.dtype.itemsize,
-                   lo_bits=lo_bits, value_group_size=value_group_size, mid_bits=mid_bits,
-                   key_outliers=key_outliers)
+                   head_size=spec.head_size, hi_elem_bytes=spec.dtype.itemsize, **lo_format)
 
     @property
     def outlier_slots(self) -> int:

@@ -262,10 +262,7 @@ def check_model_and_device(vllm_config, cfg: MikvConfig) -> PageLayout:
         num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
         head_size=head_size,
         hi_elem_bytes=1 if cfg.hi_dtype == "fp8" else 2,
-        lo_bits=cfg.final_bits,
-        value_group_size=cfg.value_group_size,
-        mid_bits=cfg.mid_bits,
-        key_outliers=cfg.key_outliers,
+        **cfg.lo_format(),
     )
     tier = layout.unpackable()
     if tier is not None:

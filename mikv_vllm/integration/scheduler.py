@@ -45,8 +45,7 @@ class MikvSchedulerMixin:
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"mikv: expected one KV cache group, got {len(groups)}")
-        self.layout = PageLayout.from_spec(groups[0].kv_cache_spec, cfg.final_bits,
-                                           cfg.value_group_size, cfg.mid_bits, cfg.key_outliers)
+        self.layout = PageLayout.from_spec(groups[0].kv_cache_spec, **cfg.lo_format())
         self.mikv_policy = DemotionPolicy.from_config(cfg)
         # A page's bytes in each tier over a bf16 page's (what kv_budget counts).
         bf16 = self.layout.bf16_page_bytes

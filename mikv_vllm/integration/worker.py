@@ -142,5 +142,4 @@ class MikvWorker(Worker):
         scheduler refuses more groups): the scheduler's, from the same spec."""
         spec = self.model_runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec
         cfg = self.mikv_config
-        return PageLayout.from_spec(spec, cfg.final_bits, cfg.value_group_size, cfg.mid_bits,
-                                    cfg.key_outliers)
+        return PageLayout.from_spec(spec, **cfg.lo_format())

@@ -16,8 +16,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from mikv_vllm.integration.attention.split_decode import SplitTables
 from mikv_vllm.config import MikvConfig
-from mikv_vllm.layout import key_outlier_slots
-from mikv_vllm.ops import decode_ctas_per_sm, decode_num_splits
+from mikv_vllm.layout import PageLayout
+from mikv_vllm.ops import decode_ctas_per_sm, decode_num_splits, widest_lo_bits
 
 logger = init_logger("vllm.mikv")
 
@@ -77,11 +77,10 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
         on_gpu = torch.device(device).type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
         # The decode grid is sized in waves of the kernel's occupancy on this GPU.
-        outliers = (key_outlier_slots(kv_cache_spec.block_size, kv_cache_spec.head_size)
-                    if mikv.key_outliers else 0)
+        layout = PageLayout.from_spec(kv_cache_spec, **mikv.lo_format())
         self.ctas_per_sm = decode_ctas_per_sm(
             kv_cache_spec.head_size, self.group, mikv.hi_dtype == "fp8",
-            mikv.mid_bits or mikv.final_bits, outliers) if on_gpu else 2
+            widest_lo_bits(layout), layout.outlier_slots) if on_gpu else 2
         self.split_tables: SplitTables | None = None
         knob = mikv.split_decode
         fa_version = get_flash_attn_version()
