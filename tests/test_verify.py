@@ -41,10 +41,11 @@ def backend_cache(fp8: bool, num_blocks=12, block=16, heads=3, d=64):
                                  _k_scale_float=1.0, _v_scale_float=1.0)
 
 
-def layout_of(key_cache, mid_bits=None) -> PageLayout:
+def layout_of(key_cache, mid_bits=None, key_outliers=False) -> PageLayout:
     """The layout of a cache, read off its key view [blocks, block_size, kv_heads, D]."""
     _, block_size, heads, head_size = key_cache.shape
-    return PageLayout(block_size, heads, head_size, key_cache.element_size(), 2, 64, mid_bits)
+    return PageLayout(block_size, heads, head_size, key_cache.element_size(), 2, 64, mid_bits,
+                      key_outliers)
 
 
 def demote_on_cpu(layer, layout, src: int, dst_code: int) -> None:
@@ -80,11 +81,13 @@ def test_verifier_accepts_round_trips_and_reports_changes(monkeypatch, fp8):
     assert not v.live
 
 
+@pytest.mark.parametrize("key_outliers", [False, True])
 @pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1e-3, 150.0), (1e-5, 0.0)])
-def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset):
+def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset, key_outliers):
     """Keys with a channel far from zero relative to its spread (Qwen2's biased k_proj) get a
     coarser step by design; tiny activations sit on fp16's smallest step. Neither is a broken
-    demotion: the check measures error against what the format allows each group."""
+    demotion: the check measures error against what the format allows each group (pages with
+    exact key outliers too: their grids span less, their outliers are exact)."""
     log = Lines()
     monkeypatch.setattr(verify, "logger", log)
     layer = backend_cache(False, heads=2)
@@ -92,7 +95,7 @@ def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset):
     key_cache.mul_(scale)
     key_cache[..., 0, 5] += offset
     value_cache.mul_(scale)
-    layout = layout_of(key_cache)
+    layout = layout_of(key_cache, key_outliers=key_outliers)
     moves = [Demotion("a", 1, 3, 9 * layout.pack_factor + 1)]
     v = DemotionVerifier()
     v.save_sources(layer, layout, moves)
@@ -109,14 +112,15 @@ def test_verifier_holds_each_group_to_its_own_bound(monkeypatch, scale, offset):
     assert float(log.text.split("K ")[1].split(",")[0]) > 1.0
 
 
-def test_verifier_follows_pages_through_both_tiers(monkeypatch):
+@pytest.mark.parametrize("key_outliers", [False, True])
+def test_verifier_follows_pages_through_both_tiers(monkeypatch, key_outliers):
     """Hi -> 4-bit, then 4-bit -> 2-bit (requantized from the 4-bit codes): each move is held
     to its own tier's bound and found in its own tier's slot."""
     log = Lines()
     monkeypatch.setattr(verify, "logger", log)
     layer = backend_cache(False, heads=2)
     key_cache, _ = split_kv_cache(layer.kv_cache, layer.head_size)
-    layout = layout_of(key_cache, mid_bits=4)
+    layout = layout_of(key_cache, mid_bits=4, key_outliers=key_outliers)
     v = DemotionVerifier()
     table = torch.zeros(1, 8, dtype=torch.int32)
     for moves in ([Demotion("a", 1, 3, layout.lo_code(9, 1, mid=True))],
