@@ -16,12 +16,11 @@ import itertools
 import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 
 from mikv_vllm import ops
-from dataclasses import replace
-
 from mikv_vllm.layout import PageLayout
 
 KV_HEADS = 8

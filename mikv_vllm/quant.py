@@ -69,7 +69,7 @@ def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = F
     best = _quantize_range(x, bits, dim, lo, hi, e4m3_scales)
     if clip_ratios:
         def sse(q):
-            err = (q[0].float() - q[2].float()) * q[1].float() - x
+            err = _dequantize(*q) - x
             return err.square().sum(dim, keepdim=True)
 
         err = sse(best)
@@ -81,6 +81,11 @@ def _quantize_groups(x: torch.Tensor, bits: int, dim: int, e4m3_scales: bool = F
             err = torch.where(better, e, err)
             best = tuple(torch.where(better, new, old) for new, old in zip(q, best))
     return best
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(code - zero) * scale in fp32: the grid value of each code."""
+    return (codes.float() - zero.float()) * scale.float()
 
 
 def _quantize_range(x: torch.Tensor, bits: int, dim: int, lo: torch.Tensor, hi: torch.Tensor,
@@ -333,7 +338,7 @@ def quantize_with_outliers(x: torch.Tensor, bits: int, dim: int, count: int
     lo = torch.where(keep, inf, x).amin(dim, keepdim=True)
     hi = torch.where(keep, -inf, x).amax(dim, keepdim=True)
     codes, scale, zero = _quantize_range(x, bits, dim, lo, hi, False)
-    grid = (codes.float() - zero.float()) * scale.float()
+    grid = _dequantize(codes, scale, zero)
     fix = torch.where(keep, x - grid, torch.zeros_like(grid)).half()
     return codes, scale, zero, keep, fix
 
@@ -341,7 +346,7 @@ def quantize_with_outliers(x: torch.Tensor, bits: int, dim: int, count: int
 def roundtrip_with_outliers(x: torch.Tensor, bits: int, dim: int, count: int) -> torch.Tensor:
     """What `quantize_with_outliers` stores of x, dequantized (fp32)."""
     codes, scale, zero, _, fix = quantize_with_outliers(x, bits, dim, count)
-    return (codes.float() - zero.float()) * scale.float() + fix.float()
+    return _dequantize(codes, scale, zero) + fix.float()
 
 
 def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
@@ -358,7 +363,7 @@ def roundtrip_pages(k: torch.Tensor, v: torch.Tensor, layout: PageLayout,
 
     def roundtrip(x, dim, clip):
         codes, scale, zero = _quantize_groups(x, bits, dim, e4m3_scales, clip)
-        return (codes.float() - zero.float()) * scale.float()
+        return _dequantize(codes, scale, zero)
 
     k_pages = k.float().reshape(h, t // b, b, d)
     if layout.key_outliers:
