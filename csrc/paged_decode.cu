@@ -889,12 +889,11 @@ void dispatch_dim(const DecodeArgs& a, cudaStream_t s) {
 LoLayout make_lo_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
                         int64_t pack_factor, int64_t bits, int64_t group, int64_t outlier_slots) {
   TORCH_CHECK(bits == 2 || bits == 4, "lo_bits must be 2 or 4");
-  // The decode kernel stages a page's outlier words with one 16-byte copy per lane (<= 128
-  // words) and adds them in k-steps of 16; positions t * D + c fit 16 bits.
-  TORCH_CHECK(outlier_slots >= 0 && outlier_slots % 16 == 0 && outlier_slots <= 128 &&
+  // Outlier positions t * D + c fit 16 bits.
+  TORCH_CHECK(valid_outlier_slots(outlier_slots) &&
                   static_cast<int64_t>(a.block_size) * a.head_dim <= 65536,
-              "outlier_slots must be a multiple of 16 in [0, 128] (got ", outlier_slots,
-              ") and block_size * head_dim <= 65536");
+              "outlier_slots must be a multiple of 16 in [0, ", kMaxOutlierSlots, "] (got ",
+              outlier_slots, ") and block_size * head_dim <= 65536");
   TORCH_CHECK(pack_factor >= 1, "lo_pack_factor must be >= 1");
   TORCH_CHECK(group >= 8 && a.head_dim % group == 0, "lo_group must be >= 8 and divide head_dim");
   // Lo pages come in 16 x 16 tensor-core tiles (pack_factor 1: the table names hi pages only).
@@ -955,10 +954,9 @@ LoLayout make_mid_layout(const DecodeArgs& a, const torch::Tensor& key_cache,
 
 int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group, bool fp8_kv, int64_t lo_bits,
                            int64_t outlier_slots) {
-  TORCH_CHECK(group >= 1 && (lo_bits == 2 || lo_bits == 4) && outlier_slots >= 0 &&
-                  outlier_slots % 16 == 0 && outlier_slots <= 128,
+  TORCH_CHECK(group >= 1 && (lo_bits == 2 || lo_bits == 4) && valid_outlier_slots(outlier_slots),
               "decode_ctas_per_sm: group must be >= 1, lo_bits 2 or 4, outlier_slots a multiple "
-              "of 16 in [0, 128]");
+              "of 16 in [0, ", kMaxOutlierSlots, "]");
   DecodeArgs a;
   a.head_dim = static_cast<int>(head_dim);
   a.group = static_cast<int>(group);

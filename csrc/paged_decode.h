@@ -14,6 +14,14 @@ constexpr int kSlabElems = 1024;
 // (4-bit pages that hi pages visit before the 2-bit tier); mikv_vllm/layout.MID_TIER.
 constexpr int32_t kMidTier = 1 << 30;
 
+// Exact key outliers per lo page and KV head: a multiple of 16 (decode adds them in k-steps of
+// 16), at most 128 (decode stages a page's words with one 16-byte copy per lane; quantize picks
+// them in shared memory); mikv_vllm/layout.key_outlier_slots.
+constexpr int kMaxOutlierSlots = 128;
+inline bool valid_outlier_slots(int64_t slots) {
+  return slots >= 0 && slots % 16 == 0 && slots <= kMaxOutlierSlots;
+}
+
 // Where and how this layer's lo (2/4-bit) pages are stored; see mikv_vllm/quant.py.
 struct LoLayout {
   const uint8_t* base = nullptr;  // byte 0 of block 0 of the layer's cache

@@ -164,7 +164,6 @@ __device__ void stage_source(float* tile, bool keys, const kv_t* __restrict__ ca
 
 // ---- exact key outliers (mikv_vllm/quant.py select_outliers, quantize_with_outliers) ----------
 constexpr int kMaxDim = 256;
-constexpr int kMaxOutliers = 128;
 
 // What taking channel d's maximum or minimum out of its grid (skipping `keep`) saves in squared
 // range, and which token that is: the reference's fp32 operations, unfused, with its ties (the
@@ -259,7 +258,7 @@ quantize_pages_kernel(const kv_t* __restrict__ k_cache, const kv_t* __restrict__
   stage_source(tile, true, k_cache, src, src_page, st, stride_block, stride_tok, stride_head,
                block_size, h, D, k_scale);
   __syncthreads();
-  __shared__ uint16_t picks[kMaxOutliers];
+  __shared__ uint16_t picks[kMaxOutlierSlots];
   __shared__ float k_step[kMaxDim];  // each channel's scale and zero point, for the corrections
   __shared__ int k_zero[kMaxDim];
   const int slots = lo.outlier_slots;
@@ -338,9 +337,9 @@ void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_c
                   src_entries.numel() == dst_codes.numel(),
               "src_entries and dst_codes must be int32 of equal length");
   const int block_size = key_cache.size(1), heads = key_cache.size(2), D = key_cache.size(3);
-  TORCH_CHECK(D <= detail::kMaxDim && outlier_slots <= detail::kMaxOutliers,
-              "quantize_pages: head_dim must be <= ", detail::kMaxDim, " and outlier_slots <= ",
-              detail::kMaxOutliers);
+  TORCH_CHECK(D <= detail::kMaxDim && valid_outlier_slots(outlier_slots),
+              "quantize_pages: head_dim must be <= ", detail::kMaxDim, " and outlier_slots a "
+              "multiple of 16 in [0, ", kMaxOutlierSlots, "]");
   TORCH_CHECK(block_size * D <= detail::kMaxTileFloats, "block_size * head_dim must be <= ",
               detail::kMaxTileFloats);
   const int64_t pages = src_entries.numel();
