@@ -132,7 +132,9 @@ def window_page_mass(mass: torch.Tensor, query: torch.Tensor, key_cache: torch.T
     padded = probs.new_zeros(kv_heads, q_heads // kv_heads, pages * block_size)
     padded[..., :seq_len] = probs
     per_page = padded.reshape(kv_heads, -1, pages, block_size).sum(-1).mean(1).sum(0)
-    mass.index_add_(0, blocks[hi], per_page[hi] * weight)
+    # Masked by multiplication, not by boolean indexing (which waits for the GPU to count the
+    # entries, a host sync inside the forward): lo entries and the null block add 0 to block 0.
+    mass.index_add_(0, blocks.clamp_min(0), per_page * hi * weight)
 
 
 def request_page_mass(block_mass, block_ids: list[int]) -> torch.Tensor:

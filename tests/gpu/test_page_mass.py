@@ -173,3 +173,22 @@ def test_split_decode_layers_measure_in_a_pass_of_their_own():
                                     measure_only=True)
     assert want.sum() > 0
     assert torch.allclose(meter.mass, want, atol=1e-6), (meter.mass - want).abs().max()
+
+
+def test_window_page_mass_never_waits_for_the_gpu():
+    """The prefill observation window runs inside the forward on two layers of every prefill
+    chunk: a host sync there (boolean indexing, .item()) would stall async scheduling."""
+    from mikv_vllm.importance import window_page_mass
+
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(12, 16, 2, 64, generator=gen).to(torch.bfloat16).cuda()
+    table = torch.tensor([7, -3, 9, 1, 11, 0], dtype=torch.int32).cuda()
+    query = torch.randn(6, 8, 64, generator=gen).to(torch.bfloat16).cuda()
+    mass = torch.zeros(12, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        window_page_mass(mass, query, cache, table, 70, scale=0.125, weight=0.25)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert mass[[0, 2, 3, 4, 5, 6, 8, 10]].abs().sum().item() == 0
