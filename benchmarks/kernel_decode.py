@@ -130,28 +130,33 @@ def run(args) -> list[dict]:
             splits = args.splits or ops.decode_num_splits(
                 batch, KV_HEADS, gqa, num_sms, ops.decode_ctas_per_sm(head_dim, gqa, fp8_hi))
             layout = PageLayout(BLOCK, KV_HEADS, head_dim, 1 if fp8_hi else 2, 2, 64)
-            tiered = PageLayout(BLOCK, KV_HEADS, head_dim, 2, 2, 64, mid_bits=4)
-            # Tiers go with bf16 hi pages (a 4-bit page does not pack twice in an fp8 block).
-            cases = [(hi, 0.0) for hi in args.hi_fractions] + (
-                [] if fp8_hi else [(hi, m) for hi in args.hi_fractions if hi < 1.0
-                                   for m in args.mid_shares])
-            for hi, mid_share in cases:
-                lay = tiered if mid_share else layout
-                tier_splits = splits if not mid_share or args.splits else ops.decode_num_splits(
-                    batch, KV_HEADS, gqa, num_sms, ops.decode_ctas_per_sm(head_dim, gqa, False, 4))
+            cases = [(hi, 0.0, layout) for hi in args.hi_fractions]
+            if not fp8_hi:
+                # Tiers and exact key outliers go with bf16 hi pages (a 4-bit page does not
+                # pack twice in an fp8 block; outliers are timed against the plain bf16 rows).
+                lo = [hi for hi in args.hi_fractions if hi < 1.0]
+                tiered = PageLayout(BLOCK, KV_HEADS, head_dim, 2, 2, 64, mid_bits=4)
+                cases += [(hi, m, tiered) for hi in lo for m in args.mid_shares]
+                if args.key_outliers:
+                    cases += [(hi, 0.0, replace(layout, key_outliers=True)) for hi in lo]
+            for hi, mid_share, lay in cases:
+                variant = "_tiers" if mid_share else "_kout" if lay.key_outliers else ""
+                lay_splits = splits if not variant or args.splits else ops.decode_num_splits(
+                    batch, KV_HEADS, gqa, num_sms, ops.decode_ctas_per_sm(
+                        head_dim, gqa, False, 4 if mid_share else 2, lay.outlier_slots))
                 q, k, v, table, lens, lo_pages, pages = make_case(batch, ctx, head_dim, gqa, hi,
                                                                   fp8_hi, lay, mid_share)
                 out = torch.empty_like(q)
                 us = bench(lambda: ops.paged_decode(out, q, k, v, table, lens, scale, 1.0, 1.0,
-                                                    tier_splits, lay))
+                                                    lay_splits, lay))
                 b = bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, layout.hi_elem_bytes,
                                lay, mid_share)
-                rows.append(dict(kernel=f"mikv_{'fp8' if fp8_hi else 'bf16'}hi"
-                                 + ("_tiers" if mid_share else ""), batch=batch,
-                                 ctx=ctx, hi_fraction=hi, mid_share=mid_share, head_dim=head_dim,
-                                 gqa=gqa, us=us, bytes_read=b, gbps=b / us / 1e3, hbm_gbps=hbm,
-                                 frac_of_hbm=b / us / 1e3 / hbm, splits=tier_splits))
-                if mid_share:  # the tiered table's time only
+                rows.append(dict(kernel=f"mikv_{'fp8' if fp8_hi else 'bf16'}hi" + variant,
+                                 batch=batch, ctx=ctx, hi_fraction=hi, mid_share=mid_share,
+                                 head_dim=head_dim, gqa=gqa, us=us, bytes_read=b,
+                                 gbps=b / us / 1e3, hbm_gbps=hbm,
+                                 frac_of_hbm=b / us / 1e3 / hbm, splits=lay_splits))
+                if variant:  # the tiered or outlier table's time only
                     print(json.dumps(rows[-1]))
                     continue
                 if args.mass:  # a sampled layer also leaves per-page attention mass
@@ -200,32 +205,8 @@ def run(args) -> list[dict]:
                                      gqa=gqa, us=us, bytes_read=b, gbps=b / us / 1e3,
                                      hbm_gbps=hbm, frac_of_hbm=b / us / 1e3 / hbm))
             print(json.dumps(rows[-1]))
-            if args.key_outliers and not fp8_hi:
-                rows += outlier_rows(args, batch, ctx, head_dim, gqa, layout, num_sms, hbm)
         # after every shape, so a run cut short by the device's time limit still leaves rows
         json.dump(rows, open(os.path.join(args.out_dir, "kernel_decode.json"), "w"), indent=1)
-    return rows
-
-
-def outlier_rows(args, batch, ctx, head_dim, gqa, layout, num_sms, hbm) -> list[dict]:
-    """The bf16-hi rows again with lo pages that keep exact keys (PageLayout.key_outliers)."""
-    kout = replace(layout, key_outliers=True)
-    splits = args.splits or ops.decode_num_splits(
-        batch, KV_HEADS, gqa, num_sms,
-        ops.decode_ctas_per_sm(head_dim, gqa, False, 2, kout.outlier_slots))
-    rows = []
-    for hi in [h for h in args.hi_fractions if h < 1.0]:
-        q, k, v, table, lens, lo_pages, pages = make_case(batch, ctx, head_dim, gqa, hi, False,
-                                                          kout, 0.0)
-        out = torch.empty_like(q)
-        us = bench(lambda: ops.paged_decode(out, q, k, v, table, lens, 1 / math.sqrt(head_dim),
-                                            1.0, 1.0, splits, kout))
-        b = bytes_read(batch, ctx, head_dim, gqa, pages, lo_pages, 2, kout)
-        rows.append(dict(kernel="mikv_bf16hi_kout", batch=batch, ctx=ctx, hi_fraction=hi,
-                         mid_share=0.0, head_dim=head_dim, gqa=gqa, us=us, bytes_read=b,
-                         gbps=b / us / 1e3, hbm_gbps=hbm, frac_of_hbm=b / us / 1e3 / hbm,
-                         splits=splits))
-        print(json.dumps(rows[-1]))
     return rows
 
 
