@@ -53,6 +53,9 @@ def run_one(kv: str, args, out_dir: str) -> dict:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.enforce_eager:
         cmd += ["--enforce-eager"]
+    if args.profile_prompts:
+        cmd += ["--profile-prompts", str(args.profile_prompts),
+                "--profile-dir", os.path.join(out_dir, f"profile_{tag}")]
     t0 = time.time()
     with open(log_path, "w") as log:
         try:
@@ -151,6 +154,9 @@ def main() -> None:
     p.add_argument("--attention-config", default=None,
                    help='JSON for every engine, e.g. \'{"flash_attn_version": 2}\' (A100 route)')
     p.add_argument("--enforce-eager", action="store_true", help="every engine eager (checks)")
+    p.add_argument("--profile-prompts", type=int, default=0,
+                   help="after each timed run, this many prompts under vLLM's torch profiler "
+                        "(OUT/profile_<kv>_<tag>/)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     p.add_argument("--summarize-only", action="store_true",
                    help="rebuild e2e_summary.json from the per-dtype files in --out-dir")

@@ -43,6 +43,10 @@ def main() -> None:
                    help='vLLM\'s attention config as JSON, e.g. \'{"flash_attn_version": 2}\'')
     p.add_argument("--enforce-eager", action="store_true",
                    help="no torch.compile or CUDA graphs: starts in seconds, for checks")
+    p.add_argument("--profile-prompts", type=int, default=0,
+                   help="after the timed run, this many new prompts of the same shape under "
+                        "vLLM's torch profiler (traces and CUDA time table in --profile-dir)")
+    p.add_argument("--profile-dir", default=None)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     extra = {}
@@ -62,6 +66,11 @@ def main() -> None:
         extra["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
     if a.distributed_executor_backend:
         extra["distributed_executor_backend"] = a.distributed_executor_backend
+    if a.profile_prompts:
+        # Created with the engine, started only around the profiled run: the timed run is not
+        # traced. No stacks: they would slow the Python side that is being compared.
+        extra["profiler_config"] = {"profiler": "torch", "torch_profiler_with_stack": False,
+                                    "torch_profiler_dir": os.path.abspath(a.profile_dir)}
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -101,6 +110,15 @@ def main() -> None:
     result.update(workload=a.workload or f"{a.num_prompts}x({a.input_len}+{a.output_len})",
                   kv_cache_memory_bytes=a.kv_cache_memory_bytes, wall_s=wall,
                   gen_tok_s=gen / wall, total_tok_s=total / wall)
+    if a.profile_prompts:  # new prompts: the prefix cache would skip the timed run's prefills
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab)
+                                                  for _ in range(a.input_len)])
+                   for _ in range(a.profile_prompts)]
+        llm.start_profile()
+        t0 = time.perf_counter()
+        llm.generate(prompts, params)
+        result["profiled_wall_s"] = time.perf_counter() - t0
+        llm.stop_profile()
     json.dump(result, open(a.out, "w"))
 
 

@@ -16,7 +16,8 @@
 # e2e     auto / fp8 / mikv side by side on dummy Llama-3.1-8B (E2E_ARGS); e2e_a / e2e_b: issue
 #         4's workloads a and b for every kv dtype (e2e_b_tiers: b with lo_bits [4, 2]);
 #         e2e_decode_heavy: issue 21's decode-heavy mix in a fixed pool; e2e_allhi: a batch
-#         that fits auto's pool, nothing demoted; demote: demotion forced on (dummy weights);
+#         that fits auto's pool, nothing demoted (profile_allhi: the same, then a profiled
+#         run per engine); demote: demotion forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); sweep_goodput: the decode-heavy mix served at rising rates,
@@ -177,6 +178,15 @@ stage_e2e_decode_heavy() {
 # auto's pool at the default gpu util, so mikv keeps every page hi; greedy tokens against auto.
 stage_e2e_allhi() {
   E2E_ARGS="--kv ${E2E_ALLHI_KV:-auto mikv} --tag allhi --num-prompts 128 --input-len 2048 --output-len 256 --timeout ${E2E_ALLHI_TIMEOUT:-240} ${E2E_ALLHI_ARGS:-}" stage_e2e
+}
+
+# Where the time goes with nothing demoted: e2e_allhi, then per engine PROFILE_PROMPTS (32) new
+# prompts under vLLM's torch profiler; each engine's table of CUDA time per kernel lands in
+# $OUT/profile_<kv>_allhi_profile/profiler_out_0.txt (the traces go to /tmp/traces: too big).
+stage_profile_allhi() {
+  E2E_ALLHI_ARGS="--tag allhi_profile --profile-prompts ${PROFILE_PROMPTS:-32} ${PROFILE_ALLHI_ARGS:-}" stage_e2e_allhi
+  mkdir -p /tmp/traces
+  find "$OUT" -path "$OUT/profile_*" -name "*.json*" -exec mv {} /tmp/traces/ \;
 }
 
 # Workload b with two lo tiers (lo_bits [4, 2]), tagged b_tiers: beside e2e_b's one-tier mikv.
