@@ -127,7 +127,7 @@ def window_page_mass(mass: torch.Tensor, query: torch.Tensor, key_cache: torch.T
     hi = blocks > 0
     pos = torch.arange(seq_len - w, seq_len, device=query.device)
     hidden = torch.arange(seq_len, device=query.device)[None, :] > pos[:, None]   # causal
-    hidden = hidden | ~hi.repeat_interleave(block_size)[None, :seq_len]
+    hidden = hidden | ~hi[:, None].expand(pages, block_size).reshape(-1)[None, :seq_len]
     probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).mean(2)  # [kv, g, T]
     padded = probs.new_zeros(kv_heads, q_heads // kv_heads, pages * block_size)
     padded[..., :seq_len] = probs
