@@ -79,15 +79,16 @@ def main() -> None:
               kv_cache_dtype=a.kv, gpu_memory_utilization=a.gpu_memory_utilization,
               max_model_len=a.max_model_len, dtype=a.dtype, seed=0,
               tensor_parallel_size=a.tensor_parallel_size, enforce_eager=a.enforce_eager, **extra)
-    vocab = 32000
     rng = random.Random(1234)
+
+    def random_prompt(length: int) -> TokensPrompt:
+        return TokensPrompt(prompt_token_ids=[rng.randrange(32000) for _ in range(length)])
+
     if a.probe_file:
         probe = [TokensPrompt(prompt_token_ids=ids)
                  for ids in json.load(open(a.probe_file))[:a.probe_prompts]]
     else:
-        probe = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in
-                                                range(rng.randrange(50, 1500))])
-                 for _ in range(a.probe_prompts)]
+        probe = [random_prompt(rng.randrange(50, 1500)) for _ in range(a.probe_prompts)]
     greedy = SamplingParams(temperature=0.0, max_tokens=a.probe_tokens, ignore_eos=True,
                             detokenize=False)
     probe_out = [list(o.outputs[0].token_ids) for o in llm.generate(probe, greedy)] if probe else []
@@ -98,8 +99,7 @@ def main() -> None:
     if not a.num_prompts:
         json.dump(result, open(a.out, "w"))
         return
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in range(a.input_len)])
-               for _ in range(a.num_prompts)]
+    prompts = [random_prompt(a.input_len) for _ in range(a.num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True,
                             detokenize=False)
     t0 = time.perf_counter()
@@ -111,9 +111,7 @@ def main() -> None:
                   kv_cache_memory_bytes=a.kv_cache_memory_bytes, wall_s=wall,
                   gen_tok_s=gen / wall, total_tok_s=total / wall)
     if a.profile_prompts:  # new prompts: the prefix cache would skip the timed run's prefills
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(vocab)
-                                                  for _ in range(a.input_len)])
-                   for _ in range(a.profile_prompts)]
+        prompts = [random_prompt(a.input_len) for _ in range(a.profile_prompts)]
         llm.start_profile()
         t0 = time.perf_counter()
         llm.generate(prompts, params)
