@@ -106,6 +106,8 @@ def test_mikv_byte_budgets_follow_the_page_layout():
     assert h + (1 - h) * lo == pytest.approx(0.25, abs=1e-4)
     assert table["mikv@0.25-nowindow"].knobs == {"hi_budget": h, "prefill_window": 0}
     assert table["mikv-pressure"].pressure and not table["mikv-pressure"].knobs
+    assert table["mikv-kout-tier@0.25"].knobs == {**table["mikv-tier@0.25"].knobs,
+                                                  "key_outliers": True}
     with pytest.raises(ValueError, match="cannot store 0.15"):
         methods.hi_budget_for(0.15, lo)
     from mikv_vllm.config import MikvConfig

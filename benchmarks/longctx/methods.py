@@ -6,7 +6,8 @@ costs `lo` of a bf16 page, so b = h + (1 - h) * lo. With 2-bit pages at block 16
 128, lo = 0.184: no hi_budget reaches 0.15 of bf16's bytes, and `mikv@min` keeps only the sink
 and recent pages hi (the least mikv can store). The tiered rows (`mikv-tier@B`: lo_bits [4, 2])
 use the `kv_budget` knob, which takes the byte budget itself; `mikv@0.35` does too, as their
-one-tier twin at the same bytes."""
+one-tier twin at the same bytes. `mikv-kout-tier@B` adds `key_outliers` (lo pages keep their
+largest keys exact), judged here against the tier rows at the same budget."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from mikv_vllm.layout import PageLayout
 
 BLOCK = 16
 TIERS = {"lo_bits": [4, 2]}
+KOUT_TIERS = {**TIERS, "key_outliers": True}
 # Methods run under memory pressure (no budget; run_all.py sizes their pool).
 PRESSURE = ("mikv-pressure", "mikv-tier-pressure")
 
@@ -64,6 +66,9 @@ def methods(num_kv_heads: int, head_size: int) -> dict[str, Method]:
             Method("mikv@0.35", "mikv", {"kv_budget": 0.35}),
             Method("mikv-tier@0.35", "mikv", {**TIERS, "kv_budget": 0.35}),
             Method("mikv-tier@0.25", "mikv", {**TIERS, "kv_budget": 0.25}),
+            Method("mikv-tier@0.5", "mikv", {**TIERS, "kv_budget": 0.5}),
+            Method("mikv-kout-tier@0.25", "mikv", {**KOUT_TIERS, "kv_budget": 0.25}),
+            Method("mikv-kout-tier@0.35", "mikv", {**KOUT_TIERS, "kv_budget": 0.35}),
             Method("mikv-tier-pressure", "mikv", TIERS, pressure=True)]
     assert {m.name for m in out if m.pressure} == set(PRESSURE)
     return {m.name: m for m in out}

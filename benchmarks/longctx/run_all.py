@@ -30,7 +30,8 @@ from methods import PRESSURE  # noqa: E402
 # Priority order: the reference, the method under test, the formats it must beat, the rest.
 PLAN = ["auto", "mikv@0.25", "int4_per_token_head", "turboquant_3bit_nc", "fp8",
         "turboquant_4bit_nc", "mikv-pressure", "mikv@min", "mikv@0.25-nowindow",
-        "mikv-tier@0.25", "mikv-tier@0.35", "mikv@0.35", "mikv-tier-pressure"]
+        "mikv-tier@0.25", "mikv-tier@0.35", "mikv@0.35", "mikv-tier-pressure",
+        "mikv-kout-tier@0.25", "mikv-kout-tier@0.35", "mikv-tier@0.5"]
 SHORT = {"mikv@0.25-nowindow": 2}  # the A/B of the window scores: the two shorter lengths
 
 
