@@ -21,7 +21,8 @@
 //   (fix_pair / query_pair).
 // With several splits the CTAs write unnormalised partials and decode_reduce_kernel combines
 // them; it also leaves each head's log-sum-exp when asked, and the hi pass each slab's (the
-// importance signal, csrc/page_mass.cu).
+// importance signal, csrc/page_mass.cu). Given another part's log-sum-exps (merge_lse), the
+// last write merges this part into the attention `out` already holds (split decode's hi part).
 #include <torch/all.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -51,6 +52,17 @@ template <> __device__ __forceinline__ __half from_float(float x) { return __flo
 // exp2 of (a - b) that is 0 when a is -inf (an empty partial), never NaN.
 __device__ __forceinline__ float exp2_diff(float a, float b) {
   return a == -INFINITY ? 0.f : exp2f(a - b);
+}
+
+// Split decode's merge, in the kernel's last write: `hi_o` and its natural-log lse `hi_lse`
+// (FlashAttention's, +-inf for a row without hi keys) are the attention over the row's hi
+// pages, `lo_o` and its log2 lse `lo_lse2` over its lo pages; softmax weights combine them.
+__device__ __forceinline__ float merge_parts(float hi_o, float hi_lse, float lo_o, float lo_lse2) {
+  if (isinf(hi_lse)) return lo_o;
+  const float hi2 = hi_lse * 1.4426950408889634f;
+  const float mx = fmaxf(hi2, lo_lse2);
+  const float wh = exp2f(hi2 - mx), wl = exp2f(lo_lse2 - mx);
+  return (wh * hi_o + wl * lo_o) / (wh + wl);
 }
 
 // ---- lo pass: tensor cores over 2/4-bit pages ----------------------------------------------
@@ -567,7 +579,8 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
                     int num_q_heads, int group, int head_chunks, int block_size,
                     float scale_log2, float k_scale, float v_scale, const LoLayout two,
                     const LoLayout four, float* __restrict__ lse, float* __restrict__ slab_lse,
-                    const int32_t* __restrict__ slab_gate) {
+                    const int32_t* __restrict__ slab_gate, const float* __restrict__ merge_lse,
+                    int64_t merge_lse_stride) {
   constexpr int LPT = D / kElems;   // lanes per token row
   constexpr int SUBS = 32 / LPT;    // rows per warp per step
   using vec_t = typename RowVec<kv_t>::type;
@@ -782,8 +795,14 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     }
     const int h = h0 + g;
     if (num_splits == 1) {
+      q_t* o_ptr = out + seq * out_stride_tok + h * out_stride_head + d;
       const float o = lsum > 0.f ? a * v_scale / lsum : 0.f;
-      out[seq * out_stride_tok + h * out_stride_head + d] = from_float<q_t>(o);
+      if (merge_lse == nullptr) {
+        *o_ptr = from_float<q_t>(o);
+      } else if (lsum > 0.f) {  // a row without pages here keeps the other part's output
+        *o_ptr = from_float<q_t>(merge_parts(to_float(*o_ptr), merge_lse[h * merge_lse_stride + seq],
+                                             o, mx + log2f(lsum)));
+      }
       if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
     } else {
       const int64_t row = (static_cast<int64_t>(seq) * num_q_heads + h) * num_splits + split;
@@ -802,7 +821,9 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
                                      const float* __restrict__ part_ml, q_t* __restrict__ out,
                                      int64_t out_stride_tok, int64_t out_stride_head,
                                      int num_q_heads, int num_splits, int head_dim,
-                                     float v_scale, float* __restrict__ lse) {
+                                     float v_scale, float* __restrict__ lse,
+                                     const float* __restrict__ merge_lse,
+                                     int64_t merge_lse_stride) {
   const int seq = blockIdx.x, h = blockIdx.y;
   const int64_t row0 = (static_cast<int64_t>(seq) * num_q_heads + h) * num_splits;
   float mx = -INFINITY;
@@ -815,7 +836,13 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
       den += w;
     }
     const float o = den > 0.f ? num * v_scale / den : 0.f;
-    out[seq * out_stride_tok + h * out_stride_head + d] = from_float<q_t>(o);
+    q_t* o_ptr = out + seq * out_stride_tok + h * out_stride_head + d;
+    if (merge_lse == nullptr) {
+      *o_ptr = from_float<q_t>(o);
+    } else if (den > 0.f) {
+      *o_ptr = from_float<q_t>(merge_parts(to_float(*o_ptr), merge_lse[h * merge_lse_stride + seq],
+                                           o, mx + log2f(den)));
+    }
     if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = den > 0.f ? mx + log2f(den) : -INFINITY;
   }
 }
@@ -856,12 +883,12 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
       a.kv_stride_block, a.kv_stride_tok, a.kv_stride_head, a.block_table, a.bt_stride,
       a.seq_lens, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head, a.part_acc,
       a.part_ml, a.num_q_heads, a.group, head_chunks, a.block_size, a.scale_log2, a.k_scale, a.v_scale,
-      two, four, a.lse, a.slab_lse, a.slab_gate);
+      two, four, a.lse, a.slab_lse, a.slab_gate, a.merge_lse, a.merge_lse_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
     decode_reduce_kernel<q_t><<<dim3(a.num_seqs, a.num_q_heads), D, 0, stream>>>(
         a.part_acc, a.part_ml, static_cast<q_t*>(a.out), a.out_stride_tok, a.out_stride_head,
-        a.num_q_heads, a.num_splits, D, a.v_scale, a.lse);
+        a.num_q_heads, a.num_splits, D, a.v_scale, a.lse, a.merge_lse, a.merge_lse_stride);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -977,7 +1004,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
                   int64_t outlier_slots, const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
-                  const std::optional<torch::Tensor>& slab_gate) {
+                  const std::optional<torch::Tensor>& slab_gate,
+                  const std::optional<torch::Tensor>& merge_lse) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
   // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
@@ -1057,6 +1085,14 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
     a.slab_gate = slab_gate->data_ptr<int32_t>();
   }
 
+  if (merge_lse.has_value()) {
+    TORCH_CHECK(merge_lse->is_cuda() && merge_lse->scalar_type() == at::kFloat &&
+                    merge_lse->dim() == 2 && merge_lse->size(0) == a.num_q_heads &&
+                    merge_lse->size(1) >= a.num_seqs && merge_lse->stride(1) == 1,
+                "merge_lse must be fp32 [q_heads, >= seqs] with contiguous rows");
+    a.merge_lse = merge_lse->data_ptr<float>();
+    a.merge_lse_stride = merge_lse->stride(0);
+  }
   const at::cuda::OptionalCUDAGuard guard(device_of(query));
   torch::Tensor part_acc, part_ml;
   if (a.num_splits > 1) {

@@ -57,6 +57,11 @@ struct DecodeArgs {
   float* lse = nullptr;     // optional [seqs, q_heads]: log2 of each head's softmax sum
   float* slab_lse = nullptr;  // optional [blocks, block / slab rows, q_heads]: the same per slab
   const int32_t* slab_gate = nullptr;  // optional device flag: write slab_lse only when nonzero
+  // optional [q_heads, >= seqs] (row stride merge_lse_stride), natural log: `out` already holds
+  // the attention over another part of each row's keys (split decode's hi pages, from
+  // FlashAttention) with these log-sum-exps; the kernel merges its own part into it
+  const float* merge_lse = nullptr;
+  int64_t merge_lse_stride = 0;
   int* ctas_per_sm = nullptr;  // when set: store the kernel's occupancy there, launch nothing
 };
 
@@ -84,7 +89,8 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   int64_t lo_group, int64_t mid_pack_factor, int64_t mid_bits,
                   int64_t outlier_slots, const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
-                  const std::optional<torch::Tensor>& slab_gate);
+                  const std::optional<torch::Tensor>& slab_gate,
+                  const std::optional<torch::Tensor>& merge_lse);
 
 // Adds each hi page's attention mass of one decode step to `mass[block]`, from the slab
 // log-sum-exps paged_decode left and the step's `lse` (csrc/page_mass.cu).

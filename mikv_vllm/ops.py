@@ -92,7 +92,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                  num_splits: int = 1, layout: PageLayout | None = None,
                  lse: torch.Tensor | None = None,
                  slab_lse: torch.Tensor | None = None,
-                 slab_gate: torch.Tensor | None = None) -> torch.Tensor:
+                 slab_gate: torch.Tensor | None = None,
+                 merge_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query token per sequence over its hi and lo pages.
 
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
@@ -102,7 +103,10 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     also leaves each head's softmax normaliser (log2 domain), and with `slab_lse` (fp32
     [num_blocks, slabs_per_block, q_heads]) the same over each slab of every hi page it reads:
     what `page_mass` turns into page masses. `slab_gate` (CUDA int32 [1]) writes slab_lse only
-    while it holds a nonzero value, so a captured graph pays for it on measured steps only."""
+    while it holds a nonzero value, so a captured graph pays for it on measured steps only.
+    With `merge_lse` (fp32 [q_heads, >= seqs], natural log, FlashAttention's softmax_lse),
+    `out` already holds the attention over the rest of each row's keys and this call merges its
+    own pages' attention into it (split decode); rows with no pages in the table keep `out`."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
                          f"{tuple(query.shape)} and {tuple(key_cache.shape)}")
@@ -113,10 +117,15 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         raise ValueError("paged_decode: block_table and seq_lens must be int32")
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"paged_decode: num_splits must be in [1, {MAX_SPLITS}]")
+    if merge_lse is not None and (merge_lse.dim() != 2 or merge_lse.shape[0] != query.shape[1]
+                                  or merge_lse.shape[1] < query.shape[0]):
+        raise ValueError(f"paged_decode: merge_lse must be [q_heads, >= seqs], got "
+                         f"{tuple(merge_lse.shape)} for query {tuple(query.shape)}")
     load_kernels()
     torch.ops.mikv.paged_decode(out, query, key_cache, value_cache, block_table, seq_lens,
                                 float(scale), float(k_scale), float(v_scale), int(num_splits),
-                                *_lo_args(layout, query.shape[-1]), lse, slab_lse, slab_gate)
+                                *_lo_args(layout, query.shape[-1]), lse, slab_lse, slab_gate,
+                                merge_lse)
     return out
 
 

@@ -93,6 +93,9 @@ def decode_args(*, seqs=3, q_heads=8, kv_heads=2, head_dim=64, block_size=16, bl
     ({"lens_dtype": torch.int64}, {}, r"must be int32"),
     ({}, {"num_splits": 0}, r"num_splits must be in \[1, 64\]"),
     ({}, {"num_splits": 65}, r"num_splits must be in \[1, 64\]"),
+    # split decode's merge: FlashAttention's lse is [q_heads, rows], not [rows, q_heads]
+    ({}, {"merge_lse": torch.zeros(3, 8)}, r"merge_lse must be \[q_heads, >= seqs\]"),
+    ({}, {"merge_lse": torch.zeros(8, 2)}, r"merge_lse must be \[q_heads, >= seqs\]"),
 ])
 def test_paged_decode_rejects_bad_arguments(no_kernels, kwargs, extra, match):
     with pytest.raises(ValueError, match=match):
@@ -211,6 +214,9 @@ def test_extension_schemas_fit_the_wrappers(kernels):
     _reaches_cuda_dispatch(lambda: ops.paged_decode(
         out, query, k_cache, v_cache, table, lens, 0.125, 1.0, 1.0, 2, layout, lse, slab_lse,
         gate))
+    _reaches_cuda_dispatch(lambda: ops.paged_decode(
+        out, query, k_cache, v_cache, table, lens, 0.125, 1.0, 1.0, 2, layout,
+        merge_lse=torch.zeros(8, 3)))
     _reaches_cuda_dispatch(lambda: ops.page_mass(
         torch.zeros(10), slab_lse, table, lens, lse, 16, 2, 0.5))
     _reaches_cuda_dispatch(lambda: ops.quantize_pages(

@@ -84,3 +84,47 @@ def test_split_decode_matches_fused_kernel(fa_splits, lo_share, tiered):
         err = (got.float().cpu() - ref).norm() / ref.norm()
         assert err < 1e-2, err
     assert (merged.float() - fused.float()).norm() / fused.float().norm() < 1e-2
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_merges_its_part_into_out(splits):
+    """With merge_lse the kernel's last write combines `out` (another part's attention, with
+    its natural-log lse) and its own pages' attention by softmax weight; a row with no pages in
+    the table keeps `out`, and an infinite lse (an empty other part) gives the kernel's own."""
+    gen = torch.Generator().manual_seed(7 + splits)
+    bs, heads, group, d = 16, 2, 4, 128
+    layout = PageLayout(bs, heads, d, 2)
+    lens = torch.tensor([100, 0, 37, 512, 16], dtype=torch.int32)
+    pages = [-(-int(x) // bs) for x in lens]
+    k = torch.randn(sum(pages) + 1, bs, heads, d, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn_like(k, dtype=torch.float32).to(torch.bfloat16)
+    table = torch.zeros(len(pages), max(pages), dtype=torch.int32)
+    ids = iter(range(1, sum(pages) + 1))
+    for i, p in enumerate(pages):
+        table[i, :p] = torch.tensor([next(ids) for _ in range(p)], dtype=torch.int32)
+    q = torch.randn(len(pages), heads * group, d, generator=gen).to(torch.bfloat16).cuda()
+    scale = 1 / math.sqrt(d)
+    table_d, lens_d = table.cuda(), lens.cuda()
+    own = torch.full_like(q, float("nan"))
+    own_lse2 = torch.full((len(pages), heads * group), float("nan"), device="cuda")
+    ops.paged_decode(own, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout, own_lse2)
+
+    other = torch.randn(q.shape, generator=gen).to(torch.bfloat16).cuda()
+    # FlashAttention's layout [heads, rows], wider than the rows as its buffers may be
+    other_lse = (torch.rand(heads * group, len(pages) + 3, generator=gen) * 8 - 2).cuda()
+    other_lse[:, 2] = float("inf")
+    other_lse[:3, 3] = float("-inf")
+    out = other.clone()
+    ops.paged_decode(out, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout,
+                     merge_lse=other_lse)
+
+    lse2 = other_lse[:, :len(pages)].t() * math.log2(math.e)  # [rows, heads]
+    mx = torch.maximum(lse2, own_lse2)
+    w_other = torch.where(torch.isinf(lse2), 0.0, torch.exp2(lse2 - mx))
+    w_own = torch.exp2(own_lse2 - torch.where(torch.isinf(lse2), own_lse2, mx))
+    expect = ((w_other[..., None] * other.float() + w_own[..., None] * own.float())
+              / (w_other + w_own)[..., None])
+    expect[1] = other[1].float()  # no pages: out untouched
+    assert torch.equal(out[1], other[1])
+    err = (out.float() - expect).norm() / expect.norm()
+    assert err < 1e-2, err
