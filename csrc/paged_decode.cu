@@ -65,6 +65,19 @@ __device__ __forceinline__ float merge_parts(float hi_o, float hi_lse, float lo_
   return (wh * hi_o + wl * lo_o) / (wh + wl);
 }
 
+// The last write of one output element: this part's `o` (softmax sum `sum`, log2 lse `lse2`),
+// or, given split decode's merge_lse, `o` merged into what `out` holds at `o_ptr` (a row without
+// pages here, sum 0, keeps it).
+template <typename q_t>
+__device__ __forceinline__ void store_output(q_t* o_ptr, float o, float sum, float lse2,
+                                             const float* merge_lse, int64_t merge_at) {
+  if (merge_lse == nullptr) {
+    *o_ptr = from_float<q_t>(o);
+  } else if (sum > 0.f) {
+    *o_ptr = from_float<q_t>(merge_parts(to_float(*o_ptr), merge_lse[merge_at], o, lse2));
+  }
+}
+
 // ---- lo pass: tensor cores over 2/4-bit pages ----------------------------------------------
 
 __device__ __forceinline__ uint32_t h2_bits(__half2 x) { return *reinterpret_cast<uint32_t*>(&x); }
@@ -795,15 +808,11 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
     }
     const int h = h0 + g;
     if (num_splits == 1) {
-      q_t* o_ptr = out + seq * out_stride_tok + h * out_stride_head + d;
       const float o = lsum > 0.f ? a * v_scale / lsum : 0.f;
-      if (merge_lse == nullptr) {
-        *o_ptr = from_float<q_t>(o);
-      } else if (lsum > 0.f) {  // a row without pages here keeps the other part's output
-        *o_ptr = from_float<q_t>(merge_parts(to_float(*o_ptr), merge_lse[h * merge_lse_stride + seq],
-                                             o, mx + log2f(lsum)));
-      }
-      if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
+      const float lse2 = mx + log2f(lsum);
+      store_output(out + seq * out_stride_tok + h * out_stride_head + d, o, lsum, lse2, merge_lse,
+                   h * merge_lse_stride + seq);
+      if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = lsum > 0.f ? lse2 : -INFINITY;
     } else {
       const int64_t row = (static_cast<int64_t>(seq) * num_q_heads + h) * num_splits + split;
       part_acc[row * D + d] = lsum > 0.f ? a / lsum : 0.f;
@@ -836,14 +845,10 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
       den += w;
     }
     const float o = den > 0.f ? num * v_scale / den : 0.f;
-    q_t* o_ptr = out + seq * out_stride_tok + h * out_stride_head + d;
-    if (merge_lse == nullptr) {
-      *o_ptr = from_float<q_t>(o);
-    } else if (den > 0.f) {
-      *o_ptr = from_float<q_t>(merge_parts(to_float(*o_ptr), merge_lse[h * merge_lse_stride + seq],
-                                           o, mx + log2f(den)));
-    }
-    if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = den > 0.f ? mx + log2f(den) : -INFINITY;
+    const float lse2 = mx + log2f(den);
+    store_output(out + seq * out_stride_tok + h * out_stride_head + d, o, den, lse2, merge_lse,
+                 h * merge_lse_stride + seq);
+    if (lse != nullptr && d == 0) lse[seq * num_q_heads + h] = den > 0.f ? lse2 : -INFINITY;
   }
 }
 
