@@ -96,8 +96,9 @@ def test_kernel_merges_its_part_into_out(splits):
     layout = PageLayout(bs, heads, d, 2)
     lens = torch.tensor([100, 0, 37, 512, 16], dtype=torch.int32)
     pages = [-(-int(x) // bs) for x in lens]
-    k = torch.randn(sum(pages) + 1, bs, heads, d, generator=gen).to(torch.bfloat16).cuda()
-    v = torch.randn_like(k, dtype=torch.float32).to(torch.bfloat16)
+    # K and V halves of one cache tensor, as vLLM lays them out (lo pages are sized to it)
+    kv = torch.randn(sum(pages) + 1, bs, heads, 2 * d, generator=gen).to(torch.bfloat16).cuda()
+    k, v = kv.split(d, dim=-1)
     table = torch.zeros(len(pages), max(pages), dtype=torch.int32)
     ids = iter(range(1, sum(pages) + 1))
     for i, p in enumerate(pages):

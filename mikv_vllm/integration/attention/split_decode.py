@@ -11,7 +11,6 @@ The tables are split once per step by the metadata builder, into persistent buff
 captured CUDA graphs read."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -70,26 +69,10 @@ def decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
            value_cache: torch.Tensor, lo_table: torch.Tensor, lo_lens: torch.Tensor,
            flash_hi: Callable[[torch.Tensor], torch.Tensor], scale: float, k_scale: float,
            v_scale: float, num_splits: int, layout: PageLayout) -> None:
-    """One split decode into `out`: `flash_hi(hi_out)` runs FlashAttention over the hi table
-    into hi_out and returns its lse; the mikv kernel reads the lo table; then `merge`."""
-    # In the model's dtype (FlashAttention would pick bf16 for an fp8 query), zeroed for
-    # CUDA-graph padding rows, which FlashAttention does not write.
-    hi_out = torch.zeros_like(out)
-    hi_lse = flash_hi(hi_out)
-    lo_out = torch.empty_like(query)
-    lo_lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32,
-                         device=query.device)
-    ops.paged_decode(lo_out, query, key_cache, value_cache, lo_table, lo_lens, scale, k_scale,
-                     v_scale, num_splits, layout, lse=lo_lse)
-    merge(out, hi_out, hi_lse, lo_out, lo_lse)
-
-
-def merge(out: torch.Tensor, hi_out: torch.Tensor, hi_lse: torch.Tensor, lo_out: torch.Tensor,
-          lo_lse_log2: torch.Tensor) -> None:
-    """out = the softmax-weighted merge of the hi part (FlashAttention's output and natural-log
-    lse [heads, rows]) and the lo part (the mikv kernel's output and log2 lse [rows, heads]);
-    an empty lo part has lse -inf and weight 0. vLLM's merge kernel does the arithmetic."""
-    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
-
-    lo_lse = (lo_lse_log2 * math.log(2.0)).t().contiguous()
-    merge_attn_states(out, hi_out, hi_lse, lo_out, lo_lse)
+    """One split decode into `out`: `flash_hi(out)` runs FlashAttention over the hi table into
+    out and returns its lse; the mikv kernel then merges the lo table's attention into out by
+    that lse (rows without lo pages keep FlashAttention's answer). One kernel after
+    FlashAttention, no scratch outputs: the merge rides in the lo pass's last write."""
+    hi_lse = flash_hi(out)
+    ops.paged_decode(out, query, key_cache, value_cache, lo_table, lo_lens, scale, k_scale,
+                     v_scale, num_splits, layout, merge_lse=hi_lse)
