@@ -575,6 +575,30 @@ __device__ __forceinline__ void write_slab_lse(const float (&m)[MAX_G], const fl
   }
 }
 
+// The result of a part with no pages (query heads h0 .. h0 + ng - 1 of row `seq`): softmax sum
+// 0, so an output of 0 (kept as it is under merge_lse) and a log-sum-exp of -inf; as a split's
+// partial, only its (max, sum) = (-inf, 0), which decode_reduce_kernel skips.
+template <typename q_t>
+__device__ void write_empty_part(q_t* out_row, int64_t out_stride_head, float* part_ml,
+                                 float* lse, const float* merge_lse, int64_t merge_lse_stride,
+                                 int seq, int h0, int ng, int num_q_heads, int split,
+                                 int num_splits, int head_dim) {
+  if (num_splits > 1) {
+    for (int g = threadIdx.x; g < ng; g += blockDim.x) {
+      const int64_t row = (static_cast<int64_t>(seq) * num_q_heads + h0 + g) * num_splits + split;
+      part_ml[row * 2] = -INFINITY;
+      part_ml[row * 2 + 1] = 0.f;
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < ng * head_dim; i += blockDim.x) {
+    const int h = h0 + i / head_dim;
+    store_output(out_row + h * out_stride_head + i % head_dim, 0.f, 0.f, -INFINITY, merge_lse,
+                 h * merge_lse_stride + seq);
+    if (lse != nullptr && i % head_dim == 0) lse[seq * num_q_heads + h] = -INFINITY;
+  }
+}
+
 // CTAs per SM the register budget must allow: three where the kernel fits in 168 registers
 // (D <= 128, up to 4 heads per CTA), so that decode_num_splits' grid of about twice the SMs'
 // count runs in one wave; the rest take what they need.
@@ -614,6 +638,19 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
   const int h0 = kvh * group + chunk * MAX_G;                 // first query head of this CTA
   const int ng = min(MAX_G, group - chunk * MAX_G);           // query heads of this CTA
 
+  const int seq_len = seq_lens[seq];
+  const int num_pages = (seq_len + block_size - 1) / block_size;
+  const SplitPages pages(num_pages, num_splits, split);
+  if (pages.count == 0) {
+    // An empty part (a split past the row's pages; every row of split decode's lo table while
+    // nothing is demoted) leaves its result at once: loading queries and staging nothing, such
+    // CTAs took 41 us a layer at batch 128, now 9 (benchmarks/results/2026-12-07-h100-empty-
+    // decode-parts/).
+    write_empty_part(out + seq * out_stride_tok, out_stride_head, part_ml, lse, merge_lse,
+                     merge_lse_stride, seq, h0, ng, num_q_heads, split, num_splits, D);
+    return;
+  }
+
   // Where lo pages keep exact keys, every warp's lo pass reads the query heads (scaled, fp16, as
   // the lo pass's own operands) at the outliers' channels: rows of heads past ng are zeros.
   const int outlier_slots = max(two.outlier_slots, four.outlier_slots);
@@ -630,9 +667,6 @@ paged_decode_kernel(const q_t* __restrict__ q, int64_t q_stride_tok, int64_t q_s
 
   // Lo pages hold real values; the hi path's results are in cache units (times v_scale later).
   const float inv_v_scale = 1.f / v_scale;
-  const int seq_len = seq_lens[seq];
-  const int num_pages = (seq_len + block_size - 1) / block_size;
-  const SplitPages pages(num_pages, num_splits, split);
   const int split_rows = pages.count * block_size;  // row r: page r / block_size of the split
 
   // Query rows of this lane's 8 dims, pre-scaled so that q.k lands in log2 units.
@@ -840,7 +874,9 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_acc,
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float num = 0.f, den = 0.f;
     for (int s = 0; s < num_splits; ++s) {
-      const float w = part_ml[(row0 + s) * 2 + 1] * exp2_diff(part_ml[(row0 + s) * 2], mx);
+      const float l = part_ml[(row0 + s) * 2 + 1];
+      if (l == 0.f) continue;  // an empty split: its part_acc was never written
+      const float w = l * exp2_diff(part_ml[(row0 + s) * 2], mx);
       num += w * part_acc[(row0 + s) * head_dim + d];
       den += w;
     }
