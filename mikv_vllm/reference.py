@@ -2,6 +2,8 @@
 CUDA kernels are tested against (and what the CPU quality harness runs)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mikv_vllm.layout import PageLayout
@@ -94,6 +96,22 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         k, v = gather_kv(k_all, v_all, block_table[i], seq_len, cache_bytes, layout)
         out[i] = attention(query[i:i + 1], k, v, scale, causal=False)[0]
     return out
+
+
+def merge_parts(other: torch.Tensor, other_lse: torch.Tensor, own: torch.Tensor,
+                own_lse2: torch.Tensor) -> torch.Tensor:
+    """Reference of `ops.paged_decode`'s `merge_lse` (split decode's merge), fp32: `other`
+    [rows, heads, D] is the attention over some of each row's keys with natural-log lse
+    `other_lse` [heads, >= rows] (FlashAttention's; +-inf: no keys), `own` the attention over
+    the rest with log2 lse `own_lse2` [rows, heads] (-inf: no keys, and `other` is kept)."""
+    lse2 = other_lse[:, :own.shape[0]].t().float() * math.log2(math.e)
+    other_empty = torch.isinf(lse2)
+    mx = torch.where(other_empty, own_lse2, torch.maximum(lse2, own_lse2))
+    w_other = torch.where(other_empty, 0.0, torch.exp2(lse2 - mx))
+    w_own = torch.exp2(own_lse2 - mx)
+    merged = ((w_other[..., None] * other.float() + w_own[..., None] * own.float())
+              / (w_other + w_own)[..., None])
+    return torch.where(torch.isneginf(own_lse2)[..., None], other.float(), merged)
 
 
 def page_mass(probs: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -92,15 +92,20 @@ def test_merged_parts_equal_attention_over_the_whole_map():
     tables = SplitTables(len(lens), max(pages), torch.device("cpu"))
     hi, hi_lens, lo, lo_lens = tables.fill(table, lens_t, BS)
     k_all, v_all = reference.cache_to_float(k), reference.cache_to_float(v)
+    empty = (torch.zeros(heads * group, d), torch.full((heads * group,), float("-inf")))
     for i in range(len(lens)):
         parts = []
         for part, n_tok in ((hi[i], int(hi_lens[i])), (lo[i], int(lo_lens[i]))):
             if n_tok:
                 kk, vv = reference.gather_kv(k_all, v_all, part, n_tok, raw, layout)
                 parts.append(_attend_with_lse(q[i], kk, vv, scale))
-        lse = torch.stack([p[1] for p in parts])           # [parts, H]
-        w = (lse - torch.logsumexp(lse, 0)).exp()            # each part's softmax share
-        merged = sum(w[j][:, None] * parts[j][0] for j in range(len(parts)))
+            else:
+                parts.append(empty)
+        (hi_out, hi_lse), (lo_out, lo_lse) = parts
+        # as split decode merges them: the hi part's natural-log lse [H, rows] (FlashAttention's),
+        # the lo part's log2 lse [rows, H] (the mikv kernel's)
+        merged = reference.merge_parts(hi_out[None], hi_lse[:, None], lo_out[None],
+                                       lo_lse[None] * math.log2(math.e))[0]
         assert torch.allclose(merged, want[i], atol=1e-5), (merged - want[i]).abs().max()
 
 
