@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["csrc/torch_bindings.cpp", "csrc/paged_decode.cu", "csrc/page_mass.cu",
-           "csrc/quantize.cu"]
+           "csrc/quantize.cu", "csrc/split_tables.cu"]
 
 
 def wheel_cuda_includes():

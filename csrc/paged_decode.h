@@ -98,6 +98,12 @@ void page_mass(torch::Tensor& mass, const torch::Tensor& slab_lse, const torch::
                const torch::Tensor& seq_lens, const torch::Tensor& lse, int64_t block_size,
                int64_t num_kv_heads, double weight);
 
+// Split decode's per-step partition of each row's used pages into a hi-only and a lo-only
+// table with their token counts (csrc/split_tables.cu).
+void split_page_table(const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+                      int64_t block_size, torch::Tensor& hi_table, torch::Tensor& hi_lens,
+                      torch::Tensor& lo_table, torch::Tensor& lo_lens);
+
 // Demotes pages into lo slots in place (csrc/quantize.cu): hi pages (`src_entries` >= 0, block
 // ids) or lo pages of another tier (block-table codes < 0, requantized from their codes).
 void quantize_pages(const torch::Tensor& key_cache, const torch::Tensor& value_cache,

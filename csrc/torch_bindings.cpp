@@ -23,12 +23,16 @@ TORCH_LIBRARY(mikv, m) {
       "quantize_pages(Tensor(a!) key_cache, Tensor value_cache, Tensor src_entries, "
       "Tensor dst_codes, float k_scale, float v_scale, int lo_pack_factor, int lo_bits, "
       "int lo_group, int mid_pack_factor, int mid_bits, int outlier_slots) -> ()");
+  m.def(
+      "split_page_table(Tensor block_table, Tensor seq_lens, int block_size, "
+      "Tensor(a!) hi_table, Tensor(b!) hi_lens, Tensor(c!) lo_table, Tensor(d!) lo_lens) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mikv, CUDA, m) {
   m.impl("paged_decode", &mikv::paged_decode);
   m.impl("quantize_pages", &mikv::quantize_pages);
   m.impl("page_mass", &mikv::page_mass);
+  m.impl("split_page_table", &mikv::split_page_table);
 }
 
 // A Python module with no functions: importing it runs the registrations above.

@@ -166,3 +166,19 @@ def quantize_pages(key_cache: torch.Tensor, value_cache: torch.Tensor, src: torc
     load_kernels()
     torch.ops.mikv.quantize_pages(key_cache, value_cache, src, dst_codes, float(k_scale),
                                   float(v_scale), *_lo_args(layout, layout.head_size))
+
+
+def split_page_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                     hi_table: torch.Tensor, hi_lens: torch.Tensor, lo_table: torch.Tensor,
+                     lo_lens: torch.Tensor) -> None:
+    """Split decode's per-step table partition in one launch: each row's used pages of
+    `block_table` [rows, pages] (hi block ids >= 0, lo codes < 0) stable-partitioned into
+    hi_table and lo_table (same shape, entries past a part's pages zeroed), and the tokens of
+    each part into hi_lens and lo_lens [rows]; int32 CUDA tensors, rows of unit stride."""
+    if hi_table.shape != block_table.shape or lo_table.shape != block_table.shape:
+        raise ValueError(f"split_page_table: tables {tuple(hi_table.shape)}, "
+                         f"{tuple(lo_table.shape)} must have block_table's shape "
+                         f"{tuple(block_table.shape)}")
+    load_kernels()
+    torch.ops.mikv.split_page_table(block_table, seq_lens, int(block_size), hi_table, hi_lens,
+                                    lo_table, lo_lens)

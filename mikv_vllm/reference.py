@@ -123,3 +123,25 @@ def page_mass(probs: torch.Tensor, block_size: int) -> torch.Tensor:
     padded = probs.new_zeros(heads, pages * block_size)
     padded[:, :seq_len] = probs
     return padded.reshape(heads, pages, block_size).sum(-1).mean(0)
+
+
+def split_page_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                     hi_table: torch.Tensor, hi_lens: torch.Tensor, lo_table: torch.Tensor,
+                     lo_lens: torch.Tensor) -> None:
+    """Split decode's table partition (csrc/split_tables.cu): a stable partition of each row's
+    used pages of `block_table` [rows, pages] (hi block ids >= 0, lo codes < 0) into hi_table
+    and lo_table (entries past a part's pages are 0), and the tokens of each part into hi_lens
+    and lo_lens, all written in place."""
+    rows, pages = block_table.shape
+    col = torch.arange(pages, device=block_table.device)
+    seq_lens = seq_lens.to(torch.int64)
+    used = col[None, :] < ((seq_lens + block_size - 1) // block_size)[:, None]
+    tokens = (seq_lens[:, None] - col[None, :] * block_size).clamp(0, block_size)
+    for part, table, lens in ((used & (block_table >= 0), hi_table, hi_lens),
+                              (used & (block_table < 0), lo_table, lo_lens)):
+        # Each entry of the part goes to its rank within the part; the rest to a spill column.
+        dest = torch.where(part, part.cumsum(1) - 1, pages)
+        spill = torch.zeros(rows, pages + 1, dtype=block_table.dtype, device=block_table.device)
+        spill.scatter_(1, dest, block_table)
+        table.copy_(spill[:, :pages])
+        lens.copy_((tokens * part).sum(1))

@@ -1,4 +1,4 @@
-"""Split decode's table partition (CPU tensors, the same torch ops as on the GPU) and why the
+"""Split decode's table partition (CPU tensors: the torch reference of csrc/split_tables.cu) and why the
 merged parts equal attention over the whole page map (torch reference with real lo pages)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 
 from mikv_vllm import reference
-from mikv_vllm.integration.attention.split_decode import SplitTables, split_page_table
+from mikv_vllm.integration.attention.split_decode import SplitTables
 from mikv_vllm.layout import PageLayout, encode_lo
 from mikv_vllm.quant import quantize_page
 
@@ -48,7 +48,7 @@ def test_partial_last_page_stays_last_in_its_part():
     table = torch.tensor([[5, -3, 6, -4, 7]], dtype=torch.int32)  # last page hi, 3 tokens
     hi, hi_lens, lo, lo_lens = (torch.zeros(1, 5, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
                                 torch.zeros(1, 5, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
-    split_page_table(table, torch.tensor([4 * BS + 3]), BS, hi, hi_lens, lo, lo_lens)
+    reference.split_page_table(table, torch.tensor([4 * BS + 3]), BS, hi, hi_lens, lo, lo_lens)
     assert hi.tolist() == [[5, 6, 7, 0, 0]] and int(hi_lens[0]) == 2 * BS + 3
     assert lo.tolist() == [[-3, -4, 0, 0, 0]] and int(lo_lens[0]) == 2 * BS
 

@@ -7,15 +7,15 @@ block-table row into its hi pages and its lo pages keeps that page last in its p
 part is a valid paged sequence of its own (hi: `hi_lens` tokens for FlashAttention's
 `seqused_k`; lo: `lo_lens` tokens for the mikv kernel, which then skips its hi pass).
 
-The tables are split once per step by the metadata builder, into persistent buffers that the
-captured CUDA graphs read."""
+The tables are split once per step by the metadata builder (one kernel, csrc/split_tables.cu),
+into persistent buffers that the captured CUDA graphs read."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
 
-from mikv_vllm import ops
+from mikv_vllm import ops, reference
 from mikv_vllm.layout import PageLayout
 
 
@@ -41,28 +41,10 @@ class SplitTables:
                              f"{self.hi_table.shape[0]}")
         hi_table, lo_table = self.hi_table[:rows, :pages], self.lo_table[:rows, :pages]
         hi_lens, lo_lens = self.hi_lens[:rows], self.lo_lens[:rows]
-        split_page_table(block_table, seq_lens, block_size, hi_table, hi_lens, lo_table, lo_lens)
+        # The kernel on the GPU; CPU tensors (tests) take the torch reference it is tested against.
+        split = ops.split_page_table if block_table.is_cuda else reference.split_page_table
+        split(block_table, seq_lens, block_size, hi_table, hi_lens, lo_table, lo_lens)
         return hi_table, hi_lens, lo_table, lo_lens
-
-
-def split_page_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                     hi_table: torch.Tensor, hi_lens: torch.Tensor, lo_table: torch.Tensor,
-                     lo_lens: torch.Tensor) -> None:
-    """Stable partition of each row's used pages into hi and lo, written into the given tensors
-    (table entries past a part's pages are 0 and never read). No host sync."""
-    rows, pages = block_table.shape
-    col = torch.arange(pages, device=block_table.device)
-    seq_lens = seq_lens.to(torch.int64)
-    used = col[None, :] < ((seq_lens + block_size - 1) // block_size)[:, None]
-    tokens = (seq_lens[:, None] - col[None, :] * block_size).clamp(0, block_size)
-    for part, table, lens in ((used & (block_table >= 0), hi_table, hi_lens),
-                              (used & (block_table < 0), lo_table, lo_lens)):
-        # Each entry of the part goes to its rank within the part; the rest to a spill column.
-        dest = torch.where(part, part.cumsum(1) - 1, pages)
-        spill = torch.zeros(rows, pages + 1, dtype=block_table.dtype, device=block_table.device)
-        spill.scatter_(1, dest, block_table)
-        table.copy_(spill[:, :pages])
-        lens.copy_((tokens * part).sum(1))
 
 
 def decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
