@@ -159,13 +159,13 @@ def test_v2_runner_reshapes_kv_cache_with_stride_order():
         "the V2 runner no longer applies backend.get_kv_cache_stride_order()")
 
 
-def test_fa_utils_exposes_prefill_functions():
+def test_fa_utils_exposes_flash_attention_functions():
     from vllm.v1.attention.backends import fa_utils
 
     assert callable(getattr(fa_utils, "get_flash_attn_version", None)), (
         "fa_utils.get_flash_attn_version is gone (MikvAttentionImpl.__init__, the split_decode default)")
     assert "head_size" in _param_names(fa_utils.get_flash_attn_version)
-    names = ("flash_attn_varlen_func", "reshape_and_cache_flash")
+    names = ("flash_attn_varlen_func", "reshape_and_cache_flash", "get_scheduler_metadata")
     if all(hasattr(fa_utils, n) for n in names):  # CUDA platform: the real objects
         return
     # Other platforms define them only under `if current_platform.is_cuda():`; read the source.
@@ -178,7 +178,7 @@ def test_fa_utils_exposes_prefill_functions():
                     cuda_imports.update(a.asname or a.name for a in stmt.names)
     for name in names:
         assert name in cuda_imports, (
-            f"fa_utils no longer imports {name} on CUDA (MikvAttentionImpl uses it)")
+            f"fa_utils no longer imports {name} on CUDA (the mikv backend uses it)")
 
 
 def test_flash_attn_varlen_func_accepts_mikv_prefill_keywords():
@@ -189,10 +189,24 @@ def test_flash_attn_varlen_func_accepts_mikv_prefill_keywords():
     params = {a.arg for a in func.args.args + func.args.kwonlyargs}
     used = {"q", "k", "v", "out", "cu_seqlens_q", "max_seqlen_q", "seqused_k", "max_seqlen_k",
             "softmax_scale", "causal", "block_table", "fa_version", "q_descale", "k_descale",
-            "v_descale"}
+            "v_descale", "return_softmax_lse", "num_splits", "scheduler_metadata"}
     assert used <= params, (
         f"flash_attn_varlen_func lost keywords MikvAttentionImpl._prefill passes: "
         f"{sorted(used - params)}")
+
+
+def test_get_scheduler_metadata_accepts_split_decode_keywords():
+    """split_decode.FlashSchedule computes FA3's schedule of the hi part once per step."""
+    path = _vllm_file("vllm_flash_attn/flash_attn_interface.py")
+    tree = ast.parse(path.read_text())
+    func = next(n for n in tree.body
+                if isinstance(n, ast.FunctionDef) and n.name == "get_scheduler_metadata")
+    params = {a.arg for a in func.args.args + func.args.kwonlyargs}
+    used = {"batch_size", "max_seqlen_q", "max_seqlen_k", "num_heads_q", "num_heads_kv",
+            "headdim", "cache_seqlens", "qkv_dtype", "cu_seqlens_q", "page_size", "causal",
+            "num_splits"}
+    assert used <= params, (
+        f"get_scheduler_metadata lost keywords FlashSchedule passes: {sorted(used - params)}")
 
 
 def test_reshape_and_cache_flash_signature():

@@ -115,7 +115,7 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             lambda hi_out: self._flash(
                 layer, query, key_cache, value_cache, hi_out, s.query_start_loc, 1, s.hi_lens,
                 s.max_seq_len, s.hi_table, md.num_decodes, return_lse=True,
-                num_splits=s.fa_splits)[1],
+                num_splits=s.fa_splits, schedule=s.fa_schedule)[1],
             self.scale, layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
             self.layout)
 
@@ -143,8 +143,9 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
 
     def _flash(self, layer, query, key_cache, value_cache, output, query_start_loc,
                max_query_len, seq_lens, max_seq_len, block_table, num_seqs,
-               return_lse=False, num_splits=0):
-        """vLLM's FlashAttention over hi pages of the cache (fp8 caches with vLLM's scales)."""
+               return_lse=False, num_splits=0, schedule=None):
+        """vLLM's FlashAttention over hi pages of the cache (fp8 caches with vLLM's scales);
+        `schedule`: FA3's tile schedule of this call, computed once per step."""
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         descale = {}
@@ -161,7 +162,7 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
             cu_seqlens_q=query_start_loc, max_seqlen_q=max_query_len,
             seqused_k=seq_lens, max_seqlen_k=max_seq_len,
             softmax_scale=self.scale, causal=True, block_table=block_table,
-            return_softmax_lse=return_lse, num_splits=num_splits,
+            return_softmax_lse=return_lse, num_splits=num_splits, scheduler_metadata=schedule,
             fa_version=self.fa_version, **descale)
 
 

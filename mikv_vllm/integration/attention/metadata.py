@@ -14,7 +14,7 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuil
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from mikv_vllm.integration.attention.split_decode import SplitTables
+from mikv_vllm.integration.attention.split_decode import FlashSchedule, SplitTables
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.layout import PageLayout
 from mikv_vllm.ops import decode_ctas_per_sm, decode_num_splits, widest_lo_bits
@@ -32,6 +32,7 @@ class SplitDecodeMetadata:
     lo_lens: torch.Tensor
     max_seq_len: int
     fa_splits: int  # FlashAttention's num_splits: a fixed bound under CUDA graphs, else 0
+    fa_schedule: torch.Tensor | None = None  # FlashAttention 3's tile schedule of the hi part
 
 
 @dataclass
@@ -82,6 +83,7 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
             kv_cache_spec.head_size, self.group, mikv.hi_dtype == "fp8",
             widest_lo_bits(layout), layout.outlier_slots) if on_gpu else 2
         self.split_tables: SplitTables | None = None
+        self.fa_schedule: FlashSchedule | None = None
         knob = mikv.split_decode
         fa_version = get_flash_attn_version()
         if knob or (knob is None and fa_version == 3):
@@ -91,14 +93,21 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
             pages = -(-model_config.max_model_len // kv_cache_spec.block_size)
             self.split_tables = SplitTables(rows, pages, torch.device(device))
             # As vLLM's FlashAttention backend: under full CUDA graphs FA3 gets a fixed bound
-            # on its splits (its scratch buffers are allocated at capture), else its heuristic.
+            # on its splits (its scratch buffers are allocated at capture), else its heuristic;
+            # FA3's tile schedule is computed once per step.
             compilation = vllm_config.compilation_config
+            full_graphs = (self._cudagraph_support != AttentionCGSupport.NEVER
+                           and compilation.cudagraph_mode.has_full_cudagraphs())
             self.fa_graph_splits = (
                 vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
-                if (self._cudagraph_support != AttentionCGSupport.NEVER
-                    and compilation.cudagraph_mode.has_full_cudagraphs()
-                    and fa_version == 3) else 0)
+                if full_graphs and fa_version == 3 else 0)
             self.max_graph_tokens = compilation.max_cudagraph_capture_size or 0
+            if fa_version == 3:
+                self.fa_schedule = FlashSchedule(
+                    rows, self.group * self.num_kv_heads, self.num_kv_heads,
+                    kv_cache_spec.head_size,
+                    torch.float8_e4m3fn if mikv.hi_dtype == "fp8" else model_config.dtype,
+                    kv_cache_spec.block_size, torch.device(device), persistent=full_graphs)
         # Which road the engine took (an A100, or --attention-config pinning FA2, runs FA2).
         logger.info_once("mikv: prefill FlashAttention %s, decode %s", fa_version,
                          "split (hi pages FlashAttention, lo pages mikv)" if self.split_tables
@@ -134,6 +143,10 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
                 max_seq_len=cm.max_seq_len,
                 fa_splits=(self.fa_graph_splits
                            if cm.num_actual_tokens <= self.max_graph_tokens else 0))
+            if self.fa_schedule is not None:
+                s = md.split
+                s.fa_schedule = self.fa_schedule(s.query_start_loc, hi_lens, s.max_seq_len,
+                                                 s.fa_splits)
         if num_prefills:
             end = num_decodes + num_prefills
             md.prefill_query_start_loc = (cm.query_start_loc[num_decodes:end + 1]

@@ -47,6 +47,38 @@ class SplitTables:
         return hi_table, hi_lens, lo_table, lo_lens
 
 
+class FlashSchedule:
+    """FlashAttention 3's tile schedule of the hi part, computed once per step from the hi
+    lengths, as vLLM's own FlashAttention backend does: without it FlashAttention recomputes it
+    in every layer (a prepare kernel of ~2.4 us a layer in the all-hi profile,
+    benchmarks/results/2026-12-07-h100-all-hi-profile/). Under full CUDA graphs it lives in a
+    persistent buffer that the graphs read, zeroed past the step's entries."""
+
+    def __init__(self, max_rows: int, num_heads_q: int, num_heads_kv: int, head_size: int,
+                 qkv_dtype: torch.dtype, block_size: int, device: torch.device,
+                 persistent: bool) -> None:
+        self.args = dict(num_heads_q=num_heads_q, num_heads_kv=num_heads_kv, headdim=head_size,
+                         qkv_dtype=qkv_dtype, page_size=block_size)
+        # FlashAttention 3's layout: a semaphore, then 4 int32 per row rounded up to 4 rows.
+        self.buffer = (torch.zeros(1 + -(-max_rows // 4) * 16, dtype=torch.int32, device=device)
+                       if persistent else None)
+
+    def __call__(self, query_start_loc: torch.Tensor, hi_lens: torch.Tensor, max_seq_len: int,
+                 num_splits: int) -> torch.Tensor:
+        from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
+
+        meta = get_scheduler_metadata(
+            batch_size=hi_lens.shape[0], max_seqlen_q=1, max_seqlen_k=max_seq_len,
+            cache_seqlens=hi_lens, cu_seqlens_q=query_start_loc, causal=True,
+            num_splits=num_splits, **self.args)
+        if self.buffer is None:
+            return meta
+        n = meta.shape[0]
+        self.buffer[:n] = meta
+        self.buffer[n:] = 0
+        return self.buffer[:n]
+
+
 def decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
            value_cache: torch.Tensor, lo_table: torch.Tensor, lo_lens: torch.Tensor,
            flash_hi: Callable[[torch.Tensor], torch.Tensor], scale: float, k_scale: float,
