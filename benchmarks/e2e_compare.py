@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from benchmarks.harness.proc import run_logged  # noqa: E402
 from benchmarks.harness.stats import token_match  # noqa: E402
 from mikv_vllm.stats import last_logged  # noqa: E402
 
@@ -57,12 +57,7 @@ def run_one(kv: str, args, out_dir: str) -> dict:
         cmd += ["--profile-prompts", str(args.profile_prompts),
                 "--profile-dir", os.path.join(out_dir, f"profile_{tag}")]
     t0 = time.time()
-    with open(log_path, "w") as log:
-        try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = run_logged(cmd, log_path, args.timeout)
     text = open(log_path).read()
     row = {"kv": kv, "rc": rc, "process_s": round(time.time() - t0, 1)}
     row.update(log_counters(text))

@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from benchmarks.harness.proc import run_logged  # noqa: E402
 from benchmarks.harness.stats import token_match  # noqa: E402
 FA2 = '{"flash_attn_version": 2}'
 KERNEL_TESTS = ["tests/gpu/test_decode_kernel.py", "tests/gpu/test_lo_pages.py",
@@ -61,13 +62,6 @@ def private_tree(wheel: str, dest: str) -> str:
     return os.path.join(dest, so)
 
 
-def sh(cmd: list[str], log: str, cwd: str, env: dict, timeout: int) -> int | str:
-    with open(log, "w") as f:
-        try:
-            return subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            return "timeout"
 
 
 def embedded_archs(so: str) -> dict:
@@ -141,7 +135,8 @@ def e2e(tree: str, env: dict, out: str, tag: str, kv: list[str], extra: list[str
         timeout: int) -> list[dict]:
     cmd = [sys.executable, "benchmarks/e2e_compare.py", "--out-dir", out, "--tag", tag,
            "--kv", *kv, "--attention-config", FA2, "--timeout", str(timeout), *extra]
-    sh(cmd, os.path.join(out, f"e2e_{tag}.driver.log"), tree, env, timeout * len(kv) + 120)
+    run_logged(cmd, os.path.join(out, f"e2e_{tag}.driver.log"), timeout * len(kv) + 120, cwd=tree,
+               env=env)
     path = os.path.join(out, f"e2e_summary_{tag}.json")
     return json.load(open(path)) if os.path.exists(path) else []
 
@@ -190,8 +185,8 @@ def main() -> None:
 
 def stage_tests(a, tree: str, env: dict, real: list[str]) -> dict:
     junit = os.path.join(a.out, "kernels.xml")
-    sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-        *KERNEL_TESTS], os.path.join(a.out, "kernels.log"), tree, env, 1200)
+    run_logged([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                *KERNEL_TESTS], os.path.join(a.out, "kernels.log"), 1200, cwd=tree, env=env)
     return junit_counts(junit)
 
 
