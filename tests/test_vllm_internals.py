@@ -181,12 +181,16 @@ def test_fa_utils_exposes_flash_attention_functions():
             f"fa_utils no longer imports {name} on CUDA (the mikv backend uses it)")
 
 
+def _flash_interface_params(name: str) -> set[str]:
+    """Parameter names of a function of vLLM's FlashAttention interface (read from source: the
+    module imports CUDA extensions)."""
+    tree = ast.parse(_vllm_file("vllm_flash_attn/flash_attn_interface.py").read_text())
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return {a.arg for a in func.args.args + func.args.kwonlyargs}
+
+
 def test_flash_attn_varlen_func_accepts_mikv_prefill_keywords():
-    path = _vllm_file("vllm_flash_attn/flash_attn_interface.py")
-    tree = ast.parse(path.read_text())
-    func = next(n for n in tree.body
-                if isinstance(n, ast.FunctionDef) and n.name == "flash_attn_varlen_func")
-    params = {a.arg for a in func.args.args + func.args.kwonlyargs}
+    params = _flash_interface_params("flash_attn_varlen_func")
     used = {"q", "k", "v", "out", "cu_seqlens_q", "max_seqlen_q", "seqused_k", "max_seqlen_k",
             "softmax_scale", "causal", "block_table", "fa_version", "q_descale", "k_descale",
             "v_descale", "return_softmax_lse", "num_splits", "scheduler_metadata"}
@@ -197,11 +201,7 @@ def test_flash_attn_varlen_func_accepts_mikv_prefill_keywords():
 
 def test_get_scheduler_metadata_accepts_split_decode_keywords():
     """split_decode.FlashSchedule computes FA3's schedule of the hi part once per step."""
-    path = _vllm_file("vllm_flash_attn/flash_attn_interface.py")
-    tree = ast.parse(path.read_text())
-    func = next(n for n in tree.body
-                if isinstance(n, ast.FunctionDef) and n.name == "get_scheduler_metadata")
-    params = {a.arg for a in func.args.args + func.args.kwonlyargs}
+    params = _flash_interface_params("get_scheduler_metadata")
     used = {"batch_size", "max_seqlen_q", "max_seqlen_k", "num_heads_q", "num_heads_kv",
             "headdim", "cache_seqlens", "qkv_dtype", "cu_seqlens_q", "page_size", "causal",
             "num_splits"}
