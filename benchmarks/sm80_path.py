@@ -62,8 +62,6 @@ def private_tree(wheel: str, dest: str) -> str:
     return os.path.join(dest, so)
 
 
-
-
 def embedded_archs(so: str) -> dict:
     """The GPU code in the extension: SASS per sm and PTX per compute capability."""
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
