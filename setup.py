@@ -11,7 +11,8 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["csrc/torch_bindings.cpp", "csrc/paged_decode.cu", "csrc/page_mass.cu",
-           "csrc/quantize.cu", "csrc/split_tables.cu"]
+           "csrc/quantize.cu", "csrc/split_tables.cu",
+           "csrc/graph_gate.cu"]
 
 
 def wheel_cuda_includes():

@@ -106,7 +106,10 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     while it holds a nonzero value, so a captured graph pays for it on measured steps only.
     With `merge_lse` (fp32 [q_heads, >= seqs], natural log, FlashAttention's softmax_lse),
     `out` already holds the attention over the rest of each row's keys and this call merges its
-    own pages' attention into it (split decode); rows with no pages in the table keep `out`."""
+    own pages' attention into it (split decode); rows with no pages in the table keep `out`.
+    Such a call (merge_lse, no lse or slab_lse) captured in a CUDA graph sits in a conditional
+    node that a one-CTA kernel opens only when some row has pages (csrc/graph_gate.cu): while
+    nothing is demoted, split decode's lo part costs that kernel instead of two launches."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
                          f"{tuple(query.shape)} and {tuple(key_cache.shape)}")

@@ -111,12 +111,9 @@ def test_split_decode_matches_fused_kernel(fa_splits, lo_share, tiered):
     assert (merged.float() - fused.float()).norm() / fused.float().norm() < 1e-2
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_kernel_merges_its_part_into_out(splits):
-    """With merge_lse the kernel's last write combines `out` (another part's attention, with
-    its natural-log lse) and its own pages' attention by softmax weight; a row with no pages in
-    the table keeps `out`, and an infinite lse (an empty other part) gives the kernel's own."""
-    gen = torch.Generator().manual_seed(7 + splits)
+def _merge_case(seed):
+    """Hi pages of five rows (one empty), queries, another part's output and its lse."""
+    gen = torch.Generator().manual_seed(seed)
     bs, heads, group, d = 16, 2, 4, 128
     layout = PageLayout(bs, heads, d, 2)
     lens = torch.tensor([100, 0, 37, 512, 16], dtype=torch.int32)
@@ -129,22 +126,62 @@ def test_kernel_merges_its_part_into_out(splits):
     for i, p in enumerate(pages):
         table[i, :p] = torch.tensor([next(ids) for _ in range(p)], dtype=torch.int32)
     q = torch.randn(len(pages), heads * group, d, generator=gen).to(torch.bfloat16).cuda()
-    scale = 1 / math.sqrt(d)
-    table_d, lens_d = table.cuda(), lens.cuda()
-    own = torch.full_like(q, float("nan"))
-    own_lse2 = torch.full((len(pages), heads * group), float("nan"), device="cuda")
-    ops.paged_decode(own, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout, own_lse2)
-
     other = torch.randn(q.shape, generator=gen).to(torch.bfloat16).cuda()
     # FlashAttention's layout [heads, rows], wider than the rows as its buffers may be
     other_lse = (torch.rand(heads * group, len(pages) + 3, generator=gen) * 8 - 2).cuda()
+    return layout, k, v, table.cuda(), lens.cuda(), q, 1 / math.sqrt(d), other, other_lse
+
+
+def _own_part(layout, k, v, table, lens, q, scale, splits):
+    own = torch.full_like(q, float("nan"))
+    own_lse2 = torch.full(q.shape[:2], float("nan"), device="cuda")
+    ops.paged_decode(own, q, k, v, table, lens, scale, 1.0, 1.0, splits, layout, own_lse2)
+    return own, own_lse2
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_merges_its_part_into_out(splits):
+    """With merge_lse the kernel's last write combines `out` (another part's attention, with
+    its natural-log lse) and its own pages' attention by softmax weight; a row with no pages in
+    the table keeps `out`, and an infinite lse (an empty other part) gives the kernel's own."""
+    layout, k, v, table, lens, q, scale, other, other_lse = _merge_case(7 + splits)
+    own, own_lse2 = _own_part(layout, k, v, table, lens, q, scale, splits)
     other_lse[:, 2] = float("inf")
     other_lse[:3, 3] = float("-inf")
     out = other.clone()
-    ops.paged_decode(out, q, k, v, table_d, lens_d, scale, 1.0, 1.0, splits, layout,
+    ops.paged_decode(out, q, k, v, table, lens, scale, 1.0, 1.0, splits, layout,
                      merge_lse=other_lse)
 
     expect = reference.merge_parts(other, other_lse, own, own_lse2)
     assert torch.equal(out[1], other[1])  # no pages: out untouched
     err = (out.float() - expect).norm() / expect.norm()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_captured_merge_runs_only_when_a_row_has_pages(splits):
+    """Under a CUDA graph a merging call sits in a conditional node (csrc/graph_gate.cu): replays
+    with every row empty leave `out` as it was, bit for bit; replays with pages merge them."""
+    layout, k, v, table, lens, q, scale, other, other_lse = _merge_case(11 + splits)
+    own, own_lse2 = _own_part(layout, k, v, table, lens, q, scale, splits)
+    expect = reference.merge_parts(other, other_lse, own, own_lse2)
+    lens_buf = torch.zeros_like(lens)
+    out = other.clone()
+    ops.paged_decode(out, q, k, v, table, lens_buf, scale, 1.0, 1.0, splits, layout,
+                     merge_lse=other_lse)  # warm up, outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_decode(out, q, k, v, table, lens_buf, scale, 1.0, 1.0, splits, layout,
+                         merge_lse=other_lse)
+    for step_lens in (lens_buf.clone(), lens, lens_buf.clone(), lens):
+        lens_buf.copy_(step_lens)
+        out.copy_(other)
+        graph.replay()
+        torch.cuda.synchronize()
+        if int(step_lens.sum()) == 0:
+            assert torch.equal(out, other)
+        else:
+            assert torch.equal(out[1], other[1])
+            err = (out.float() - expect).norm() / expect.norm()
+            assert err < 1e-2, err
