@@ -1047,7 +1047,7 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   int64_t outlier_slots, const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
                   const std::optional<torch::Tensor>& slab_gate,
-                  const std::optional<torch::Tensor>& merge_lse) {
+                  const std::optional<torch::Tensor>& merge_lse, bool skip_empty) {
   // query/out [seqs, q_heads, D]; caches [blocks, block_size, kv_heads, D] (any strides but the
   // last); block_table [seqs, max_pages] int32; seq_lens [seqs] int32.
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "query must be a CUDA [seqs, heads, D] tensor");
@@ -1155,8 +1155,12 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
   };
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Merging into `out` with no other output, a call whose rows are all empty changes nothing:
-  // a captured graph then skips its launches (split decode's lo part while nothing is demoted).
-  if (a.merge_lse != nullptr && a.lse == nullptr && a.slab_lse == nullptr) {
+  // a captured graph can then skip its launches (split decode's lo part while nothing is
+  // demoted), where the caller says the gate costs less than they do.
+  TORCH_CHECK(!skip_empty ||
+                  (a.merge_lse != nullptr && a.lse == nullptr && a.slab_lse == nullptr),
+              "skip_empty needs merge_lse and neither lse nor slab_lse");
+  if (skip_empty) {
     launch_if_any_nonzero(a.seq_lens, a.num_seqs, stream, run);
   } else {
     run(stream);

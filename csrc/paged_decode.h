@@ -90,7 +90,7 @@ void paged_decode(torch::Tensor& out, const torch::Tensor& query, const torch::T
                   int64_t outlier_slots, const std::optional<torch::Tensor>& lse,
                   const std::optional<torch::Tensor>& slab_lse,
                   const std::optional<torch::Tensor>& slab_gate,
-                  const std::optional<torch::Tensor>& merge_lse);
+                  const std::optional<torch::Tensor>& merge_lse, bool skip_empty);
 
 // Adds each hi page's attention mass of one decode step to `mass[block]`, from the slab
 // log-sum-exps paged_decode left and the step's `lse` (csrc/page_mass.cu).

@@ -11,7 +11,8 @@ TORCH_LIBRARY(mikv, m) {
       "Tensor block_table, Tensor seq_lens, float scale, float k_scale, float v_scale, "
       "int num_splits, int lo_pack_factor, int lo_bits, int lo_group, int mid_pack_factor, "
       "int mid_bits, int outlier_slots, Tensor(b!)? lse=None, "
-      "Tensor(c!)? slab_lse=None, Tensor? slab_gate=None, Tensor? merge_lse=None) -> ()");
+      "Tensor(c!)? slab_lse=None, Tensor? slab_gate=None, Tensor? merge_lse=None, "
+      "bool skip_empty=False) -> ()");
   m.def(
       "page_mass(Tensor(a!) mass, Tensor slab_lse, Tensor block_table, Tensor seq_lens, "
       "Tensor lse, int block_size, int num_kv_heads, float weight) -> ()");

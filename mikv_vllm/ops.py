@@ -59,6 +59,20 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int
                key=lambda s: (-(-ctas * s // capacity) / s * (1 + s / 16), s))
 
 
+# Grid size (CTAs) from which an empty merging pass of several splits costs more than the graph
+# gate that skips it: on an H100 the gate costs ~5.1 us a layer, the empty kernel + reduce
+# 3.3-4.4 us up to 768 CTAs, 5.9 at 1,536, 9.1 at 3,072 (one split, no reduce: 1.7-2.3 us up to
+# 768), benchmarks/results/2026-12-07-h100-graph-gate/.
+EMPTY_GATE_MIN_CTAS = 1024
+
+
+def empty_gate_pays(num_seqs: int, num_kv_heads: int, group: int, num_splits: int) -> bool:
+    """Whether `paged_decode(..., skip_empty=True)` is cheaper than plain launches when the
+    table is empty: only a grid of several splits (a reduce to skip) and enough CTAs."""
+    ctas = num_seqs * num_kv_heads * -(-group // 8) * num_splits
+    return num_splits > 1 and ctas >= EMPTY_GATE_MIN_CTAS
+
+
 @functools.cache
 def decode_ctas_per_sm(head_dim: int, group: int, fp8_kv: bool, lo_bits: int = 2,
                        outlier_slots: int = 0) -> int:
@@ -93,7 +107,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                  lse: torch.Tensor | None = None,
                  slab_lse: torch.Tensor | None = None,
                  slab_gate: torch.Tensor | None = None,
-                 merge_lse: torch.Tensor | None = None) -> torch.Tensor:
+                 merge_lse: torch.Tensor | None = None,
+                 skip_empty: bool = False) -> torch.Tensor:
     """Decode attention of one query token per sequence over its hi and lo pages.
 
     query/out: [seqs, q_heads, D]; key/value_cache: [blocks, block_size, kv_heads, D] views
@@ -107,9 +122,10 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     With `merge_lse` (fp32 [q_heads, >= seqs], natural log, FlashAttention's softmax_lse),
     `out` already holds the attention over the rest of each row's keys and this call merges its
     own pages' attention into it (split decode); rows with no pages in the table keep `out`.
-    Such a call (merge_lse, no lse or slab_lse) captured in a CUDA graph sits in a conditional
-    node that a one-CTA kernel opens only when some row has pages (csrc/graph_gate.cu): while
-    nothing is demoted, split decode's lo part costs that kernel instead of two launches."""
+    With `skip_empty` such a call (merge_lse, no lse or slab_lse) captured in a CUDA graph sits
+    in a conditional node that a one-CTA kernel opens only when some row has pages
+    (csrc/graph_gate.cu): while nothing is demoted, split decode's lo part then costs the gate
+    instead of its launches (`empty_gate_pays` says when that is cheaper)."""
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"paged_decode: query must be 3-D and caches 4-D, got "
                          f"{tuple(query.shape)} and {tuple(key_cache.shape)}")
@@ -124,11 +140,13 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                                   or merge_lse.shape[1] < query.shape[0]):
         raise ValueError(f"paged_decode: merge_lse must be [q_heads, >= seqs], got "
                          f"{tuple(merge_lse.shape)} for query {tuple(query.shape)}")
+    if skip_empty and (merge_lse is None or lse is not None or slab_lse is not None):
+        raise ValueError("paged_decode: skip_empty needs merge_lse and neither lse nor slab_lse")
     load_kernels()
     torch.ops.mikv.paged_decode(out, query, key_cache, value_cache, block_table, seq_lens,
                                 float(scale), float(k_scale), float(v_scale), int(num_splits),
                                 *_lo_args(layout, query.shape[-1]), lse, slab_lse, slab_gate,
-                                merge_lse)
+                                merge_lse, bool(skip_empty))
     return out
 
 

@@ -51,6 +51,17 @@ def test_num_splits_at_measured_shapes():
     assert ops.decode_num_splits(1024, 8, 4, 132, 3) <= 2
 
 
+def test_empty_gate_only_where_it_costs_less_than_the_launches():
+    """H100, 8 KV heads, GQA 4 (3 CTAs per SM): the gate skips split decode's empty lo pass from
+    batch 64 (3 splits, 1,536 CTAs), not at 32 (768), nor at 96 (one split: no reduce)."""
+    def pays(seqs):
+        return ops.empty_gate_pays(seqs, 8, 4, ops.decode_num_splits(seqs, 8, 4, 132, 3))
+
+    assert [pays(b) for b in (16, 32, 64, 96, 128, 256)] == [False, False, True, False, True,
+                                                             True]
+    assert not ops.empty_gate_pays(4096, 8, 4, 1)
+
+
 def test_num_splits_depends_only_on_batch_shape():
     """One value per captured CUDA graph: no sequence length or content enters the choice."""
     assert list(inspect.signature(ops.decode_num_splits).parameters) == [
@@ -96,6 +107,9 @@ def decode_args(*, seqs=3, q_heads=8, kv_heads=2, head_dim=64, block_size=16, bl
     # split decode's merge: FlashAttention's lse is [q_heads, rows], not [rows, q_heads]
     ({}, {"merge_lse": torch.zeros(3, 8)}, r"merge_lse must be \[q_heads, >= seqs\]"),
     ({}, {"merge_lse": torch.zeros(8, 2)}, r"merge_lse must be \[q_heads, >= seqs\]"),
+    ({}, {"skip_empty": True}, r"skip_empty needs merge_lse"),
+    ({}, {"skip_empty": True, "merge_lse": torch.zeros(8, 3), "lse": torch.zeros(3, 8)},
+     r"skip_empty needs merge_lse and neither lse nor slab_lse"),
 ])
 def test_paged_decode_rejects_bad_arguments(no_kernels, kwargs, extra, match):
     with pytest.raises(ValueError, match=match):
@@ -216,7 +230,7 @@ def test_extension_schemas_fit_the_wrappers(kernels):
         gate))
     _reaches_cuda_dispatch(lambda: ops.paged_decode(
         out, query, k_cache, v_cache, table, lens, 0.125, 1.0, 1.0, 2, layout,
-        merge_lse=torch.zeros(8, 3)))
+        merge_lse=torch.zeros(8, 3), skip_empty=True))
     _reaches_cuda_dispatch(lambda: ops.page_mass(
         torch.zeros(10), slab_lse, table, lens, lse, 16, 2, 0.5))
     _reaches_cuda_dispatch(lambda: ops.quantize_pages(

@@ -158,22 +158,24 @@ def test_kernel_merges_its_part_into_out(splits):
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("skip_empty", [True, False])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_captured_merge_runs_only_when_a_row_has_pages(splits):
-    """Under a CUDA graph a merging call sits in a conditional node (csrc/graph_gate.cu): replays
-    with every row empty leave `out` as it was, bit for bit; replays with pages merge them."""
+def test_captured_merge_runs_only_when_a_row_has_pages(splits, skip_empty):
+    """Under a CUDA graph a merging call with skip_empty sits in a conditional node
+    (csrc/graph_gate.cu), and without it launches every replay: either way replays with every
+    row empty leave `out` as it was, bit for bit, and replays with pages merge them."""
     layout, k, v, table, lens, q, scale, other, other_lse = _merge_case(11 + splits)
     own, own_lse2 = _own_part(layout, k, v, table, lens, q, scale, splits)
     expect = reference.merge_parts(other, other_lse, own, own_lse2)
     lens_buf = torch.zeros_like(lens)
     out = other.clone()
     ops.paged_decode(out, q, k, v, table, lens_buf, scale, 1.0, 1.0, splits, layout,
-                     merge_lse=other_lse)  # warm up, outside the graph
+                     merge_lse=other_lse, skip_empty=skip_empty)  # warm up, outside the graph
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.paged_decode(out, q, k, v, table, lens_buf, scale, 1.0, 1.0, splits, layout,
-                         merge_lse=other_lse)
+                         merge_lse=other_lse, skip_empty=skip_empty)
     for step_lens in (lens_buf.clone(), lens, lens_buf.clone(), lens):
         lens_buf.copy_(step_lens)
         out.copy_(other)
