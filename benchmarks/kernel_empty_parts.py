@@ -1,7 +1,9 @@
 """What the decode kernel costs over a table with no pages: split decode's lo part while nothing
 is demoted (issue 21's all-hi gap). One layer's kernel (and its split reduce) over empty rows,
 merging into `out` by a given lse as split decode does, replayed 32 times in a CUDA graph;
-medians of 30 replays. Needs no vLLM: PYTHONPATH=. python benchmarks/kernel_empty_parts.py"""
+medians of 30 replays. Each batch twice: launched plainly, and behind the graph gate
+(`skip_empty`), with what `ops.empty_gate_pays` picks for that shape.
+Needs no vLLM: PYTHONPATH=. python benchmarks/kernel_empty_parts.py"""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +15,8 @@ from mikv_vllm import ops
 from mikv_vllm.layout import PageLayout
 
 
-def time_empty(batch: int, kv_heads: int, group: int, head_dim: int,
-               block_size: int) -> tuple[int, float]:
+def time_empty(batch: int, kv_heads: int, group: int, head_dim: int, block_size: int,
+               skip_empty: bool) -> tuple[int, float]:
     """(splits, median us per layer) over `batch` empty rows."""
     layout = PageLayout(block_size, kv_heads, head_dim, 2)
     kv = torch.randn(64, block_size, kv_heads, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
@@ -30,7 +32,7 @@ def time_empty(batch: int, kv_heads: int, group: int, head_dim: int,
 
     def layer():
         ops.paged_decode(out, q, k, v, table, lens, 1 / math.sqrt(head_dim), 1.0, 1.0, splits,
-                         layout, merge_lse=merge_lse)
+                         layout, merge_lse=merge_lse, skip_empty=skip_empty)
 
     for _ in range(20):
         layer()
@@ -56,9 +58,11 @@ def main() -> None:
     p.add_argument("--gqa", type=int, default=4)
     args = p.parse_args()
     for batch in args.batches:
-        splits, us = time_empty(batch, args.kv_heads, args.gqa, 128, 16)
+        splits, plain = time_empty(batch, args.kv_heads, args.gqa, 128, 16, False)
+        _, gated = time_empty(batch, args.kv_heads, args.gqa, 128, 16, True)
+        pick = "gated" if ops.empty_gate_pays(batch, args.kv_heads, args.gqa, splits) else "plain"
         print(f"batch {batch} splits {splits}: empty lo table, kernel + reduce per layer in a "
-              f"graph: {us:.2f} us")
+              f"graph: plain {plain:.2f} us, gated {gated:.2f} us; empty_gate_pays picks {pick}")
 
 
 if __name__ == "__main__":
