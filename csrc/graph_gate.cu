@@ -7,7 +7,9 @@
 // smaller grid did not help (benchmarks/results/2026-12-07-h100-one-wave-decode-grid/): the
 // launches themselves must go. Under full CUDA graphs the host cannot branch per step, so the
 // graph does: a one-CTA kernel reads the lengths and sets the handle of a conditional node
-// whose body holds the launches.
+// whose body holds the launches. That costs ~5 us a layer itself, so callers use it only where
+// the launches cost more (mikv_vllm/ops.py empty_gate_pays,
+// benchmarks/results/2026-12-07-h100-graph-gate/).
 #include <torch/all.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
