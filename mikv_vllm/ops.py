@@ -61,7 +61,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int
 
 # Grid size (CTAs) from which an empty merging pass of several splits costs more than the graph
 # gate that skips it: on an H100 the gate costs ~5.1 us a layer, the empty kernel + reduce
-# 3.3-4.4 us up to 768 CTAs, 5.9 at 1,536, 9.1 at 3,072 (one split, no reduce: 1.7-2.3 us up to
+# 3.3-4.6 us up to 768 CTAs, 5.9 at 1,536, 9.1 at 3,072 (one split, no reduce: 1.7-2.3 us up to
 # 768), benchmarks/results/2026-12-07-h100-graph-gate/.
 EMPTY_GATE_MIN_CTAS = 1024
 
