@@ -56,6 +56,8 @@ def run_one(kv: str, args, out_dir: str) -> dict:
     if args.profile_prompts:
         cmd += ["--profile-prompts", str(args.profile_prompts),
                 "--profile-dir", os.path.join(out_dir, f"profile_{tag}")]
+        if args.profile_window:
+            cmd += ["--profile-window", *map(str, args.profile_window)]
     t0 = time.time()
     rc = run_logged(cmd, log_path, args.timeout)
     text = open(log_path).read()
@@ -152,6 +154,8 @@ def main() -> None:
     p.add_argument("--profile-prompts", type=int, default=0,
                    help="after each timed run, this many prompts under vLLM's torch profiler "
                         "(OUT/profile_<kv>_<tag>/)")
+    p.add_argument("--profile-window", type=int, nargs=2, default=None, metavar=("SKIP", "STEPS"),
+                   help="of the profiled run, trace STEPS engine steps after the first SKIP")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     p.add_argument("--summarize-only", action="store_true",
                    help="rebuild e2e_summary.json from the per-dtype files in --out-dir")

@@ -47,6 +47,10 @@ def main() -> None:
                    help="after the timed run, this many new prompts of the same shape under "
                         "vLLM's torch profiler (traces and CUDA time table in --profile-dir)")
     p.add_argument("--profile-dir", default=None)
+    p.add_argument("--profile-window", type=int, nargs=2, default=None,
+                   metavar=("SKIP", "STEPS"),
+                   help="trace only STEPS engine steps, SKIP steps into the profiled run (a "
+                        "steady state of a long run, in a trace of a manageable size)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     extra = {}
@@ -71,6 +75,9 @@ def main() -> None:
         # traced. No stacks: they would slow the Python side that is being compared.
         extra["profiler_config"] = {"profiler": "torch", "torch_profiler_with_stack": False,
                                     "torch_profiler_dir": os.path.abspath(a.profile_dir)}
+        if a.profile_window:
+            extra["profiler_config"].update(delay_iterations=a.profile_window[0],
+                                            max_iterations=a.profile_window[1])
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

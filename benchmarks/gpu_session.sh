@@ -17,7 +17,8 @@
 #         4's workloads a and b for every kv dtype (e2e_b_tiers: b with lo_bits [4, 2]);
 #         e2e_decode_heavy: issue 21's decode-heavy mix in a fixed pool; e2e_allhi: a batch
 #         that fits auto's pool, nothing demoted (profile_allhi: the same, then a profiled
-#         run per engine); demote: demotion forced on (dummy weights);
+#         run per engine; profile_decode_heavy: 20 steps of decode-heavy's steady state per
+#         engine); demote: demotion forced on (dummy weights);
 #         greedy: demotion forced on with SmolLM2 on real text vs auto; verify: the same, short,
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); sweep_goodput: the decode-heavy mix served at rising rates,
@@ -185,6 +186,16 @@ stage_e2e_allhi() {
 # $OUT/profile_<kv>_allhi_profile/profiler_out_0.txt (the traces go to /tmp/traces: too big).
 stage_profile_allhi() {
   E2E_ALLHI_ARGS="--tag allhi_profile --profile-prompts ${PROFILE_PROMPTS:-32} ${PROFILE_ALLHI_ARGS:-}" stage_e2e_allhi
+  mkdir -p /tmp/traces
+  find "$OUT" -path "$OUT/profile_*" -name "*.json*" -exec mv {} /tmp/traces/ \;
+}
+
+# Where the decode-heavy step's time goes: e2e_decode_heavy (fp8 and mikv), then per engine the
+# whole batch again with PROFILE_DH_WINDOW (900 20) engine steps traced: 20 steps, 900 into the
+# run, when mikv's batch is mostly 2-bit; tables as in profile_allhi.
+stage_profile_decode_heavy() {
+  E2E_DH_KV=${E2E_DH_KV:-fp8 mikv} E2E_DH_TIMEOUT=${E2E_DH_TIMEOUT:-480} \
+    E2E_DH_ARGS="--tag decode_heavy_profile --profile-prompts ${E2E_DH_N:-128} --profile-window ${PROFILE_DH_WINDOW:-900 20} ${PROFILE_DH_ARGS:-}" stage_e2e_decode_heavy
   mkdir -p /tmp/traces
   find "$OUT" -path "$OUT/profile_*" -name "*.json*" -exec mv {} /tmp/traces/ \;
 }
