@@ -40,6 +40,12 @@ def load_kernels() -> None:
             "(default 8.0;9.0).") from e
 
 
+def decode_split_ctas(num_seqs: int, num_kv_heads: int, group: int) -> int:
+    """CTAs of paged_decode's grid per split: one per sequence, KV head and chunk of up to 8 of
+    its query heads (csrc/paged_decode.cu)."""
+    return num_seqs * num_kv_heads * -(-group // 8)
+
+
 @functools.cache  # called by every step's metadata build; the search over splits takes ~10 us
 def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int,
                       ctas_per_sm: int = 2) -> int:
@@ -53,7 +59,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, group: int, num_sms: int
     32K context and batch 16, GQA 8 (2 CTAs per SM) took 2119 us with the earlier "about twice
     the SMs" rule (3 splits, 1.45 waves) and 1622 us with 4 splits (1.94 waves).
     Depends on the batch shape only, so one choice holds for a whole CUDA-graph capture."""
-    ctas = max(1, num_seqs * num_kv_heads * -(-group // 8))
+    ctas = max(1, decode_split_ctas(num_seqs, num_kv_heads, group))
     capacity = max(1, num_sms * ctas_per_sm)
     return min(range(1, MAX_SPLITS + 1),
                key=lambda s: (-(-ctas * s // capacity) / s * (1 + s / 16), s))
@@ -69,7 +75,7 @@ EMPTY_GATE_MIN_CTAS = 1024
 def empty_gate_pays(num_seqs: int, num_kv_heads: int, group: int, num_splits: int) -> bool:
     """Whether `paged_decode(..., skip_empty=True)` is cheaper than plain launches when the
     table is empty: only a grid of several splits (a reduce to skip) and enough CTAs."""
-    ctas = num_seqs * num_kv_heads * -(-group // 8) * num_splits
+    ctas = decode_split_ctas(num_seqs, num_kv_heads, group) * num_splits
     return num_splits > 1 and ctas >= EMPTY_GATE_MIN_CTAS
 
 
