@@ -186,6 +186,10 @@ stage_e2e_allhi() {
 # $OUT/profile_<kv>_allhi_profile/profiler_out_0.txt (the traces go to /tmp/traces: too big).
 stage_profile_allhi() {
   E2E_ALLHI_ARGS="--tag allhi_profile --profile-prompts ${PROFILE_PROMPTS:-32} ${PROFILE_ALLHI_ARGS:-}" stage_e2e_allhi
+  stash_traces
+}
+# The profiled runs' traces out of $OUT (too big to bring back), their tables left in it.
+stash_traces() {
   mkdir -p /tmp/traces
   find "$OUT" -path "$OUT/profile_*" -name "*.json*" -exec mv {} /tmp/traces/ \;
 }
@@ -196,8 +200,7 @@ stage_profile_allhi() {
 stage_profile_decode_heavy() {
   E2E_DH_KV=${E2E_DH_KV:-fp8 mikv} E2E_DH_TIMEOUT=${E2E_DH_TIMEOUT:-480} \
     E2E_DH_ARGS="--tag decode_heavy_profile --profile-prompts ${E2E_DH_N:-128} --profile-window ${PROFILE_DH_WINDOW:-900 20} ${PROFILE_DH_ARGS:-}" stage_e2e_decode_heavy
-  mkdir -p /tmp/traces
-  find "$OUT" -path "$OUT/profile_*" -name "*.json*" -exec mv {} /tmp/traces/ \;
+  stash_traces
 }
 
 # Workload b with two lo tiers (lo_bits [4, 2]), tagged b_tiers: beside e2e_b's one-tier mikv.
