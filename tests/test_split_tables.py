@@ -1,5 +1,6 @@
-"""Split decode's table partition (CPU tensors: the torch reference of csrc/split_tables.cu) and why the
-merged parts equal attention over the whole page map (torch reference with real lo pages)."""
+"""Split decode's table partition (CPU tensors: the torch reference of csrc/split_tables.cu)
+and why the merged parts equal attention over the whole page map (torch reference with real lo
+pages)."""
 from __future__ import annotations
 
 import math
