@@ -23,7 +23,9 @@
 #         with the worker's demotion self-check on; sweep: arrival rates through `vllm serve`
 #         (e2e_serve_sweep.py); sweep_goodput: the decode-heavy mix served at rising rates,
 #         goodput inside latency objectives; tp2: forced demotion at TP 2, with verify; tp_ray:
-#         the same through vLLM's Ray executor at TP_SIZE (1 on one GPU)
+#         the same through vLLM's Ray executor at TP_SIZE (1 on one GPU); both leave tp.json
+#         rows in $OUT/tp_rows_*.json (benchmarks/tp_rows.py); tp_throughput: issue 23's
+#         auto / fp8 / mikv at TP 2 on dummy Llama-3.1-70B (two GPUs)
 # soak    issue 25's soak through `vllm serve` (benchmarks/soak.py); sanitizer: compute-sanitizer
 #         over the kernel tests; nodebuild: the extension built on this machine, then tested
 # sm80    the A100 route on this GPU (benchmarks/sm80_path.py): the extension of the 8.0+PTX
@@ -236,6 +238,8 @@ forced_tp() {
   local name="tp$1${2:+_$2}"
   MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag ${name}_forced --tensor-parallel-size $1 ${2:+--distributed-executor-backend $2} --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
   grep -h "mikv verify" "$OUT/e2e_mikv_${name}_forced.log" | head -20 | tee "$OUT/verify_$name.log"
+  python3 benchmarks/tp_rows.py "$OUT" "${name}_forced" --tp "$1" --executor "${2:-mp}" \
+    --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$OUT/tp_rows_$name.json"
 }
 # 2 GPUs, e.g. nvidia-h200-x2.
 stage_tp2() { forced_tp 2; }
@@ -243,6 +247,18 @@ stage_tp2() { forced_tp 2; }
 # collective RPCs and the plugin's registration in Ray's processes). Needs ray in the vLLM
 # runtime (build_vllm_bundle.sh with EXTRA_PKGS, results/CARRYING.md).
 stage_tp_ray() { forced_tp "${TP_SIZE:-1}" ray; }
+
+# Issue 23's throughput at TP_SIZE (2) through TP_EXECUTOR (ray): auto, fp8 and mikv on a
+# model that needs two GPUs (dummy Llama-3.1-70B weights, 141 GB in bf16), a long-context mix
+# like (b), 32 x (16K + 512); each engine's greedy probe (run first, nothing demoted) against
+# auto's. Rows for tp.json in $OUT/tp_rows_throughput.json.
+stage_tp_throughput() {
+  local tp=${TP_SIZE:-2} ex=${TP_EXECUTOR:-ray}
+  local tag="tp${tp}_${ex}_throughput"
+  E2E_ARGS="--kv ${TP_KV:-auto fp8 mikv} --tag $tag --model benchmarks/configs/llama-3.1-70b --tensor-parallel-size $tp --distributed-executor-backend $ex --num-prompts 32 --input-len 16384 --output-len 512 --max-model-len 17408 --timeout ${TP_TIMEOUT:-420} ${TP_ARGS:-}" stage_e2e
+  python3 benchmarks/tp_rows.py "$OUT" "$tag" --tp "$tp" --executor "$ex" \
+    --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$OUT/tp_rows_throughput.json"
+}
 
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
 stage_sweep() {
