@@ -9,7 +9,9 @@
 // graph does: a one-CTA kernel reads the lengths and sets the handle of a conditional node
 // whose body holds the launches. That costs ~5 us a layer itself, so callers use it only where
 // the launches cost more (mikv_vllm/ops.py empty_gate_pays,
-// benchmarks/results/2026-12-07-h100-graph-gate/).
+// benchmarks/results/2026-12-07-h100-graph-gate/). One gate kernel per step for every layer
+// would be cheaper, but CUDA 13.0 refuses a second conditional node on one handle
+// (cudaErrorInvalidValue; benchmarks/results/2026-12-07-h100-decode-heavy-step-profile/).
 #include <torch/all.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
