@@ -41,6 +41,7 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 MIKV_RESULTS_DIR=$OUT
 GGUF=/tmp/models/smollm2.gguf   # SmolLM2-135M-Instruct Q4_1, Q/K rows in HF order (see .models/)
 TOK=/tmp/models/tok
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/session.log"; }
+gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader | head -1; }
 
 stage_setup() {
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv
@@ -239,7 +240,7 @@ forced_tp() {
   MIKV_VERIFY_DEMOTIONS=1 E2E_ARGS="--kv auto mikv --tag ${name}_forced --tensor-parallel-size $1 ${2:+--distributed-executor-backend $2} --num-prompts 64 --input-len 2048 --output-len 128 --mikv-knobs $FORCED_KNOBS --timeout 300" stage_e2e
   grep -h "mikv verify" "$OUT/e2e_mikv_${name}_forced.log" | head -20 | tee "$OUT/verify_$name.log"
   python3 benchmarks/tp_rows.py "$OUT" "${name}_forced" --tp "$1" --executor "${2:-mp}" \
-    --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$OUT/tp_rows_$name.json"
+    --device "$(gpu_name)" | tee "$OUT/tp_rows_$name.json"
 }
 # 2 GPUs, e.g. nvidia-h200-x2.
 stage_tp2() { forced_tp 2; }
@@ -257,7 +258,7 @@ stage_tp_throughput() {
   local tag="tp${tp}_${ex}_throughput"
   E2E_ARGS="--kv ${TP_KV:-auto fp8 mikv} --tag $tag --model benchmarks/configs/llama-3.1-70b --tensor-parallel-size $tp --distributed-executor-backend $ex --num-prompts 32 --input-len 16384 --output-len 512 --max-model-len 17408 --timeout ${TP_TIMEOUT:-420} ${TP_ARGS:-}" stage_e2e
   python3 benchmarks/tp_rows.py "$OUT" "$tag" --tp "$tp" --executor "$ex" \
-    --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$OUT/tp_rows_throughput.json"
+    --device "$(gpu_name)" | tee "$OUT/tp_rows_throughput.json"
 }
 
 # (c) arrival-rate sweep through vllm serve (needs the SmolLM2 tokenizer from .models/parts).
