@@ -252,7 +252,8 @@ stage_tp_ray() { forced_tp "${TP_SIZE:-1}" ray; }
 # Issue 23's throughput at TP_SIZE (2) through TP_EXECUTOR (ray): auto, fp8 and mikv on a
 # model that needs two GPUs (dummy Llama-3.1-70B weights, 141 GB in bf16), a long-context mix
 # like (b), 32 x (16K + 512); each engine's greedy probe (run first, nothing demoted) against
-# auto's. Rows for tp.json in $OUT/tp_rows_throughput.json.
+# auto's. Rows for tp.json in $OUT/tp_rows_throughput.json. Half the weights (70.5 GB) leave
+# an H200 ~50 GB of KV at TP 2; 80 GB cards need TP_SIZE=4.
 stage_tp_throughput() {
   local tp=${TP_SIZE:-2} ex=${TP_EXECUTOR:-ray}
   local tag="tp${tp}_${ex}_throughput"
