@@ -6,6 +6,7 @@ import torch
 
 from conftest import GPU_WORKER
 from mikv_vllm.integration.attention.metadata import MikvAttentionMetadata, MikvMetadataBuilder
+from mikv_vllm.ops import empty_gate_pays
 
 LAYER = "model.layers.0.self_attn.attn"
 
@@ -129,6 +130,9 @@ def test_split_decode_knob_fills_persistent_hi_and_lo_tables(tiny_llama):
     assert s.hi_lens.tolist() == [24, 17] and s.lo_lens.tolist() == [16, 0]
     assert s.query_start_loc.tolist() == [0, 1, 2]
     assert s.fa_splits >= 0
+    # the graph gate, chosen once per step from the batch shape, as the splits are
+    assert s.lo_skip_empty == empty_gate_pays(2, builder.num_kv_heads, builder.group,
+                                              md.decode_num_splits)
     again = builder.build(0, cm)  # the next step writes the same buffers
     assert again.split.lo_table.data_ptr() == s.lo_table.data_ptr()
 

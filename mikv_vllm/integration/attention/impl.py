@@ -117,7 +117,7 @@ class MikvAttentionImpl(AttentionImpl[MikvAttentionMetadata]):
                 s.max_seq_len, s.hi_table, md.num_decodes, return_lse=True,
                 num_splits=s.fa_splits, schedule=s.fa_schedule)[1],
             self.scale, layer._k_scale_float, layer._v_scale_float, md.decode_num_splits,
-            self.layout)
+            self.layout, s.lo_skip_empty)
 
     def _fused_decode(self, layer, query, key_cache, value_cache, output, md, meter,
                       measure_only=False) -> None:

@@ -17,7 +17,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from mikv_vllm.integration.attention.split_decode import FlashSchedule, SplitTables
 from mikv_vllm.config import MikvConfig
 from mikv_vllm.layout import PageLayout
-from mikv_vllm.ops import decode_ctas_per_sm, decode_num_splits, widest_lo_bits
+from mikv_vllm.ops import (decode_ctas_per_sm, decode_num_splits, empty_gate_pays,
+                           widest_lo_bits)
 
 logger = init_logger("vllm.mikv")
 
@@ -32,6 +33,9 @@ class SplitDecodeMetadata:
     lo_lens: torch.Tensor
     max_seq_len: int
     fa_splits: int  # FlashAttention's num_splits: a fixed bound under CUDA graphs, else 0
+    # Whether the lo part's launches sit behind the CUDA-graph gate (ops.empty_gate_pays),
+    # chosen per batch shape like decode_num_splits.
+    lo_skip_empty: bool = False
     fa_schedule: torch.Tensor | None = None  # FlashAttention 3's tile schedule of the hi part
 
 
@@ -142,7 +146,9 @@ class MikvMetadataBuilder(AttentionMetadataBuilder[MikvAttentionMetadata]):
                 hi_lens=hi_lens, lo_table=lo_table, lo_lens=lo_lens,
                 max_seq_len=cm.max_seq_len,
                 fa_splits=(self.fa_graph_splits
-                           if cm.num_actual_tokens <= self.max_graph_tokens else 0))
+                           if cm.num_actual_tokens <= self.max_graph_tokens else 0),
+                lo_skip_empty=empty_gate_pays(num_decodes, self.num_kv_heads, self.group,
+                                              md.decode_num_splits))
             if self.fa_schedule is not None:
                 s = md.split
                 s.fa_schedule = self.fa_schedule(s.query_start_loc, hi_lens, s.max_seq_len,

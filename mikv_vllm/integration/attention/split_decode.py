@@ -82,14 +82,13 @@ class FlashSchedule:
 def decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
            value_cache: torch.Tensor, lo_table: torch.Tensor, lo_lens: torch.Tensor,
            flash_hi: Callable[[torch.Tensor], torch.Tensor], scale: float, k_scale: float,
-           v_scale: float, num_splits: int, layout: PageLayout) -> None:
+           v_scale: float, num_splits: int, layout: PageLayout, skip_empty: bool = False) -> None:
     """One split decode into `out`: `flash_hi(out)` runs FlashAttention over the hi table into
     out and returns its lse; the mikv kernel then merges the lo table's attention into out by
     that lse (rows without lo pages keep FlashAttention's answer). One kernel after
     FlashAttention, no scratch outputs: the merge rides in the lo pass's last write. Under CUDA
-    graphs the lo pass is skipped in steps where no row has lo pages, where that pays."""
+    graphs, with `skip_empty` (where ops.empty_gate_pays), the lo pass is skipped in steps where
+    no row has lo pages."""
     hi_lse = flash_hi(out)
-    skip_empty = ops.empty_gate_pays(query.shape[0], key_cache.shape[2],
-                                     query.shape[1] // key_cache.shape[2], num_splits)
     ops.paged_decode(out, query, key_cache, value_cache, lo_table, lo_lens, scale, k_scale,
                      v_scale, num_splits, layout, merge_lse=hi_lse, skip_empty=skip_empty)
