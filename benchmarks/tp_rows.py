@@ -64,8 +64,8 @@ def main() -> None:
     a = p.parse_args()
     with open(os.path.join(a.out_dir, f"e2e_summary_{a.tag}.json")) as f:
         summary = json.load(f)
-    log = next((os.path.join(a.out_dir, f"e2e_mikv_{a.tag}.log{gz}") for gz in ("", ".gz")
-                if os.path.exists(os.path.join(a.out_dir, f"e2e_mikv_{a.tag}.log{gz}"))), None)
+    plain = os.path.join(a.out_dir, f"e2e_mikv_{a.tag}.log")
+    log = next((path for path in (plain, plain + ".gz") if os.path.exists(path)), None)
     rows = tp_rows(summary, read_text(log) if log else None, a.tp, a.executor, a.device)
     print(json.dumps(rows, indent=1))
 
